@@ -1,0 +1,321 @@
+"""The experiment schema: model, stream, method, train, eval, scaling, tracking.
+
+Configs come from YAML plus ``key=value`` overrides (``train.lr=1e-3``). Unknown keys, wrong types and
+impossible values raise :class:`ConfigError` naming the field and what is allowed, before any work starts.
+Method hyper-parameters (``method.params``) are validated by the method's own config dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mcl.errors import ConfigError
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapter shape. ``target_modules`` is a regex over module names (scoped to the language model)."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    train_projector: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.r >= 1, "model.lora.r", "must be >= 1", self.r)
+        _check(self.alpha >= 1, "model.lora.alpha", "must be >= 1", self.alpha)
+        _check(0.0 <= self.dropout < 1.0, "model.lora.dropout", "must be in [0, 1)", self.dropout)
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load: a built-in name (``tiny-llava``), a local folder or a hub id."""
+
+    name: str = "tiny-llava"
+    trust_remote_code: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class StreamConfig:
+    """Which stream to run, where its data lives and its stream-specific options."""
+
+    name: str = "generated"
+    root: str = ".mcl_cache/data/generated"
+    options: dict[str, Any] = field(default_factory=dict)
+    check_images: bool = True
+
+
+@dataclass
+class MethodConfig:
+    """The continual-learning method and its hyper-parameters (validated by the method's own dataclass)."""
+
+    name: str = "sequential_lora"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    """Per-task optimisation. ``batch_size`` is the global batch (split evenly over the workers)."""
+
+    epochs: int = 3
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    log_every: int = 5
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", "must be >= 1", self.epochs)
+        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1", self.batch_size)
+        _check(self.lr > 0, "train.lr", "must be > 0", self.lr)
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0", self.weight_decay)
+        _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0", self.warmup_steps)
+        _check(
+            self.max_grad_norm >= 0,
+            "train.max_grad_norm",
+            "must be >= 0 (0 disables clipping)",
+            self.max_grad_norm,
+        )
+        _check(self.log_every >= 1, "train.log_every", "must be >= 1", self.log_every)
+
+
+@dataclass
+class EvalConfig:
+    """Greedy evaluation after every task on the test sets of all tasks (seen and unseen)."""
+
+    batch_size: int = 32
+    max_new_tokens: int = 8
+    max_samples_per_task: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1", self.batch_size)
+        _check(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1", self.max_new_tokens)
+        _check(
+            self.max_samples_per_task >= 0,
+            "eval.max_samples_per_task",
+            "must be >= 0 (0 = all)",
+            self.max_samples_per_task,
+        )
+
+
+@dataclass
+class ScalingConfig:
+    """How each task's training job is spread: Ray Train workers and DeepSpeed ZeRO."""
+
+    num_workers: int = 1
+    cpus_per_worker: int = 1
+    use_gpu: bool = False
+    deepspeed: bool = True
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    zero3_param_persistence_threshold: int = 100000
+    ray_address: str = ""
+    ray_num_cpus: int = 0
+    max_failures: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 1, "scaling.num_workers", "must be >= 1", self.num_workers)
+        _check(self.cpus_per_worker >= 1, "scaling.cpus_per_worker", "must be >= 1", self.cpus_per_worker)
+        _check(
+            self.ray_num_cpus >= 0,
+            "scaling.ray_num_cpus",
+            "must be >= 0 (0 = enough for the workers)",
+            self.ray_num_cpus,
+        )
+        _check(self.max_failures >= -1, "scaling.max_failures", "must be >= -1", self.max_failures)
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking. ``uri`` empty means ``$MLFLOW_TRACKING_URI``, else a sqlite file in the working dir."""
+
+    experiment: str = "mcl"
+    uri: str = ""
+    run_name: str = ""
+    output_dir: str = "mcl_runs"
+    heatmap: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    """One continual-learning run: a method trained through a stream, task after task."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        per_worker, rest = divmod(self.train.batch_size, self.scaling.num_workers)
+        _check(
+            rest == 0 and per_worker >= 1,
+            "train.batch_size",
+            f"must be a positive multiple of scaling.num_workers ({self.scaling.num_workers})",
+            self.train.batch_size,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted ``section.key`` view, for MLflow params."""
+        return _flatten(self.to_dict())
+
+
+def _check(ok: bool, name: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {rule}, got {value!r}")
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """Check ``value`` against a type hint, allowing int -> float; raise ConfigError naming ``name``."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: must be a mapping of {_field_names(hint)}, got {value!r}")
+        return _build(hint, value, name)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed or type(value) is not type(allowed[0]):
+            raise ConfigError(f"{name}: must be one of {list(allowed)}, got {value!r}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(value, option, name)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{name}: has the wrong type, got {value!r}")
+    if hint is type(None):
+        if value is not None:
+            raise ConfigError(f"{name}: must be null, got {value!r}")
+        return None
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: must be a mapping, got {value!r}")
+        return dict(value)
+    if origin is list or hint is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: must be a list, got {value!r}")
+        return list(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{name}: must be a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}: must be an integer, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: must be true or false, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = _field_names(cls)
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"{name}: unknown key; allowed keys here: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], name)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    """Validate a nested dict into an :class:`ExperimentConfig`."""
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config: must be a mapping of sections {_field_names(ExperimentConfig)}, got {data!r}"
+        )
+    return _build(ExperimentConfig, data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into its key path and YAML-parsed value."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.lr=1e-3")
+    key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if not all(path):
+        raise ConfigError(f"override {text!r}: empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with ``key=value`` overrides applied (creating nested mappings)."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(path[: i + 1])}: is a value, cannot set {'.'.join(path)}")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment config (or the defaults when ``path`` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+    return config_from_dict(apply_overrides(data, overrides or []))
+
+
+def save_config(config: ExperimentConfig, path: str | Path) -> Path:
+    """Write the resolved config as YAML; it loads back to an equal config."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return p

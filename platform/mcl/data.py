@@ -1,0 +1,174 @@
+"""From samples to model batches: ordering, sharding, image decode + processor, collation.
+
+The driver holds only annotation rows (ids, paths, text). Images are decoded and run through the model's
+processor by :class:`Preprocessor`, which Ray Data runs over each worker's shard (``map_batches``) so no
+worker ever holds a whole task; without Ray, :func:`local_batches` applies the same function in-process.
+
+Sharding is by position (row ``j`` of a global order goes to rank ``j % world_size``), so a global batch
+holds the same samples whatever the number of workers: a 1-worker and a 2-worker run see the same data.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from mcl.errors import DataError
+from mcl.streams.samples import Sample
+
+IGNORE_INDEX = -100
+ROW_KEYS = ("id", "image", "question", "answer", "answer_type", "task")
+
+
+def sample_row(sample: Sample) -> dict[str, Any]:
+    """The annotation row of a sample (what travels to Ray Data; no pixels)."""
+    return {k: getattr(sample, k) for k in ROW_KEYS}
+
+
+def training_order(
+    samples: Sequence[Sample], *, epochs: int, global_batch: int, seed: int
+) -> list[dict[str, Any]]:
+    """All training rows of all epochs in order: a seeded permutation per epoch, each epoch padded by
+    wrapping around to a whole number of global batches (every step has a full batch on every rank)."""
+    if not samples:
+        raise DataError("no training samples")
+    rows = [sample_row(s) for s in samples]
+    order: list[dict[str, Any]] = []
+    for epoch in range(epochs):
+        perm = list(range(len(rows)))
+        random.Random(seed * 1000003 + epoch).shuffle(perm)
+        pad = (-len(perm)) % global_batch
+        perm += [perm[i % len(perm)] for i in range(pad)]
+        order += [dict(rows[i], epoch=epoch) for i in perm]
+    return order
+
+
+def shard(rows: Sequence[dict[str, Any]], rank: int, world_size: int) -> list[dict[str, Any]]:
+    """Rows of one rank: positions ``rank, rank + world_size, ...``."""
+    return list(rows[rank::world_size])
+
+
+def build_prompt(processor: Any, question: str) -> str:
+    """The model's own chat template around one image and a question (generation prompt appended)."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_processor(model_path: str, trust_remote_code: bool) -> Any:
+    from transformers import AutoProcessor
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    processor.tokenizer.padding_side = "left"
+    return processor
+
+
+def _open_image(path: str, sample_id: str) -> Any:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise DataError(f"sample {sample_id!r}: image {path!r} cannot be read ({exc})") from None
+
+
+class Preprocessor:
+    """Decode images and tokenize prompts (+ answers for training). A pure function of its input batch.
+
+    Args:
+        model_path: Folder or hub id of the model whose processor to use.
+        train: Build ``labels`` (answer tokens + EOS supervised, prompt masked) when True; prompts only
+            otherwise.
+        trust_remote_code: Passed to ``AutoProcessor``.
+    """
+
+    def __init__(self, model_path: str, train: bool, trust_remote_code: bool = False) -> None:
+        self.model_path = model_path
+        self.train = train
+        self.trust_remote_code = trust_remote_code
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        processor = _cached_processor(self.model_path, self.trust_remote_code)
+        tokenizer = processor.tokenizer
+        input_ids, labels, pixels = [], [], []
+        for i in range(len(batch["id"])):
+            prompt = build_prompt(processor, str(batch["question"][i]))
+            image = _open_image(str(batch["image"][i]), str(batch["id"][i]))
+            enc = processor(text=[prompt], images=[image], return_tensors="np")
+            prompt_ids = enc["input_ids"][0].astype(np.int64)
+            pixels.append(enc["pixel_values"][0].astype(np.float32))
+            if self.train:
+                answer = str(batch["answer"][i])
+                sep = "" if prompt.endswith((" ", "\n")) else " "
+                answer_ids = tokenizer(sep + answer, add_special_tokens=False)["input_ids"]
+                answer_ids = np.asarray([*answer_ids, tokenizer.eos_token_id], dtype=np.int64)
+                input_ids.append(np.concatenate([prompt_ids, answer_ids]))
+                labels.append(np.concatenate([np.full_like(prompt_ids, IGNORE_INDEX), answer_ids]))
+            else:
+                input_ids.append(prompt_ids)
+        out = {key: np.asarray(batch[key]) for key in ROW_KEYS}
+        out["input_ids"] = _object_array(input_ids)
+        out["pixel_values"] = np.stack(pixels)
+        if self.train:
+            out["labels"] = _object_array(labels)
+        return out
+
+
+def _object_array(arrays: list[np.ndarray]) -> np.ndarray:
+    out = np.empty(len(arrays), dtype=object)
+    for i, a in enumerate(arrays):
+        out[i] = a
+    return out
+
+
+def rows_to_batch(rows: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+    return {key: np.asarray([r[key] for r in rows]) for key in ROW_KEYS}
+
+
+def local_batches(
+    rows: Sequence[dict[str, Any]], preprocess: Preprocessor, batch_size: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Preprocessed batches without Ray, streaming: one batch is decoded at a time."""
+    for start in range(0, len(rows), batch_size):
+        yield preprocess(rows_to_batch(rows[start : start + batch_size]))
+
+
+def ray_dataset(rows: Sequence[dict[str, Any]], preprocess: Preprocessor, batch_size: int) -> Any:
+    """A Ray Dataset that decodes and preprocesses ``rows`` lazily, in order, in Ray Data tasks."""
+    import ray.data
+
+    ds = ray.data.from_items(list(rows), override_num_blocks=max(1, min(len(rows) // batch_size, 64)))
+    return ds.map_batches(preprocess, batch_size=batch_size, batch_format="numpy")
+
+
+def collate(batch: dict[str, np.ndarray], pad_id: int, *, left_pad: bool) -> dict[str, Any]:
+    """Pad a preprocessed numpy batch into torch tensors (left padding for generation)."""
+    import torch
+
+    seqs = list(batch["input_ids"])
+    longest = max(len(s) for s in seqs)
+    n = len(seqs)
+    ids = np.full((n, longest), pad_id, dtype=np.int64)
+    mask = np.zeros((n, longest), dtype=np.int64)
+    labels = np.full((n, longest), IGNORE_INDEX, dtype=np.int64) if "labels" in batch else None
+    for i, s in enumerate(seqs):
+        sl = slice(longest - len(s), longest) if left_pad else slice(0, len(s))
+        ids[i, sl] = s
+        mask[i, sl] = 1
+        if labels is not None:
+            labels[i, sl] = batch["labels"][i]
+    out: dict[str, Any] = {
+        "input_ids": torch.from_numpy(ids),
+        "attention_mask": torch.from_numpy(mask),
+        "pixel_values": torch.from_numpy(np.ascontiguousarray(np.stack(list(batch["pixel_values"])))),
+    }
+    if labels is not None:
+        out["labels"] = torch.from_numpy(labels)
+    return out

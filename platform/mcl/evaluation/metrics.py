@@ -1,0 +1,157 @@
+"""Continual-learning metrics over an accuracy matrix.
+
+``a[t][i]`` is the accuracy (percent) on task ``i`` after training through task ``t``. The matrix is
+``T x T`` and fully filled, including future tasks ``i > t``, so forward transfer is computable.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from statistics import fmean
+from typing import Any
+
+Matrix = Sequence[Sequence[float]]
+
+
+def _checked(a: Matrix) -> list[list[float]]:
+    """Return ``a`` as a list of float rows; raise ValueError unless it is a non-empty square matrix."""
+    if len(a) == 0:
+        raise ValueError("accuracy matrix is empty")
+    size = len(a)
+    rows: list[list[float]] = []
+    for t, row in enumerate(a):
+        if isinstance(row, (str, bytes)) or not hasattr(row, "__len__"):
+            raise ValueError(f"accuracy matrix row {t} is {row!r}, expected a sequence of {size} numbers")
+        if len(row) != size:
+            raise ValueError(
+                f"accuracy matrix is not square: row {t} has {len(row)} entries, expected {size}"
+            )
+        values = [float(x) for x in row]
+        for i, x in enumerate(values):
+            if not math.isfinite(x):
+                raise ValueError(f"accuracy matrix entry [{t}][{i}] is {x}, expected a finite number")
+        rows.append(values)
+    return rows
+
+
+def mft(a: Matrix) -> float:
+    """Mean fine-tune accuracy: mean of the diagonal, each task right after training on it."""
+    m = _checked(a)
+    return fmean(m[i][i] for i in range(len(m)))
+
+
+def mfn(a: Matrix) -> float:
+    """Mean final accuracy: mean of the last row, every task after training on all of them."""
+    return fmean(_checked(a)[-1])
+
+
+def maa(a: Matrix) -> float:
+    """Mean average accuracy: mean over steps ``t`` of the mean accuracy on tasks seen so far (``i <= t``)."""
+    m = _checked(a)
+    return fmean(fmean(m[t][: t + 1]) for t in range(len(m)))
+
+
+def bwt(a: Matrix) -> float:
+    """Backward transfer: mean over ``i < T-1`` of ``a[T-1][i] - a[i][i]``; 0.0 for a single task."""
+    m = _checked(a)
+    last = len(m) - 1
+    if last == 0:
+        return 0.0
+    return fmean(m[last][i] - m[i][i] for i in range(last))
+
+
+def fwt(a: Matrix, baseline: Sequence[float]) -> float:
+    """Forward transfer (GEM): mean over ``i >= 1`` of ``a[i-1][i] - baseline[i]``; 0.0 for a single task.
+
+    Args:
+        a: The accuracy matrix.
+        baseline: ``baseline[i]`` is the untrained model's accuracy on task ``i``; one entry per task.
+    """
+    m = _checked(a)
+    if len(baseline) != len(m):
+        raise ValueError(f"baseline has {len(baseline)} entries, expected {len(m)} (one per task)")
+    if len(m) == 1:
+        return 0.0
+    return fmean(m[i - 1][i] - float(baseline[i]) for i in range(1, len(m)))
+
+
+def average_forgetting(a: Matrix) -> float:
+    """Average forgetting (Chaudhry et al.): mean over ``i < T-1`` of the drop from best to final accuracy.
+
+    ``f_i = max_{l in [i, T-2]} a[l][i] - a[T-1][i]``; 0.0 for a single task. Negative when the final step
+    beats every earlier one on a task.
+    """
+    m = _checked(a)
+    last = len(m) - 1
+    if last == 0:
+        return 0.0
+    return fmean(max(m[step][i] for step in range(i, last)) - m[last][i] for i in range(last))
+
+
+def last_step_scores(a: Matrix) -> list[float]:
+    """Accuracy on every task after the last training step (the last row)."""
+    return list(_checked(a)[-1])
+
+
+def cl_metrics(a: Matrix, baseline: Sequence[float] | None = None) -> dict[str, float]:
+    """All summary metrics: mft, mfn, maa, bwt, forgetting, and fwt when ``baseline`` is given."""
+    out = {
+        "mft": mft(a),
+        "mfn": mfn(a),
+        "maa": maa(a),
+        "bwt": bwt(a),
+        "forgetting": average_forgetting(a),
+    }
+    if baseline is not None:
+        out["fwt"] = fwt(a, baseline)
+    return out
+
+
+def _checked_tasks(tasks: Sequence[str], m: list[list[float]]) -> list[str]:
+    if len(tasks) != len(m):
+        raise ValueError(f"{len(tasks)} task names for a {len(m)}x{len(m)} accuracy matrix")
+    return [str(t) for t in tasks]
+
+
+def accuracy_matrix_json(tasks: Sequence[str], a: Matrix) -> dict[str, Any]:
+    """JSON-ready form of the matrix: ``{"tasks": [...], "matrix": [[...], ...]}``."""
+    m = _checked(a)
+    return {"tasks": _checked_tasks(tasks, m), "matrix": m}
+
+
+def heatmap_png(tasks: Sequence[str], a: Matrix, path: str | Path, title: str = "") -> Path:
+    """Draw the matrix as an annotated heatmap PNG at ``path`` and return the path.
+
+    Rows are labelled ``after <task>`` (training step), columns by the evaluated task.
+    """
+    m = _checked(a)
+    names = _checked_tasks(tasks, m)
+    # Figure + Agg canvas, not pyplot: no global backend switch, no figure registry to leak into.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    size = len(m)
+    side = max(4.0, 0.9 * size + 2.5)
+    fig = Figure(figsize=(side, side * 0.85))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    vmax = max(100.0, max(max(row) for row in m))
+    image = ax.imshow(m, cmap="viridis", vmin=0.0, vmax=vmax)
+    fig.colorbar(image, ax=ax, label="accuracy (%)")
+    ax.set_xticks(range(size), labels=names, rotation=45, ha="right")
+    ax.set_yticks(range(size), labels=[f"after {n}" for n in names])
+    ax.set_xlabel("evaluated task")
+    ax.set_ylabel("training step")
+    for t in range(size):
+        for i in range(size):
+            color = "black" if m[t][i] > 0.6 * vmax else "white"
+            ax.text(i, t, f"{m[t][i]:.1f}", ha="center", va="center", color=color, fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png", dpi=120)
+    return out

@@ -1,0 +1,177 @@
+"""The interface every continual-learning method implements, and the registry of methods by name.
+
+The engine runs a fixed loop per task (set up the model, train on the task's batches, evaluate every task,
+save state) and calls a method's hooks at named points. A method overrides only the hooks it needs and gets
+what a hook needs as arguments (:class:`TaskContext`), never by reaching into the trainer. Methods import
+only this module (and :mod:`mcl.adapters`); the engine never imports a specific method.
+
+Hooks run on every Ray Train worker (rank 0 alone saves); :meth:`Method.training_tasks` runs in the driver.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from mcl.errors import ConfigError, UnknownNameError
+
+if TYPE_CHECKING:
+    import torch
+
+    from mcl.config import LoraConfig
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """What a method's hooks may know about the task being trained.
+
+    Attributes:
+        task_index: Position of the current task in the stream (0-based).
+        task_names: All task names of the stream, in order.
+        lora: The experiment's LoRA shape.
+        previous_state_dir: Folder where the method saved its state after the previous task (None first).
+        rank: This worker's rank; world_size: number of workers.
+        seed: The experiment seed.
+    """
+
+    task_index: int
+    task_names: tuple[str, ...]
+    lora: LoraConfig
+    previous_state_dir: Path | None = None
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+
+    @property
+    def task_name(self) -> str:
+        return self.task_names[self.task_index]
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_names)
+
+
+@dataclass
+class NoParams:
+    """A method without hyper-parameters."""
+
+
+class Method:
+    """Base class: every hook has a do-nothing default except :meth:`setup_model`.
+
+    Subclasses set ``name`` and optionally ``Params`` (a dataclass validated in ``__post_init__``), and
+    register themselves with :func:`register_method`.
+    """
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type] = NoParams
+
+    def __init__(self, params: Any) -> None:
+        self.params = params
+
+    # -- driver side ---------------------------------------------------------------------------------
+    def training_tasks(self, task_index: int) -> list[int]:
+        """Indices of the tasks whose training data is used while training task ``task_index``."""
+        return [task_index]
+
+    # -- worker side -----------------------------------------------------------------------------------
+    def setup_model(self, model: torch.nn.Module, ctx: TaskContext) -> torch.nn.Module:
+        """Wrap the freshly loaded base model for this task (add adapters, load previous state)."""
+        raise NotImplementedError
+
+    def before_task(self, model: torch.nn.Module, ctx: TaskContext) -> None:
+        """Called once before the first training step of the task."""
+
+    def extra_loss(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], outputs: Any, ctx: TaskContext
+    ) -> torch.Tensor | None:
+        """An extra loss term added to the task loss (e.g. a regulariser), or None."""
+        return None
+
+    def after_task(self, model: torch.nn.Module, ctx: TaskContext) -> None:
+        """Called once after the last training step of the task, before evaluation and saving."""
+
+    def generate(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], generate_kwargs: dict[str, Any]
+    ) -> torch.Tensor:
+        """Greedy answers for an evaluation batch: the generated token ids after the prompt."""
+        out = model.generate(**batch, **generate_kwargs)
+        return out[:, batch["input_ids"].shape[1] :]
+
+    def save_state(self, model: torch.nn.Module, out_dir: Path, ctx: TaskContext) -> None:
+        """Write what the next task (and a later reload) needs into ``out_dir``. Called on rank 0 only,
+        with all trainable parameters gathered (safe under ZeRO-3)."""
+
+    def memory_report(self, model: torch.nn.Module) -> dict[str, float]:
+        """Extra memory the method holds (e.g. ``{"trainable_params": n}``), logged per task."""
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return {"trainable_params": float(trainable)}
+
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator registering a method under ``cls.name``; names must be unique."""
+    if not cls.name:
+        raise ValueError(f"{cls.__qualname__} has no name")
+    if cls.name in _METHODS and _METHODS[cls.name] is not cls:
+        raise ValueError(f"method {cls.name!r} is already registered by {_METHODS[cls.name].__qualname__}")
+    if not dataclasses.is_dataclass(cls.Params):
+        raise TypeError(f"{cls.__qualname__}.Params must be a dataclass")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def _discover_methods() -> None:
+    """Import every module of the ``methods`` package (each registers itself)."""
+    try:
+        package = importlib.import_module("methods")
+    except ImportError:
+        return
+    for info in pkgutil.iter_modules(package.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"methods.{info.name}")
+
+
+def available_methods() -> list[str]:
+    _discover_methods()
+    return sorted(_METHODS)
+
+
+def build_method(name: str, params: dict[str, Any] | None = None) -> Method:
+    """Instantiate a registered method, validating ``params`` against its ``Params`` dataclass."""
+    _discover_methods()
+    if name not in _METHODS:
+        raise UnknownNameError(f"unknown method {name!r}; valid methods: {', '.join(sorted(_METHODS))}")
+    cls = _METHODS[name]
+    allowed = {f.name for f in dataclasses.fields(cls.Params)}
+    for key in params or {}:
+        if key not in allowed:
+            raise ConfigError(
+                f"method.params.{key}: unknown parameter of method {name!r}; "
+                f"allowed: {', '.join(sorted(allowed)) or '(none)'}"
+            )
+    try:
+        parsed = cls.Params(**(params or {}))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"method.params: {exc}") from None
+    return cls(parsed)
+
+
+def params_dict(method: Method) -> dict[str, Any]:
+    return dataclasses.asdict(method.params)
+
+
+__all__ = [
+    "Method",
+    "NoParams",
+    "TaskContext",
+    "available_methods",
+    "build_method",
+    "register_method",
+]

@@ -1,0 +1,327 @@
+"""One continual-learning run: a method trained through a stream, one Ray Train job per task.
+
+:func:`prepare_run` checks everything that can be checked before any compute is spent (method, model,
+stream, annotations, images). :func:`run_experiment` then trains task after task: each task is one
+``TorchTrainer`` whose workers stream their shard of the task from Ray Data, train under DeepSpeed ZeRO,
+evaluate all tasks and leave the method's state as a checkpoint that the next task starts from. The driver
+turns the results into the accuracy matrix and CL metrics and records everything in MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mcl.config import ExperimentConfig, save_config
+from mcl.data import Preprocessor, ray_dataset, sample_row, shard, training_order
+from mcl.evaluation.metrics import accuracy_matrix_json, cl_metrics, heatmap_png
+from mcl.methods_api import Method, build_method
+from mcl.models import resolve_model_path
+from mcl.streams import Stream, build_stream
+from mcl.streams.formats import check_images
+from mcl.tracking import Tracker, resolve_tracking_uri
+from mcl.training import STATE_DIR, TaskJob, TaskResult, train_and_evaluate_task
+
+
+@dataclass
+class PreparedRun:
+    """A validated run: nothing here has trained yet."""
+
+    config: ExperimentConfig
+    method: Method
+    model_path: str
+    stream: Stream
+
+
+@dataclass
+class RunSummary:
+    """What a finished run produced."""
+
+    run_id: str
+    tracking_uri: str
+    task_names: list[str]
+    matrix: list[list[float]]
+    baseline: list[float] | None
+    metrics: dict[str, float]
+    output_dir: str
+    task_results: list[TaskResult] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+def prepare_run(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> PreparedRun:
+    """Validate names, data and images; build the tiny model if asked. Raises on any problem."""
+    method = build_method(cfg.method.name, cfg.method.params)
+    model_path = resolve_model_path(cfg.model.name)
+    stream = build_stream(cfg.stream.name, cfg.stream.root, cfg.stream.options)
+    if cfg.stream.check_images:
+        check_images([s for t in stream.tasks for s in (*t.train, *t.test)])
+    counts = ", ".join(f"{t.name} {len(t.train)}/{len(t.test)}" for t in stream.tasks)
+    log(f"stream {stream.name!r}: {len(stream.tasks)} tasks (train/test: {counts})")
+    return PreparedRun(cfg, method, model_path, stream)
+
+
+def _ray_train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train worker: this rank's shards in, one task trained and evaluated, a checkpoint out."""
+    import ray.train
+    import ray.train.torch
+
+    job = TaskJob(**loop_config["job"])
+    rank = ray.train.get_context().get_world_rank()
+    micro, eval_bs = loop_config["micro_batch"], loop_config["eval_batch"]
+    train_shard = ray.train.get_dataset_shard(f"train_{rank}")
+    eval_shard = ray.train.get_dataset_shard(f"eval_{rank}")
+    out_dir = Path(tempfile.mkdtemp(prefix="mcl-task-"))
+    result = train_and_evaluate_task(
+        job,
+        train_shard.iter_batches(batch_size=micro, batch_format="numpy", prefetch_batches=2),
+        lambda: eval_shard.iter_batches(batch_size=eval_bs, batch_format="numpy", prefetch_batches=1),
+        out_dir,
+        device=ray.train.torch.get_device(),
+    )
+    metrics = {"task_index": job.task_index}
+    if result is not None:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(out_dir)))
+    else:
+        ray.train.report(metrics)
+
+
+def _init_ray(cfg: ExperimentConfig) -> None:
+    import ray
+
+    import mcl
+    import methods
+
+    if ray.is_initialized():
+        return
+    env = {
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+    }
+    if not cfg.scaling.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    # Ship the engine and methods being run (not a stale installed copy) to every worker.
+    runtime_env = {"env_vars": env, "py_modules": [mcl, methods]}
+    if cfg.scaling.ray_address:
+        ray.init(address=cfg.scaling.ray_address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 2
+        ray.init(num_cpus=cfg.scaling.ray_num_cpus or need, runtime_env=runtime_env, include_dashboard=False)
+
+
+def _task_datasets(prep: PreparedRun, task_index: int) -> tuple[dict[str, Any], int]:
+    import ray.data
+
+    cfg = prep.config
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    world = cfg.scaling.num_workers
+    train_samples = [s for i in prep.method.training_tasks(task_index) for s in prep.stream.tasks[i].train]
+    rows = training_order(
+        train_samples,
+        epochs=cfg.train.epochs,
+        global_batch=cfg.train.batch_size,
+        seed=cfg.train.seed + task_index,
+    )
+    eval_rows = _eval_rows(prep)
+    micro = cfg.train.batch_size // world
+    trust = cfg.model.trust_remote_code
+    train_pre = Preprocessor(prep.model_path, train=True, trust_remote_code=trust)
+    eval_pre = Preprocessor(prep.model_path, train=False, trust_remote_code=trust)
+    datasets = {}
+    for rank in range(world):
+        datasets[f"train_{rank}"] = ray_dataset(shard(rows, rank, world), train_pre, micro)
+        datasets[f"eval_{rank}"] = ray_dataset(shard(eval_rows, rank, world), eval_pre, cfg.eval.batch_size)
+    return datasets, len(rows) // cfg.train.batch_size
+
+
+def _eval_rows(prep: PreparedRun) -> list[dict[str, Any]]:
+    limit = prep.config.eval.max_samples_per_task
+    return [sample_row(s) for t in prep.stream.tasks for s in (t.test[:limit] if limit else t.test)]
+
+
+def _fit_task(prep: PreparedRun, job: TaskJob, storage: Path, datasets: dict[str, Any]) -> Path:
+    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = prep.config
+    name = f"task{job.task_index:02d}-{job.task_names[job.task_index]}"
+    trainer = TorchTrainer(
+        _ray_train_loop,
+        train_loop_config={
+            "job": job.__dict__,
+            "micro_batch": cfg.train.batch_size // cfg.scaling.num_workers,
+            "eval_batch": cfg.eval.batch_size,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[]),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"task {name} finished without a checkpoint")
+    return Path(result.checkpoint.path)
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    log: Callable[[str], None] = print,
+    prepared: PreparedRun | None = None,
+) -> RunSummary:
+    """Train ``cfg.method`` through ``cfg.stream`` and return the accuracy matrix and CL metrics."""
+    t_start = time.perf_counter()
+    prep = prepared or prepare_run(cfg, log)
+    names = prep.stream.task_names
+    run_name = (
+        cfg.tracking.run_name or f"{cfg.method.name}-{cfg.stream.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    run_dir = (Path(cfg.tracking.output_dir) / run_name).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = save_config(cfg, run_dir / "config.yaml")
+
+    uri = resolve_tracking_uri(cfg.tracking.uri)
+    tracker = Tracker(uri, cfg.tracking.experiment)
+    tags = {"mcl.method": cfg.method.name, "mcl.stream": cfg.stream.name, "mcl.kind": "stream_run"}
+    run_id = tracker.start_run(run_name, tags=tags)
+    open_runs = [run_id]
+    log(f"MLflow run {run_id} in {uri} (experiment {cfg.tracking.experiment!r})")
+    try:
+        tracker.log_params(run_id, cfg.flat())
+        tracker.log_artifact(run_id, config_path)
+        _init_ray(cfg)
+        matrix: list[list[float]] = []
+        baseline: list[float] | None = None
+        results: list[TaskResult] = []
+        previous: str | None = None
+        global_step = 0
+        for t, name in enumerate(names):
+            log(f"=== task {t + 1}/{len(names)}: {name} ({cfg.method.name}) ===")
+            task_run = tracker.start_run(
+                f"{t:02d}-{name}", parent_run_id=run_id, tags={**tags, "mcl.kind": "task", "mcl.task": name}
+            )
+            open_runs.append(task_run)
+            tracker.log_params(
+                task_run, {"task_index": t, "task": name, "train_tasks": prep.method.training_tasks(t)}
+            )
+            t_task = time.perf_counter()
+            datasets, steps = _task_datasets(prep, t)
+            job = TaskJob(cfg.to_dict(), prep.model_path, t, names, previous, steps, evaluate_before=(t == 0))
+            ckpt = _fit_task(prep, job, run_dir, datasets)
+            result = TaskResult.load(ckpt)
+            results.append(result)
+            row = [result.accuracy[n] for n in names]
+            matrix.append(row)
+            if result.baseline_accuracy is not None:
+                baseline = [result.baseline_accuracy[n] for n in names]
+            task_wall = time.perf_counter() - t_task
+            _log_task(tracker, task_run, run_id, result, names, global_step, task_wall, ckpt)
+            global_step += len(result.train_log)
+            previous = str(ckpt / STATE_DIR)
+            tracker.end_run(task_run)
+            open_runs.remove(task_run)
+            log(
+                f"task {name} done in {task_wall:.1f}s: "
+                + ", ".join(f"{n} {a:.1f}" for n, a in zip(names, row, strict=True))
+            )
+        metrics = cl_metrics(matrix, baseline)
+        _log_final(tracker, run_id, names, matrix, baseline, metrics, run_dir, cfg.tracking.heatmap, previous)
+        wall = time.perf_counter() - t_start
+        tracker.log_metrics(run_id, {"wall_time_s": wall})
+        tracker.end_run(run_id)
+        open_runs.remove(run_id)
+    except BaseException:
+        for rid in reversed(open_runs):
+            tracker.end_run(rid, "FAILED")
+        raise
+    return RunSummary(run_id, uri, names, matrix, baseline, metrics, str(run_dir), results, wall)
+
+
+def _log_task(
+    tracker: Tracker,
+    task_run: str,
+    parent: str,
+    result: TaskResult,
+    names: list[str],
+    global_step: int,
+    wall: float,
+    ckpt: Path,
+) -> None:
+    t = result.task_index
+    losses = [(int(e["step"]), e["loss"]) for e in result.train_log]
+    tracker.log_metric_series(task_run, "train_loss", losses)
+    tracker.log_metric_series(parent, "train_loss", [(global_step + s, v) for s, v in losses])
+    extra = [(int(e["step"]), e["extra_loss"]) for e in result.train_log if "extra_loss" in e]
+    if extra:
+        tracker.log_metric_series(task_run, "extra_loss", extra)
+    acc = {f"acc_{n}": result.accuracy[n] for n in names}
+    tracker.log_metrics(task_run, {**acc, "acc_current": result.accuracy[names[t]]})
+    tracker.log_metrics(parent, acc, step=t)
+    tracker.log_metrics(
+        task_run, {**result.timing, "wall_time_s": wall, **{f"mem_{k}": v for k, v in result.memory.items()}}
+    )
+    if result.baseline_accuracy is not None:
+        tracker.log_metrics(parent, {f"baseline_acc_{n}": result.baseline_accuracy[n] for n in names})
+    state = ckpt / STATE_DIR
+    if state.exists():
+        tracker.log_artifact(task_run, state, "state")
+    with tempfile.TemporaryDirectory() as tmp:
+        preds = Path(tmp) / "predictions.jsonl"
+        preds.write_text("".join(json.dumps(r) + "\n" for r in result.predictions))
+        tracker.log_artifact(task_run, preds)
+
+
+def _log_final(
+    tracker: Tracker,
+    run_id: str,
+    names: list[str],
+    matrix: list[list[float]],
+    baseline: list[float] | None,
+    metrics: dict[str, float],
+    run_dir: Path,
+    heatmap: bool,
+    final_state: str | None,
+) -> None:
+    tracker.log_metrics(run_id, metrics)
+    data = accuracy_matrix_json(names, matrix)
+    if baseline is not None:
+        data["baseline"] = baseline
+    data["metrics"] = metrics
+    (run_dir / "accuracy_matrix.json").write_text(json.dumps(data, indent=1))
+    tracker.log_artifact(run_id, run_dir / "accuracy_matrix.json")
+    if heatmap:
+        png = heatmap_png(names, matrix, run_dir / "accuracy_matrix.png", title="accuracy (%)")
+        tracker.log_artifact(run_id, png)
+    if final_state:
+        tracker.log_artifact(run_id, final_state, "final_state")
+
+
+def format_matrix(names: list[str], matrix: list[list[float]]) -> str:
+    """The accuracy matrix as an aligned text table (rows: after training task t)."""
+    width = max(8, *(len(n) for n in names)) + 1
+    head = " " * (width + 6) + "".join(n.rjust(width) for n in names)
+    lines = [head]
+    for t, row in enumerate(matrix):
+        lines.append(f"after {names[t]}".ljust(width + 6) + "".join(f"{v:{width}.1f}" for v in row))
+    return "\n".join(lines)
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    return "  ".join(
+        f"{k.upper()} {v:+.2f}" if k in ("bwt", "fwt") else f"{k.upper()} {v:.2f}" for k, v in metrics.items()
+    )
+
+
+__all__ = ["PreparedRun", "RunSummary", "format_matrix", "format_metrics", "prepare_run", "run_experiment"]

@@ -1,0 +1,115 @@
+"""MLflow tracking: one run per stream run, a nested run per task.
+
+All calls go through an explicit :class:`mlflow.MlflowClient` and run ids (no fluent, process-global
+active run). The store follows ``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else a sqlite file in the
+working directory, always as an absolute URI (Ray trials change directory).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+
+def resolve_tracking_uri(configured: str = "", cwd: str | Path | None = None) -> str:
+    """The tracking URI to use: the config's, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri:
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            # sqlite:///relative.db -> absolute, so every process sees the same file.
+            uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
+        return uri
+    base = Path(cwd) if cwd else Path.cwd()
+    return "sqlite:///" + str((base / "mlflow.db").resolve())
+
+
+def ui_command(uri: str) -> str:
+    """The shell command that opens the MLflow UI on this store."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri} --port 5000"
+
+
+class Tracker:
+    """Creates and fills the MLflow runs of one stream run."""
+
+    def __init__(self, uri: str, experiment: str) -> None:
+        from mlflow import MlflowClient
+
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            artifact_location = None
+            if uri.startswith("sqlite:///"):
+                db = Path(uri[len("sqlite:///") :])
+                artifact_location = (db.parent / "mlartifacts").resolve().as_uri()
+            self.experiment_id = self.client.create_experiment(
+                experiment, artifact_location=artifact_location
+            )
+        else:
+            self.experiment_id = exp.experiment_id
+
+    def start_run(
+        self, name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None
+    ) -> str:
+        all_tags = dict(tags or {})
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[start : start + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if _finite(v)]
+        for start in range(0, len(items), 500):
+            self.client.log_batch(run_id, metrics=items[start : start + 500])
+
+    def log_metric_series(self, run_id: str, key: str, values: list[tuple[int, float]]) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(key, float(v), now, int(s)) for s, v in values if _finite(v)]
+        for start in range(0, len(items), 500):
+            self.client.log_batch(run_id, metrics=items[start : start + 500])
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        p = Path(path)
+        if p.is_dir():
+            self.client.log_artifacts(run_id, str(p), artifact_path=artifact_path)
+        else:
+            self.client.log_artifact(run_id, str(p), artifact_path=artifact_path)
+
+    def log_dict(self, run_id: str, data: Any, name: str) -> None:
+        self.client.log_text(run_id, json.dumps(data, indent=1), name)
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _param_value(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, dict | list) else str(value)
+    return text[:6000]
