@@ -170,7 +170,7 @@ def resolve_model_path(name_or_path: str, cache_dir: str | Path | None = None) -
                 shutil.rmtree(tmp, ignore_errors=True)
         return str(target)
     path = Path(name_or_path).expanduser()
-    if path.is_dir():
+    if name_or_path.strip() and path.is_dir():  # Path("") is ".": an empty name is not the working dir
         if not (path / "config.json").exists():
             raise UnknownNameError(f"model folder {str(path)!r} has no config.json")
         return str(path.resolve())

@@ -50,6 +50,7 @@ class RunSummary:
     metrics: dict[str, float]
     output_dir: str
     task_results: list[TaskResult] = field(default_factory=list)
+    state_dirs: list[str] = field(default_factory=list)
     wall_s: float = 0.0
 
 
@@ -111,22 +112,32 @@ def _init_ray(cfg: ExperimentConfig) -> None:
         ray.init(address=cfg.scaling.ray_address, runtime_env=runtime_env, log_to_driver=True)
     else:
         need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 2
-        ray.init(num_cpus=cfg.scaling.ray_num_cpus or need, runtime_env=runtime_env, include_dashboard=False)
+        # The dashboard stays on: Ray Train's placement-group cleaner polls the state API it serves.
+        ray.init(num_cpus=cfg.scaling.ray_num_cpus or need, runtime_env=runtime_env)
+
+
+def task_training_rows(prep: PreparedRun, task_index: int) -> list[dict[str, Any]]:
+    """All training rows of task ``task_index`` in global order (every epoch, padded to whole global
+    batches): what the workers of that task train on, before sharding."""
+    cfg = prep.config
+    train_samples = [s for i in prep.method.training_tasks(task_index) for s in prep.stream.tasks[i].train]
+    return training_order(
+        train_samples,
+        epochs=cfg.train.epochs,
+        global_batch=cfg.train.batch_size,
+        seed=cfg.train.seed + task_index,
+    )
 
 
 def _task_datasets(prep: PreparedRun, task_index: int) -> tuple[dict[str, Any], int]:
     import ray.data
 
     cfg = prep.config
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    context.enable_progress_bars = False
     world = cfg.scaling.num_workers
-    train_samples = [s for i in prep.method.training_tasks(task_index) for s in prep.stream.tasks[i].train]
-    rows = training_order(
-        train_samples,
-        epochs=cfg.train.epochs,
-        global_batch=cfg.train.batch_size,
-        seed=cfg.train.seed + task_index,
-    )
+    rows = task_training_rows(prep, task_index)
     eval_rows = _eval_rows(prep)
     micro = cfg.train.batch_size // world
     trust = cfg.model.trust_remote_code
@@ -205,6 +216,7 @@ def run_experiment(
         matrix: list[list[float]] = []
         baseline: list[float] | None = None
         results: list[TaskResult] = []
+        state_dirs: list[str] = []
         previous: str | None = None
         global_step = 0
         for t, name in enumerate(names):
@@ -230,6 +242,7 @@ def run_experiment(
             _log_task(tracker, task_run, run_id, result, names, global_step, task_wall, ckpt)
             global_step += len(result.train_log)
             previous = str(ckpt / STATE_DIR)
+            state_dirs.append(previous)
             tracker.end_run(task_run)
             open_runs.remove(task_run)
             log(
@@ -246,7 +259,7 @@ def run_experiment(
         for rid in reversed(open_runs):
             tracker.end_run(rid, "FAILED")
         raise
-    return RunSummary(run_id, uri, names, matrix, baseline, metrics, str(run_dir), results, wall)
+    return RunSummary(run_id, uri, names, matrix, baseline, metrics, str(run_dir), results, state_dirs, wall)
 
 
 def _log_task(
@@ -324,4 +337,12 @@ def format_metrics(metrics: dict[str, float]) -> str:
     )
 
 
-__all__ = ["PreparedRun", "RunSummary", "format_matrix", "format_metrics", "prepare_run", "run_experiment"]
+__all__ = [
+    "PreparedRun",
+    "RunSummary",
+    "format_matrix",
+    "format_metrics",
+    "prepare_run",
+    "run_experiment",
+    "task_training_rows",
+]

@@ -117,7 +117,8 @@ def generated_stream(root: Path, options: dict[str, Any]) -> Stream:
 
     Args:
         root: Data root of the stream.
-        options: Any of ``seed``, ``train_per_task``, ``test_per_task``, ``tasks`` (see :func:`generate_stream`).
+        options: Any of ``seed``, ``train_per_task``, ``test_per_task`` (see :func:`generate_stream`) and
+            ``tasks``, the scenarios to read, in order (all scenarios are generated under ``root``).
 
     Returns:
         ``Stream("generated", ...)`` with one task per requested scenario, in the requested order.
@@ -132,8 +133,11 @@ def generated_stream(root: Path, options: dict[str, Any]) -> Stream:
             f"unknown option(s) {', '.join(map(repr, unknown))} for stream 'generated'; "
             f"valid options: {', '.join(OPTION_KEYS)}"
         )
-    root = generate_stream(root, **options)
+    # `tasks` picks and orders what is read; the folder always holds every scenario, so one data root
+    # serves runs over any subset of the stream.
     task_names = _metadata(**options)["tasks"]
+    generation = {k: v for k, v in options.items() if k != "tasks"}
+    root = generate_stream(root, **generation)
     tasks = [
         TaskData(
             name=task,

@@ -1,0 +1,336 @@
+"""Training throughput of mcl's full path (Ray Train + DeepSpeed + Ray Data) against a bare PyTorch loop.
+
+Usage:
+    python jobs/benchmark.py                               # default config, 1 worker x 2 CPUs, 60 steps
+    python jobs/benchmark.py --out bench.json              # also write the figures as JSON
+    python jobs/benchmark.py --config my.yaml model.dtype=bfloat16 scaling.cpus_per_worker=8
+
+Both paths train task 0 of the stream on the same rows in the same order, with the same model (dtype, and
+LoRA set up by the method exactly as mcl.training does), the same global batch and the same core count:
+
+  full  what mcl.runner runs per task: one TorchTrainer whose worker streams its shard from Ray Data (images
+        decoded and tokenised on the fly, on the same machine), trains under DeepSpeed ZeRO, evaluates and
+        saves a checkpoint. Ray gives each worker OMP_NUM_THREADS = scaling.cpus_per_worker.
+  bare  one process: the same rows preprocessed up front with mcl.data.Preprocessor, then forward,
+        per_sample_loss, backward, gradient clipping, torch.optim.AdamW step, with
+        torch.set_num_threads(scaling.num_workers * scaling.cpus_per_worker).
+
+Steady-state rates exclude each path's first 2 steps; one-off start-up (Ray init, worker start, model load,
+DeepSpeed init) is reported separately. Evaluation runs in the full path (it is part of the task) but is not
+measured. The benchmark settings (BENCH_SETTINGS: 1 worker x 2 CPUs, 6 epochs, 8 test samples per task) are
+applied on top of the config; key=value overrides on the command line win over both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
+BENCH_SETTINGS = (
+    "scaling.num_workers=1",
+    "scaling.cpus_per_worker=2",
+    "train.epochs=6",
+    "eval.max_samples_per_task=8",
+)
+TARGET_RATIO = 0.9
+WARMUP_STEPS = 2  # Excluded from the steady-state rates (the same cut as TaskResult.timing).
+
+
+def bare_loop(prep: Any, rows: list[dict[str, Any]], log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train task 0 on ``rows`` in a plain PyTorch loop in this process; return its figures."""
+    import torch
+
+    from mcl.data import Preprocessor, collate, rows_to_batch
+    from mcl.methods_api import TaskContext, build_method
+    from mcl.models import load_model_and_processor
+    from mcl.training import per_sample_loss, seed_everything
+
+    cfg = prep.config
+    batch_size = cfg.train.batch_size
+    threads = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, cfg.model.dtype)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        log(f"bare: preprocessing {len(rows)} rows in-process")
+        t0 = time.perf_counter()
+        preprocess = Preprocessor(prep.model_path, train=True, trust_remote_code=cfg.model.trust_remote_code)
+        np_batches = [
+            preprocess(rows_to_batch(rows[i : i + batch_size])) for i in range(0, len(rows), batch_size)
+        ]
+        preprocess_s = time.perf_counter() - t0
+
+        # The same steps as mcl.training.train_and_evaluate_task: seed, load, let the method wrap the model.
+        t0 = time.perf_counter()
+        method = build_method(cfg.method.name, cfg.method.params)
+        ctx = TaskContext(
+            task_index=0,
+            task_names=tuple(prep.stream.task_names),
+            lora=cfg.model.lora,
+            previous_state_dir=None,
+            rank=0,
+            world_size=1,
+            seed=cfg.train.seed,
+        )
+        seed_everything(cfg.train.seed)
+        base, processor = load_model_and_processor(
+            prep.model_path, trust_remote_code=cfg.model.trust_remote_code, dtype=cfg.model.dtype
+        )
+        model = method.setup_model(base, ctx).to(device)
+        model_load_s = time.perf_counter() - t0
+
+        pad_id = processor.tokenizer.pad_token_id
+        batches = []
+        for np_batch in np_batches:
+            batch = {k: v.to(device) for k, v in collate(np_batch, pad_id, left_pad=False).items()}
+            batch["pixel_values"] = batch["pixel_values"].to(dtype)
+            batches.append(batch)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        method.before_task(model, ctx)
+        model.train()
+
+        log(f"bare: training {len(batches)} steps of {batch_size} samples with {threads} torch threads")
+        losses: list[float] = []
+        t_steady = None
+        t_train = time.perf_counter()
+        for step, batch in enumerate(batches, start=1):
+            outputs = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                pixel_values=batch["pixel_values"],
+            )
+            loss = per_sample_loss(outputs.logits, batch["labels"])
+            extra = method.extra_loss(model, batch, outputs, ctx)
+            total = loss + extra if extra is not None else loss
+            total.backward()
+            if cfg.train.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))  # a device sync, as in the full path's loss logging
+            if step == WARMUP_STEPS:
+                t_steady = time.perf_counter()
+        t_end = time.perf_counter()
+        steps = len(batches)
+        train_s = t_end - t_train
+        steady_samples = max(0, steps - WARMUP_STEPS) * batch_size
+        steady_s = t_end - t_steady if t_steady is not None else float("nan")
+        figures = {
+            "steady_samples_per_s": steady_samples / steady_s if steady_samples else float("nan"),
+            "train_samples_per_s": steps * batch_size / train_s,
+            "train_s": train_s,
+            "steps": steps,
+            "batch_size": batch_size,
+            "torch_threads": threads,
+            "device": str(device),
+            "model_load_s": model_load_s,
+            "preprocess_s": preprocess_s,
+            "first_loss": losses[0],
+            "last_loss": losses[-1],
+        }
+        del model, base, optimizer, batches, np_batches, params
+        gc.collect()
+        return figures
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def full_path(prep: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train task 0 exactly as mcl.runner does (one TorchTrainer); return its figures."""
+    import ray
+
+    from mcl.runner import _fit_task, _init_ray, _task_datasets
+    from mcl.training import TaskJob, TaskResult
+
+    cfg = prep.config
+    started = not ray.is_initialized()
+    t0 = time.perf_counter()
+    _init_ray(cfg)
+    ray_init_s = time.perf_counter() - t0
+    storage = (
+        Path(cfg.tracking.output_dir).resolve() / f"benchmark-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    )
+    try:
+        t0 = time.perf_counter()
+        datasets, steps = _task_datasets(prep, 0)
+        datasets_s = time.perf_counter() - t0
+        job = TaskJob(
+            cfg.to_dict(), prep.model_path, 0, prep.stream.task_names, None, steps, evaluate_before=False
+        )
+        log(
+            f"full: training {steps} steps of {cfg.train.batch_size} samples on {cfg.scaling.num_workers} "
+            f"Ray Train worker(s) x {cfg.scaling.cpus_per_worker} CPUs"
+        )
+        t0 = time.perf_counter()
+        ckpt = _fit_task(prep, job, storage, datasets)
+        fit_wall_s = time.perf_counter() - t0
+        result = TaskResult.load(ckpt)
+    finally:
+        if started:
+            ray.shutdown()
+        shutil.rmtree(storage, ignore_errors=True)
+    timing = result.timing
+    return {
+        "steady_samples_per_s": timing["steady_samples_per_s"],
+        "train_samples_per_s": timing["train_samples_per_s"],
+        "train_s": timing["train_s"],
+        "steps": steps,
+        "batch_size": cfg.train.batch_size,
+        "num_workers": cfg.scaling.num_workers,
+        "cpus_per_worker": cfg.scaling.cpus_per_worker,
+        "ray_init_s": ray_init_s,
+        "datasets_s": datasets_s,
+        "fit_wall_s": fit_wall_s,
+        "fit_overhead_s": fit_wall_s - timing["train_s"] - timing["eval_s"],
+        "worker_setup_s": timing["setup_s"],
+        "eval_s": timing["eval_s"],
+        "first_loss": result.train_log[0]["loss"],
+        "last_loss": result.train_log[-1]["loss"],
+    }
+
+
+def run_benchmark(prep: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Both paths on task 0 of ``prep``'s stream (the bare loop first, on a machine without Ray running)."""
+    from mcl.runner import task_training_rows
+
+    cfg = prep.config
+    load_before = _load_average()
+    rows = task_training_rows(prep, 0)
+    bare = bare_loop(prep, rows, log)
+    full = full_path(prep, log)
+    if full["steps"] != bare["steps"]:
+        raise RuntimeError(
+            f"the paths trained different step counts: full {full['steps']}, bare {bare['steps']}"
+        )
+    ratio = full["steady_samples_per_s"] / bare["steady_samples_per_s"]
+    return {
+        "settings": {
+            "model": cfg.model.name,
+            "dtype": cfg.model.dtype,
+            "method": cfg.method.name,
+            "stream": cfg.stream.name,
+            "task": prep.stream.task_names[0],
+            "steps": bare["steps"],
+            "batch_size": cfg.train.batch_size,
+            "num_workers": cfg.scaling.num_workers,
+            "cpus_per_worker": cfg.scaling.cpus_per_worker,
+            "deepspeed": cfg.scaling.deepspeed,
+            "zero_stage": cfg.scaling.zero_stage,
+            "use_gpu": cfg.scaling.use_gpu,
+            "host_cpus": os.cpu_count(),
+            "host_load_1min_before": load_before,
+            "host_load_1min_after": _load_average(),
+            "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+        },
+        "full": full,
+        "bare": bare,
+        "ratio": ratio,
+        "target_ratio": TARGET_RATIO,
+        "meets_target": bool(ratio >= TARGET_RATIO),
+    }
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def format_report(fig: dict[str, Any]) -> str:
+    s, full, bare = fig["settings"], fig["full"], fig["bare"]
+    engine = f"DeepSpeed ZeRO-{s['zero_stage']}" if s["deepspeed"] else "plain torch"
+    lines = [
+        f"mcl benchmark: {s['model']} ({s['dtype']}), {s['method']}, stream {s['stream']!r} task "
+        f"{s['task']!r}: {s['steps']} steps x {s['batch_size']} samples",
+        f"full: Ray Train + {engine} + Ray Data, {s['num_workers']} worker(s) x {s['cpus_per_worker']} CPUs; "
+        f"bare: 1 process, {bare['torch_threads']} torch threads on {bare['device']}; host CPUs: {s['host_cpus']}",
+        "",
+        f"{'training throughput':36}{'full':>12}{'bare':>12}",
+        f"{'steady samples/s (steps 3+)':36}{full['steady_samples_per_s']:12.2f}{bare['steady_samples_per_s']:12.2f}",
+        f"{'mean samples/s (all steps)':36}{full['train_samples_per_s']:12.2f}{bare['train_samples_per_s']:12.2f}",
+        f"{'training time (s)':36}{full['train_s']:12.2f}{bare['train_s']:12.2f}",
+        f"{'loss, first step':36}{full['first_loss']:12.4f}{bare['first_loss']:12.4f}",
+        f"{'loss, last step':36}{full['last_loss']:12.4f}{bare['last_loss']:12.4f}",
+        "",
+        f"full / bare (steady): {fig['ratio']:.3f}  (target >= {fig['target_ratio']:.2f}: "
+        f"{'met' if fig['meets_target'] else 'NOT met'})",
+        "",
+        "one-off start-up (s)",
+        f"  {'full: Ray init':62}{full['ray_init_s']:8.2f}",
+        f"  {'full: Ray datasets built (lazy)':62}{full['datasets_s']:8.2f}",
+        f"  {'full: fit wall - train - eval (worker start, setup, ckpt)':62}{full['fit_overhead_s']:8.2f}",
+        f"  {'  of which in the worker: model load + LoRA + DeepSpeed init':62}{full['worker_setup_s']:8.2f}",
+        f"  {'full: fit wall time (eval: ' + format(full['eval_s'], '.2f') + ' s, not measured)':62}"
+        f"{full['fit_wall_s']:8.2f}",
+        f"  {'bare: model load + LoRA':62}{bare['model_load_s']:8.2f}",
+        f"  {'bare: preprocessing up front':62}{bare['preprocess_s']:8.2f}",
+    ]
+    if s["host_load_1min_before"] is not None and s["host_load_1min_after"] is not None:
+        lines.append(
+            f"host load average (1 min): {s['host_load_1min_before']:.2f} before, "
+            f"{s['host_load_1min_after']:.2f} after (other work on the host skews the figures)"
+        )
+    if s["omp_num_threads_env"] not in (None, str(s["cpus_per_worker"])):
+        lines.append(
+            f"warning: OMP_NUM_THREADS={s['omp_num_threads_env']} is set here and inherited by the Ray "
+            f"workers, so they may not run {s['cpus_per_worker']} threads like the bare loop"
+        )
+    return "\n".join(lines)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config", default=str(DEFAULT_CONFIG), help="experiment YAML (default: %(default)s)"
+    )
+    parser.add_argument("--out", default="", help="also write the figures as JSON to this file")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.batch_size=32")
+    args = parser.parse_args(argv)
+
+    from mcl.config import load_config
+    from mcl.errors import MclError
+
+    try:
+        cfg = load_config(args.config, [*BENCH_SETTINGS, *args.overrides])
+        from mcl.runner import prepare_run
+
+        prep = prepare_run(cfg)
+    except MclError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    figures = run_benchmark(prep)
+    print()
+    print(format_report(figures))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(_json_safe(figures), indent=1) + "\n")
+        print(f"\nfigures written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

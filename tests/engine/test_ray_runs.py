@@ -1,0 +1,166 @@
+"""The full path: Ray Data -> Ray Train workers -> DeepSpeed ZeRO -> MLflow, on the tiny model.
+
+One Ray instance for the module (started by the first run through ``mcl.runner``), enough logical CPUs
+for two workers plus Ray Data tasks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+STREAM = ["stream.options.train_per_task=32", "stream.options.test_per_task=8"]
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    yield
+    ray.shutdown()
+
+
+def _config(tmp_path: Path, root: Path, *overrides: str):
+    from mcl.config import load_config
+
+    return load_config(
+        "jobs/configs/default.yaml",
+        [
+            f"stream.root={root}",
+            *STREAM,
+            "train.epochs=1",
+            "eval.max_new_tokens=2",
+            "scaling.ray_num_cpus=4",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+            f"tracking.output_dir={tmp_path}/runs",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def small_root(tmp_path_factory):
+    from mcl.streams import build_stream
+
+    root = tmp_path_factory.mktemp("data") / "generated"
+    build_stream("generated", root, {"train_per_task": 32, "test_per_task": 8})
+    return root
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(ray_session, small_root, tmp_path_factory):
+    from mcl.runner import run_experiment
+
+    tmp = tmp_path_factory.mktemp("zero2")
+    cfg = _config(
+        tmp, small_root, "stream.options.tasks=[aerial,underwater]", "tracking.run_name=two-workers"
+    )
+    return cfg, run_experiment(cfg, log=lambda _m: None)
+
+
+def test_two_workers_zero2_run_is_tracked_in_mlflow(two_worker_run):
+    from mlflow import MlflowClient
+
+    cfg, summary = two_worker_run
+    assert summary.task_names == ["aerial", "underwater"]
+    assert len(summary.matrix) == 2 and all(len(r) == 2 for r in summary.matrix)
+    assert set(summary.metrics) == {"mft", "mfn", "maa", "bwt", "forgetting", "fwt"}
+
+    client = MlflowClient(summary.tracking_uri)
+    parent = client.get_run(summary.run_id)
+    assert parent.info.status == "FINISHED"
+    for key in ("mft", "mfn", "maa", "bwt", "fwt"):
+        assert key in parent.data.metrics
+    assert parent.data.params["method.name"] == "sequential_lora"
+    assert parent.data.params["scaling.num_workers"] == "2"
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{summary.run_id}'"
+    )
+    assert sorted(r.data.tags["mcl.task"] for r in children) == ["aerial", "underwater"]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        history = client.get_metric_history(child.info.run_id, "train_loss")
+        assert len(history) == 2  # 32 samples / global batch 16, one epoch
+        assert "acc_aerial" in child.data.metrics
+        files = {a.path for a in client.list_artifacts(child.info.run_id, "state/adapter")}
+        assert "state/adapter/adapter_model.safetensors" in files
+    top = {a.path for a in client.list_artifacts(summary.run_id)}
+    assert {"accuracy_matrix.json", "accuracy_matrix.png", "config.yaml"} <= top
+    matrix_file = Path(client.download_artifacts(summary.run_id, "accuracy_matrix.json"))
+    data = json.loads(matrix_file.read_text())
+    assert data["tasks"] == summary.task_names and data["matrix"] == summary.matrix
+
+
+def test_one_and_two_workers_give_the_same_losses(two_worker_run, small_root, tmp_path):
+    """Same global batch, data sharded by position: the 2-worker losses equal the 1-worker ones."""
+    from mcl.runner import run_experiment
+
+    _, two = two_worker_run
+    cfg = _config(tmp_path, small_root, "stream.options.tasks=[aerial]", "scaling.num_workers=1")
+    one = run_experiment(cfg, log=lambda _m: None)
+    losses_one = [e["loss"] for e in one.task_results[0].train_log]
+    losses_two = [e["loss"] for e in two.task_results[0].train_log]
+    assert len(losses_one) == len(losses_two) == 2
+    assert losses_two == pytest.approx(losses_one, rel=1e-4, abs=1e-5)
+
+
+def test_zero3_saves_full_adapters_that_reload_to_the_same_answers(ray_session, small_root, tmp_path):
+    """ZeRO-3 with every parameter partitioned (threshold 0): gathered before saving, so the adapter is
+    complete, reloads with PeftModel.from_pretrained and answers exactly as the trained model did."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from mcl.data import Preprocessor, collate, rows_to_batch, sample_row
+    from mcl.models import load_model_and_processor
+    from mcl.runner import run_experiment
+    from mcl.streams import build_stream
+
+    cfg = _config(
+        tmp_path,
+        small_root,
+        "stream.options.tasks=[aerial]",
+        "scaling.zero_stage=3",
+        "scaling.zero3_param_persistence_threshold=0",
+        "train.epochs=3",
+    )
+    summary = run_experiment(cfg, log=lambda _m: None)
+    adapter = Path(summary.state_dirs[0]) / "adapter"
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    lora_b = [t for k, t in tensors.items() if "lora_B" in k]
+    assert lora_b and all(t.numel() > 0 for t in tensors.values())
+    assert any(t.abs().sum() > 0 for t in lora_b), "lora_B still zero: the adapter was saved before gathering"
+
+    base, processor = load_model_and_processor(_model_path(cfg))
+    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    stream = build_stream(
+        "generated", small_root, {"tasks": ["aerial"], "train_per_task": 32, "test_per_task": 8}
+    )
+    rows = [sample_row(s) for s in stream.tasks[0].test]
+    batch = collate(
+        Preprocessor(_model_path(cfg), train=False)(rows_to_batch(rows)),
+        processor.tokenizer.pad_token_id,
+        left_pad=True,
+    )
+    with torch.no_grad():
+        out = model.generate(
+            **batch, max_new_tokens=2, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id
+        )
+    texts = [
+        t.strip()
+        for t in processor.tokenizer.batch_decode(
+            out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
+        )
+    ]
+    recorded = {p["id"]: p["prediction"] for p in summary.task_results[0].predictions}
+    assert texts == [recorded[r["id"]] for r in rows]
+
+
+def _model_path(cfg) -> str:
+    from mcl.models import resolve_model_path
+
+    return resolve_model_path(cfg.model.name)
