@@ -1,0 +1,43 @@
+"""Shared fixtures: a private model cache, the tiny LLaVA and the generated stream, each built once per session.
+
+``MCL_CACHE_DIR`` points at a session temp dir for every test (autouse), so nothing is written to the user's
+``~/.cache/mcl`` and ``resolve_model_path("tiny-llava")`` without ``cache_dir`` (as ``prepare_run`` calls it)
+finds the same tiny model that :func:`tiny_model_path` built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mcl_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A session-wide ``MCL_CACHE_DIR`` (built-in models go to ``<it>/models``)."""
+    root = tmp_path_factory.mktemp("mcl_cache")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MCL_CACHE_DIR", str(root))
+    yield root
+    patch.undo()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(mcl_cache_dir: Path) -> str:
+    """Folder of the tiny random-weight LLaVA checkpoint, built once into a temp dir (the session's
+    ``$MCL_CACHE_DIR/models``, so ``resolve_model_path("tiny-llava")`` reuses it)."""
+    from mcl.models import resolve_model_path
+
+    return resolve_model_path("tiny-llava", cache_dir=mcl_cache_dir / "models")
+
+
+@pytest.fixture(scope="session")
+def generated_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Root of the generated stream with default options (``build_stream("generated", root, {})``), built
+    once. Treat it as read-only: copy it (``shutil.copytree``) before corrupting anything."""
+    from mcl.streams import build_stream
+
+    root = tmp_path_factory.mktemp("data") / "generated"
+    build_stream("generated", root, {})
+    return root
