@@ -34,6 +34,7 @@ TINY_CHAT_TEMPLATE = (
 TINY_SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
 TINY_TEMPLATE_WORDS = ("USER", "ASSISTANT", ":", "?", ".", ",")
 BUILTIN_MODELS = ("tiny-llava",)
+TINY_BUILD_VERSION = 2  # bump when build_tiny_llava changes, so cached builds are not reused
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -122,6 +123,9 @@ def build_tiny_llava(
             num_attention_heads=4,
             num_key_value_heads=4,
             max_position_embeddings=256,
+            # A final RMSNorm caps |logits| at |lm_head row| * sqrt(hidden); the default 0.02 init would cap
+            # them near 1 and LoRA (which cannot touch lm_head) could not make confident answers.
+            initializer_range=0.1,
             pad_token_id=vocab["<pad>"],
             bos_token_id=vocab["<s>"],
             eos_token_id=vocab["</s>"],
@@ -156,7 +160,7 @@ def resolve_model_path(name_or_path: str, cache_dir: str | Path | None = None) -
     """
     if name_or_path in BUILTIN_MODELS:
         vocabulary = tiny_llava_vocabulary()
-        key = hashlib.sha256(json.dumps(vocabulary).encode()).hexdigest()[:12]
+        key = hashlib.sha256(json.dumps([TINY_BUILD_VERSION, vocabulary]).encode()).hexdigest()[:12]
         folder = Path(cache_dir) if cache_dir else _builtin_cache_dir()
         target = folder / f"{name_or_path}-{key}"
         if not (target / "config.json").exists():

@@ -68,9 +68,12 @@ def prepare_run(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Pr
 
 def _ray_train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train worker: this rank's shards in, one task trained and evaluated, a checkpoint out."""
+    import logging
+
     import ray.train
     import ray.train.torch
 
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # one line per dataset execution otherwise
     job = TaskJob(**loop_config["job"])
     rank = ray.train.get_context().get_world_rank()
     micro, eval_bs = loop_config["micro_batch"], loop_config["eval_batch"]
@@ -103,6 +106,9 @@ def _init_ray(cfg: ExperimentConfig) -> None:
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
         "TRANSFORMERS_VERBOSITY": "error",
+        "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+        # Train V2 re-routes print() through its logger and tees it when stdout is wrapped: lines doubled.
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     }
     if not cfg.scaling.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
