@@ -370,7 +370,15 @@ def train_and_evaluate_task(
     micro = cfg.train.batch_size // world
     steps_per_epoch = max(1, job.steps // cfg.train.epochs)
     step = 0
-    for np_batch in train_batches:
+    data_wait_s = 0.0  # time blocked on the input pipeline (steady state): tells an input-bound run
+    batches = iter(train_batches)
+    while True:
+        t_wait = time.perf_counter()
+        np_batch = next(batches, None)
+        if np_batch is None:
+            break
+        if step >= 2:
+            data_wait_s += time.perf_counter() - t_wait
         batch = _to_device(collate(np_batch, processor.tokenizer.pad_token_id, left_pad=False), device, dtype)
         outputs = trainer.forward(batch)
         loss = per_sample_loss(outputs.logits, batch["labels"])
@@ -429,6 +437,8 @@ def train_and_evaluate_task(
             "steady_samples_per_s": steady_samples / steady_s
             if steady_samples and steady_s > 0
             else float("nan"),
+            "steady_data_wait_s": data_wait_s,
+            "steady_train_s": steady_s,
             "eval_samples": float(len(records)),
         },
         memory=method.memory_report(trainer.module),
