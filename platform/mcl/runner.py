@@ -10,6 +10,7 @@ turns the results into the accuracy matrix and CL metrics and records everything
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -88,10 +89,14 @@ def _ray_train_loop(loop_config: dict[str, Any]) -> None:
         device=ray.train.torch.get_device(),
     )
     metrics = {"task_index": job.task_index}
-    if result is not None:
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(out_dir)))
-    else:
-        ray.train.report(metrics)
+    try:
+        if result is not None:
+            # Reporting copies the folder into the run's storage; the local copy can go afterwards.
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(out_dir)))
+        else:
+            ray.train.report(metrics)
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
 
 
 def _init_ray(cfg: ExperimentConfig) -> None:

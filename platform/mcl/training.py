@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import random
 import time
@@ -447,10 +446,6 @@ def train_and_evaluate_task(
     return result
 
 
-def steps_for(num_rows: int, global_batch: int) -> int:
-    return math.ceil(num_rows / global_batch)
-
-
 def run_task_locally(
     job: TaskJob,
     train_rows: list[dict[str, Any]],
@@ -467,6 +462,10 @@ def run_task_locally(
     if cfg.scaling.num_workers != 1:
         raise ValueError("run_task_locally runs one worker; set scaling.num_workers=1")
     if cfg.scaling.deepspeed:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
         _init_single_process_group()
     trust = cfg.model.trust_remote_code
     train_pre = Preprocessor(job.model_path, train=True, trust_remote_code=trust)
@@ -484,6 +483,7 @@ def run_task_locally(
 
 
 def _init_single_process_group() -> None:
+    """A one-process group for DeepSpeed outside Ray (a free loopback port, rank 0 of 1)."""
     import socket
 
     import torch
@@ -494,11 +494,8 @@ def _init_single_process_group() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(port))
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    td.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
+    # DeepSpeed insists on these (normally set by its launcher); Ray Train sets its own in its workers.
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    td.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
