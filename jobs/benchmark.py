@@ -111,9 +111,13 @@ def bare_loop(
             return batch
 
         batches = np_batches if decode_in_loop else [to_batch(b) for b in np_batches]
+        method.before_task(model, ctx)  # before the optimiser, as in mcl.training
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-        method.before_task(model, ctx)
+        warmup = cfg.train.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+        )
         model.train()
 
         log(f"bare: training {len(batches)} steps of {batch_size} samples with {threads} torch threads")
@@ -134,6 +138,7 @@ def bare_loop(
             if cfg.train.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
             optimizer.step()
+            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))  # a device sync, as in the full path's loss logging
             if step == WARMUP_STEPS:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -36,6 +36,8 @@ class TaskContext:
         previous_state_dir: Folder where the method saved its state after the previous task (None first).
         rank: This worker's rank; world_size: number of workers.
         seed: The experiment seed.
+        processor: The model's processor (tokenizer + image processor), for methods that build prompts
+            (e.g. a router) or tokenise stored questions.
     """
 
     task_index: int
@@ -45,6 +47,7 @@ class TaskContext:
     rank: int = 0
     world_size: int = 1
     seed: int = 0
+    processor: Any = field(default=None, compare=False, repr=False)
 
     @property
     def task_name(self) -> str:
@@ -84,7 +87,8 @@ class Method:
         raise NotImplementedError
 
     def before_task(self, model: torch.nn.Module, ctx: TaskContext) -> None:
-        """Called once before the first training step of the task."""
+        """Called once after :meth:`setup_model` and before the optimiser (and DeepSpeed engine) is built,
+        so parameters it freezes or unfreezes are what the optimiser sees."""
 
     def extra_loss(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], outputs: Any, ctx: TaskContext
@@ -96,20 +100,43 @@ class Method:
         """Called once after the last training step of the task, before evaluation and saving."""
 
     def generate(
-        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], generate_kwargs: dict[str, Any]
+        self,
+        model: torch.nn.Module,
+        batch: dict[str, torch.Tensor],
+        generate_kwargs: dict[str, Any],
+        ctx: TaskContext,
     ) -> torch.Tensor:
-        """Greedy answers for an evaluation batch: the generated token ids after the prompt."""
+        """Greedy answers for an evaluation batch: the generated token ids after the prompt.
+
+        Under ZeRO-3 every forward pass is collective: every rank must make the same number of
+        ``generate``/forward calls per batch (route a mixed batch in one call, e.g. with peft's
+        ``adapter_names``, rather than one call per expert)."""
         out = model.generate(**batch, **generate_kwargs)
         return out[:, batch["input_ids"].shape[1] :]
 
+    def state_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """Parameters :meth:`save_state` reads; the engine gathers them first under ZeRO-3. Default: the
+        trainable ones plus every adapter parameter (frozen experts and saved modules included)."""
+        return [
+            p
+            for name, p in model.named_parameters()
+            if p.requires_grad or "lora_" in name or "modules_to_save" in name
+        ]
+
     def save_state(self, model: torch.nn.Module, out_dir: Path, ctx: TaskContext) -> None:
         """Write what the next task (and a later reload) needs into ``out_dir``. Called on rank 0 only,
-        with all trainable parameters gathered (safe under ZeRO-3)."""
+        with :meth:`state_parameters` gathered (safe under ZeRO-3); it must not run forward passes or
+        collectives (the other ranks are not calling it)."""
 
     def memory_report(self, model: torch.nn.Module) -> dict[str, float]:
         """Extra memory the method holds (e.g. ``{"trainable_params": n}``), logged per task."""
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        # Under ZeRO-3 a partitioned parameter has numel() == 0; ds_numel is its full size.
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
         return {"trainable_params": float(trainable)}
+
+    @classmethod
+    def has_extra_loss(cls) -> bool:
+        return cls.extra_loss is not Method.extra_loss
 
 
 _METHODS: dict[str, type[Method]] = {}

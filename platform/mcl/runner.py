@@ -10,6 +10,7 @@ turns the results into the accuracy matrix and CL metrics and records everything
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -20,6 +21,7 @@ from typing import Any
 
 from mcl.config import ExperimentConfig, save_config
 from mcl.data import Preprocessor, ray_dataset, sample_row, shard, training_order
+from mcl.errors import ConfigError, DataError, UnknownNameError
 from mcl.evaluation.metrics import accuracy_matrix_json, cl_metrics, heatmap_png
 from mcl.methods_api import Method, build_method
 from mcl.models import resolve_model_path
@@ -59,12 +61,49 @@ def prepare_run(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Pr
     """Validate names, data and images; build the tiny model if asked. Raises on any problem."""
     method = build_method(cfg.method.name, cfg.method.params)
     model_path = resolve_model_path(cfg.model.name)
+    check_image_text_model(model_path, cfg.model.trust_remote_code)
     stream = build_stream(cfg.stream.name, cfg.stream.root, cfg.stream.options)
+    _check_answer_types(stream)
+    for task in stream.tasks:
+        n_eval = min(len(task.test), cfg.eval.max_samples_per_task or len(task.test))
+        if n_eval < cfg.scaling.num_workers:
+            raise DataError(
+                f"task {task.name!r} has {n_eval} test samples for {cfg.scaling.num_workers} workers; "
+                "every worker needs at least one"
+            )
     if cfg.stream.check_images:
         check_images([s for t in stream.tasks for s in (*t.train, *t.test)])
     counts = ", ".join(f"{t.name} {len(t.train)}/{len(t.test)}" for t in stream.tasks)
     log(f"stream {stream.name!r}: {len(stream.tasks)} tasks (train/test: {counts})")
     return PreparedRun(cfg, method, model_path, stream)
+
+
+def _check_answer_types(stream: Stream) -> None:
+    from mcl.evaluation.scoring import SCORERS
+
+    for task in stream.tasks:
+        for sample in task.test:
+            if sample.answer_type not in SCORERS:
+                raise DataError(
+                    f"task {task.name!r} sample {sample.id!r}: unknown answer_type {sample.answer_type!r}; "
+                    f"valid types: {', '.join(sorted(SCORERS))}"
+                )
+
+
+def check_image_text_model(model_path: str, trust_remote_code: bool) -> None:
+    """Fail early (before any run exists) if the model's config cannot be read or is not image-text-to-text."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UnknownNameError(f"model {model_path!r} cannot be loaded: {exc}") from None
+    if config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and not trust_remote_code:
+        raise UnknownNameError(
+            f"model {model_path!r} is a {config.model_type!r} model, not an image-text-to-text one "
+            "(AutoModelForImageTextToText cannot load it)"
+        )
 
 
 def _ray_train_loop(loop_config: dict[str, Any]) -> None:
@@ -76,20 +115,22 @@ def _ray_train_loop(loop_config: dict[str, Any]) -> None:
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # one line per dataset execution otherwise
     job = TaskJob(**loop_config["job"])
+    if not job.config["scaling"]["use_gpu"]:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # also when Ray was started without our runtime env
     rank = ray.train.get_context().get_world_rank()
     micro, eval_bs = loop_config["micro_batch"], loop_config["eval_batch"]
     train_shard = ray.train.get_dataset_shard(f"train_{rank}")
     eval_shard = ray.train.get_dataset_shard(f"eval_{rank}")
     out_dir = Path(tempfile.mkdtemp(prefix="mcl-task-"))
-    result = train_and_evaluate_task(
-        job,
-        train_shard.iter_batches(batch_size=micro, batch_format="numpy", prefetch_batches=2),
-        lambda: eval_shard.iter_batches(batch_size=eval_bs, batch_format="numpy", prefetch_batches=1),
-        out_dir,
-        device=ray.train.torch.get_device(),
-    )
     metrics = {"task_index": job.task_index}
     try:
+        result = train_and_evaluate_task(
+            job,
+            train_shard.iter_batches(batch_size=micro, batch_format="numpy", prefetch_batches=2),
+            lambda: eval_shard.iter_batches(batch_size=eval_bs, batch_format="numpy", prefetch_batches=1),
+            out_dir,
+            device=ray.train.torch.get_device(),
+        )
         if result is not None:
             # Reporting copies the folder into the run's storage; the local copy can go afterwards.
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(out_dir)))
@@ -105,7 +146,14 @@ def _init_ray(cfg: ExperimentConfig) -> None:
     import mcl
     import methods
 
+    need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     if ray.is_initialized():
+        total = ray.cluster_resources().get("CPU", 0)
+        if total < need:
+            raise ConfigError(
+                f"scaling: {cfg.scaling.num_workers} workers x {cfg.scaling.cpus_per_worker} CPUs need {need} "
+                f"CPUs but the running Ray instance has {total:g}"
+            )
         return
     env = {
         "TOKENIZERS_PARALLELISM": "false",
@@ -119,10 +167,11 @@ def _init_ray(cfg: ExperimentConfig) -> None:
         env["DS_ACCELERATOR"] = "cpu"
     # Ship the engine and methods being run (not a stale installed copy) to every worker.
     runtime_env = {"env_vars": env, "py_modules": [mcl, methods]}
-    if cfg.scaling.ray_address:
-        ray.init(address=cfg.scaling.ray_address, runtime_env=runtime_env, log_to_driver=True)
+    address = cfg.scaling.ray_address or os.environ.get("RAY_ADDRESS", "")
+    if address:  # an existing cluster (also under `ray job submit`, which sets RAY_ADDRESS)
+        ray.init(address=address, runtime_env=runtime_env)
     else:
-        need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 2
+        need += 2  # room for Ray Data's preprocessing tasks beside the workers
         # The dashboard stays on: Ray Train's placement-group cleaner polls the state API it serves.
         ray.init(num_cpus=cfg.scaling.ray_num_cpus or need, runtime_env=runtime_env)
 
@@ -166,6 +215,14 @@ def _eval_rows(prep: PreparedRun) -> list[dict[str, Any]]:
     return [sample_row(s) for t in prep.stream.tasks for s in (t.test[:limit] if limit else t.test)]
 
 
+def _ordered_execution() -> Any:
+    from ray.data import ExecutionOptions
+
+    options = ExecutionOptions()
+    options.preserve_order = True
+    return options
+
+
 def _fit_task(prep: PreparedRun, job: TaskJob, storage: Path, datasets: dict[str, Any]) -> Path:
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -190,7 +247,8 @@ def _fit_task(prep: PreparedRun, job: TaskJob, storage: Path, datasets: dict[str
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=[]),
+        # Per-rank datasets (sharded by position in _task_datasets), each read in order.
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=_ordered_execution()),
     )
     result = trainer.fit()
     if result.checkpoint is None:
@@ -211,6 +269,9 @@ def run_experiment(
         cfg.tracking.run_name or f"{cfg.method.name}-{cfg.stream.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
     run_dir = (Path(cfg.tracking.output_dir) / run_name).resolve()
+    if run_dir.exists() and any(run_dir.iterdir()):
+        # Ray Train would restore from the old run's task folders; refuse instead of mixing two runs.
+        raise ConfigError(f"tracking.run_name: {run_dir} already holds a run; pick another run_name")
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = save_config(cfg, run_dir / "config.yaml")
 
@@ -268,7 +329,10 @@ def run_experiment(
         open_runs.remove(run_id)
     except BaseException:
         for rid in reversed(open_runs):
-            tracker.end_run(rid, "FAILED")
+            try:
+                tracker.end_run(rid, "FAILED")
+            except Exception as exc:  # never hide the original error
+                log(f"could not mark MLflow run {rid} FAILED: {exc}")
         raise
     return RunSummary(run_id, uri, names, matrix, baseline, metrics, str(run_dir), results, state_dirs, wall)
 

@@ -189,13 +189,12 @@ class _Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def gathered(self) -> contextlib.AbstractContextManager[Any]:
-        """All trainable parameters materialised on every rank (a no-op below ZeRO-3)."""
+    def gathered(self, params: list[Any]) -> contextlib.AbstractContextManager[Any]:
+        """``params`` materialised on every rank (a no-op below ZeRO-3)."""
         if not self.zero3:
             return contextlib.nullcontext()
         import deepspeed
 
-        params = [p for p in self.module.parameters() if p.requires_grad]
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
@@ -203,13 +202,14 @@ def _backend(device: Any) -> str:
     return "nccl" if getattr(device, "type", str(device)) == "cuda" else "gloo"
 
 
-def _all_reduce_mean(value: float, world_size: int) -> float:
+def _all_reduce_mean(value: float, world_size: int, device: Any) -> float:
     if world_size == 1:
         return value
     import torch
     import torch.distributed as td
 
-    t = torch.tensor([value], dtype=torch.float64)
+    # On the compute device: NCCL groups (Ray Train on GPUs) refuse CPU tensors.
+    t = torch.tensor([value], dtype=torch.float64, device=device)
     td.all_reduce(t)
     return float(t.item()) / world_size
 
@@ -223,6 +223,7 @@ def _to_device(batch: dict[str, Any], device: Any, dtype: Any) -> dict[str, Any]
 def evaluate(
     trainer: _Trainer,
     method: Method,
+    ctx: TaskContext,
     batches: Iterable[dict[str, np.ndarray]],
     processor: Any,
     cfg: ExperimentConfig,
@@ -258,7 +259,7 @@ def evaluate(
         while True:
             batch = next(iterator, None)
             if world > 1:
-                more = torch.tensor([int(batch is not None)])
+                more = torch.tensor([int(batch is not None)], device=device)
                 td.all_reduce(more, op=td.ReduceOp.MAX)
                 if not more.item():
                     break
@@ -270,7 +271,7 @@ def evaluate(
             batch = last if dummy else batch
             last = batch
             inputs = _to_device(collate(batch, tokenizer.pad_token_id, left_pad=True), device, dtype)
-            new_tokens = method.generate(model, inputs, gen_kwargs)
+            new_tokens = method.generate(model, inputs, gen_kwargs, ctx)
             if dummy:
                 continue
             texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
@@ -337,6 +338,10 @@ def train_and_evaluate_task(
 
     t0 = time.perf_counter()
     method = build_method(cfg.method.name, cfg.method.params)
+    seed_everything(cfg.train.seed + job.task_index)
+    base, processor = load_model_and_processor(
+        job.model_path, trust_remote_code=cfg.model.trust_remote_code, dtype=cfg.model.dtype
+    )
     ctx = TaskContext(
         task_index=job.task_index,
         task_names=tuple(job.task_names),
@@ -345,12 +350,10 @@ def train_and_evaluate_task(
         rank=rank,
         world_size=world,
         seed=cfg.train.seed,
-    )
-    seed_everything(cfg.train.seed + job.task_index)
-    base, processor = load_model_and_processor(
-        job.model_path, trust_remote_code=cfg.model.trust_remote_code, dtype=cfg.model.dtype
+        processor=processor,
     )
     model = method.setup_model(base, ctx)
+    method.before_task(model, ctx)
     trainer = _Trainer(model, cfg, job.steps, world, device)
     device = next(trainer.module.parameters()).device
     setup_s = time.perf_counter() - t0
@@ -358,10 +361,9 @@ def train_and_evaluate_task(
     baseline = None
     if job.evaluate_before:
         say(f"{tag} evaluating the untrained model on all tasks (baseline for forward transfer)")
-        records = evaluate(trainer, method, eval_batches(), processor, cfg, device, dtype)
+        records = evaluate(trainer, method, ctx, eval_batches(), processor, cfg, device, dtype)
         baseline = score_records(records, job.task_names) if rank == 0 else None
 
-    method.before_task(trainer.module, ctx)
     trainer.module.train()
     train_log: list[dict[str, float]] = []
     t_train = time.perf_counter()
@@ -389,10 +391,11 @@ def train_and_evaluate_task(
             t_steady = time.perf_counter()
         elif step > 2:
             steady_samples += micro * world
-        loss_value = _all_reduce_mean(float(loss.detach()), world)
+        loss_value = _all_reduce_mean(float(loss.detach()), world, device)
         entry = {"step": step, "epoch": (step - 1) // steps_per_epoch, "loss": loss_value}
-        if extra is not None:
-            entry["extra_loss"] = _all_reduce_mean(float(extra.detach()), world)
+        if method.has_extra_loss():  # reduced on every rank, also where this batch had none: no hang
+            extra_value = float(extra.detach()) if extra is not None else 0.0
+            entry["extra_loss"] = _all_reduce_mean(extra_value, world, device)
         train_log.append(entry)
         if step % cfg.train.log_every == 0 or step == job.steps:
             rate = step * micro * world / (time.perf_counter() - t_train)
@@ -406,11 +409,11 @@ def train_and_evaluate_task(
     method.after_task(trainer.module, ctx)
 
     t_eval = time.perf_counter()
-    records = evaluate(trainer, method, eval_batches(), processor, cfg, device, dtype)
+    records = evaluate(trainer, method, ctx, eval_batches(), processor, cfg, device, dtype)
     eval_s = time.perf_counter() - t_eval
 
     out.mkdir(parents=True, exist_ok=True)
-    with trainer.gathered():
+    with trainer.gathered(method.state_parameters(trainer.module)):
         if rank == 0:
             method.save_state(trainer.module, out / STATE_DIR, ctx)
     if world > 1:

@@ -210,3 +210,49 @@ def test_cli_missing_config_file_exits_2(tmp_path: Path, capsys: pytest.CaptureF
     code = _run_stream_module().main(["--config", str(tmp_path / "nope.yaml")])
     assert code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_unknown_answer_type_is_caught_before_training(stream_copy: Path) -> None:
+    path = stream_copy / "aerial" / "test.json"
+    rows = json.loads(path.read_text())
+    rows[2]["answer_type"] = "fuzzy"
+    path.write_text(json.dumps(rows))
+    with pytest.raises(
+        DataError, match=r"sample 'aerial-test-00002': unknown answer_type 'fuzzy'; valid types: .*exact"
+    ):
+        _prepare(f"stream.root={stream_copy}")
+
+
+def test_fewer_test_samples_than_workers(stream_copy: Path) -> None:
+    with pytest.raises(DataError, match=r"task 'aerial' has 1 test samples for 2 workers"):
+        _prepare(f"stream.root={stream_copy}", "eval.max_samples_per_task=1", "scaling.num_workers=2")
+
+
+def test_text_only_model_folder_is_refused(tmp_path: Path) -> None:
+    from transformers import LlamaConfig
+
+    folder = tmp_path / "text-only"
+    LlamaConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    ).save_pretrained(folder)
+    with pytest.raises(UnknownNameError, match=r"is a 'llama' model, not an image-text-to-text one"):
+        _prepare(f"model.name={folder}")
+
+
+def test_reused_run_name_is_refused_before_any_mlflow_run(stream_copy: Path, tmp_path: Path) -> None:
+    from mcl.runner import run_experiment
+
+    (tmp_path / "runs" / "taken").mkdir(parents=True)
+    (tmp_path / "runs" / "taken" / "config.yaml").write_text("x: 1\n")
+    cfg = load_config(
+        None,
+        [
+            f"stream.root={stream_copy}",
+            "tracking.run_name=taken",
+            f"tracking.output_dir={tmp_path / 'runs'}",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        ],
+    )
+    with pytest.raises(ConfigError, match="tracking.run_name: .* already holds a run"):
+        run_experiment(cfg, log=lambda _m: None)
+    assert not (tmp_path / "mlflow.db").exists()
