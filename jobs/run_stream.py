@@ -32,8 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
+    import mcl
     from mcl.config import load_config
     from mcl.errors import MclError
+
+    print(f"mcl engine: {Path(mcl.__file__).parent}")
 
     try:
         cfg = load_config(args.config, args.overrides)

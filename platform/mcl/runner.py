@@ -166,7 +166,8 @@ def _init_ray(cfg: ExperimentConfig) -> None:
     if not cfg.scaling.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     # Ship the engine and methods being run (not a stale installed copy) to every worker.
-    runtime_env = {"env_vars": env, "py_modules": [mcl, methods]}
+    py_modules = [str(Path(m.__file__).resolve().parent) for m in (mcl, methods)]
+    runtime_env = {"env_vars": env, "py_modules": py_modules}
     address = cfg.scaling.ray_address or os.environ.get("RAY_ADDRESS", "")
     if address:  # an existing cluster (also under `ray job submit`, which sets RAY_ADDRESS)
         ray.init(address=address, runtime_env=runtime_env)
