@@ -109,7 +109,8 @@ def test_one_and_two_workers_give_the_same_losses(two_worker_run, small_root, tm
 
 
 def test_zero3_saves_full_adapters_that_reload_to_the_same_answers(ray_session, small_root, tmp_path):
-    """ZeRO-3 with every parameter partitioned (threshold 0): gathered before saving, so the adapter is
+    """ZeRO-3 with every parameter partitioned (threshold 0), two tasks: the second task starts from the
+    first's adapter inside a ZeRO-3 engine; parameters are gathered before saving, so each adapter is
     complete, reloads with PeftModel.from_pretrained and answers exactly as the trained model did."""
     import torch
     from peft import PeftModel
@@ -123,41 +124,44 @@ def test_zero3_saves_full_adapters_that_reload_to_the_same_answers(ray_session, 
     cfg = _config(
         tmp_path,
         small_root,
-        "stream.options.tasks=[aerial]",
+        "stream.options.tasks=[aerial,underwater]",
         "scaling.zero_stage=3",
         "scaling.zero3_param_persistence_threshold=0",
         "train.epochs=3",
     )
     summary = run_experiment(cfg, log=lambda _m: None)
-    adapter = Path(summary.state_dirs[0]) / "adapter"
-    tensors = load_file(str(adapter / "adapter_model.safetensors"))
-    lora_b = [t for k, t in tensors.items() if "lora_B" in k]
-    assert lora_b and all(t.numel() > 0 for t in tensors.values())
-    assert any(t.abs().sum() > 0 for t in lora_b), "lora_B still zero: the adapter was saved before gathering"
-
-    base, processor = load_model_and_processor(_model_path(cfg))
-    model = PeftModel.from_pretrained(base, str(adapter)).eval()
     stream = build_stream(
-        "generated", small_root, {"tasks": ["aerial"], "train_per_task": 32, "test_per_task": 8}
+        "generated", small_root, {"tasks": ["aerial", "underwater"], "train_per_task": 32, "test_per_task": 8}
     )
-    rows = [sample_row(s) for s in stream.tasks[0].test]
+    rows = [sample_row(s) for t in stream.tasks for s in t.test]
     batch = collate(
         Preprocessor(_model_path(cfg), train=False)(rows_to_batch(rows)),
-        processor.tokenizer.pad_token_id,
+        processor_pad_id(cfg),
         left_pad=True,
     )
-    with torch.no_grad():
-        out = model.generate(
-            **batch, max_new_tokens=2, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id
-        )
-    texts = [
-        t.strip()
-        for t in processor.tokenizer.batch_decode(
-            out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
-        )
-    ]
-    recorded = {p["id"]: p["prediction"] for p in summary.task_results[0].predictions}
-    assert texts == [recorded[r["id"]] for r in rows]
+    for state_dir, result in zip(summary.state_dirs, summary.task_results, strict=True):
+        adapter = Path(state_dir) / "adapter"
+        tensors = load_file(str(adapter / "adapter_model.safetensors"))
+        lora_b = [t for k, t in tensors.items() if "lora_B" in k]
+        assert lora_b and all(t.numel() > 0 for t in tensors.values())
+        assert any(t.abs().sum() > 0 for t in lora_b), "lora_B still zero: saved before gathering"
+
+        base, processor = load_model_and_processor(_model_path(cfg))
+        model = PeftModel.from_pretrained(base, str(adapter)).eval()
+        with torch.no_grad():
+            out = model.generate(
+                **batch, max_new_tokens=2, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id
+            )
+        new_tokens = out[:, batch["input_ids"].shape[1] :]
+        texts = [t.strip() for t in processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        recorded = {p["id"]: p["prediction"] for p in result.predictions}
+        assert texts == [recorded[r["id"]] for r in rows]
+
+
+def processor_pad_id(cfg) -> int:
+    from mcl.models import load_model_and_processor
+
+    return load_model_and_processor(_model_path(cfg))[1].tokenizer.pad_token_id
 
 
 def _model_path(cfg) -> str:

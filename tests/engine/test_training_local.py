@@ -84,3 +84,21 @@ def test_deepspeed_zero2_single_process_matches_plain_torch(tiny_model_path, gen
     assert len(plain) == len(ds) == 4
     assert ds == pytest.approx(plain, rel=1e-4, abs=1e-5)
     assert (tmp_path / "True" / "state" / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+
+
+def test_next_task_starts_from_the_previous_tasks_state(tiny_model_path, generated_root, tmp_path):
+    """Task 2 with a learning rate of ~0 keeps what task 1 learnt: it resumed from task 1's adapter."""
+    stream = build_stream("generated", generated_root, {})
+    names = stream.task_names[:2]
+    eval_rows = [sample_row(s) for t in stream.tasks[:2] for s in t.test]
+    accuracies = []
+    previous = None
+    for t, lr in enumerate(("0.003", "1e-12")):
+        cfg = _plain_cfg(f"train.lr={lr}")
+        rows = training_order(stream.tasks[t].train, epochs=cfg.train.epochs, global_batch=16, seed=t)
+        job = TaskJob(cfg.to_dict(), tiny_model_path, t, list(names), previous, len(rows) // 16)
+        result = run_task_locally(job, rows, eval_rows, tmp_path / f"t{t}", log=lambda _m: None)
+        previous = str(tmp_path / f"t{t}" / "state")
+        accuracies.append(result.accuracy["aerial"])
+    assert accuracies[0] >= 80.0
+    assert accuracies[1] == accuracies[0]
