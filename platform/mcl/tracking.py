@@ -70,23 +70,20 @@ class Tracker:
             self.client.log_batch(run_id, params=items[start : start + 100])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
-        import time
-
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if _finite(v)]
-        for start in range(0, len(items), 500):
-            self.client.log_batch(run_id, metrics=items[start : start + 500])
+        self._log_metric_points(run_id, [(k, step or 0, v) for k, v in metrics.items()])
 
     def log_metric_series(self, run_id: str, key: str, values: list[tuple[int, float]]) -> None:
+        """One metric over steps, e.g. ``train_loss`` per optimiser step."""
+        self._log_metric_points(run_id, [(key, s, v) for s, v in values])
+
+    def _log_metric_points(self, run_id: str, points: list[tuple[str, int, Any]]) -> None:
         import time
 
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(key, float(v), now, int(s)) for s, v in values if _finite(v)]
-        for start in range(0, len(items), 500):
+        items = [Metric(k, float(v), now, int(s)) for k, s, v in points if _finite(v)]
+        for start in range(0, len(items), 500):  # MLflow's per-request limit is 1000 metrics
             self.client.log_batch(run_id, metrics=items[start : start + 500])
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
