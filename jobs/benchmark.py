@@ -60,7 +60,7 @@ def bare_loop(
     from mcl.data import Preprocessor, collate, rows_to_batch
     from mcl.methods_api import TaskContext, build_method
     from mcl.models import load_model_and_processor
-    from mcl.training import per_sample_loss, seed_everything
+    from mcl.training import per_sample_loss, seed_everything, to_device
 
     cfg = prep.config
     batch_size = cfg.train.batch_size
@@ -106,9 +106,7 @@ def bare_loop(
 
         def to_batch(item: Any) -> dict[str, Any]:
             np_batch = preprocess(rows_to_batch(item)) if decode_in_loop else item
-            batch = {k: v.to(device) for k, v in collate(np_batch, pad_id, left_pad=False).items()}
-            batch["pixel_values"] = batch["pixel_values"].to(dtype)
-            return batch
+            return to_device(collate(np_batch, pad_id, left_pad=False), device, dtype)
 
         batches = np_batches if decode_in_loop else [to_batch(b) for b in np_batches]
         method.before_task(model, ctx)  # before the optimiser, as in mcl.training
@@ -126,11 +124,7 @@ def bare_loop(
         t_train = time.perf_counter()
         for step, item in enumerate(batches, start=1):
             batch = to_batch(item) if decode_in_loop else item
-            outputs = model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                pixel_values=batch["pixel_values"],
-            )
+            outputs = model(**{k: v for k, v in batch.items() if k != "labels"})
             loss = per_sample_loss(outputs.logits, batch["labels"])
             extra = method.extra_loss(model, batch, outputs, ctx)
             total = loss + extra if extra is not None else loss

@@ -23,6 +23,8 @@ from mcl.streams.samples import Sample
 
 IGNORE_INDEX = -100
 ROW_KEYS = ("id", "image", "question", "answer", "answer_type", "task")
+TEXT_KEYS = ("input_ids", "labels")
+TOKEN_ALIGNED = "tokens__"  # prefix of per-token processor outputs (e.g. token_type_ids), padded like ids
 
 
 def sample_row(sample: Sample) -> dict[str, Any]:
@@ -98,27 +100,39 @@ class Preprocessor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         processor = _cached_processor(self.model_path, self.trust_remote_code)
         tokenizer = processor.tokenizer
-        input_ids, labels, pixels = [], [], []
+        input_ids: list[np.ndarray] = []
+        labels: list[np.ndarray] = []
+        model_inputs: dict[str, list[np.ndarray]] = {}
         for i in range(len(batch["id"])):
             prompt = build_prompt(processor, str(batch["question"][i]))
             image = _open_image(str(batch["image"][i]), str(batch["id"][i]))
             enc = processor(text=[prompt], images=[image], return_tensors="np")
             prompt_ids = enc["input_ids"][0].astype(np.int64)
-            pixels.append(enc["pixel_values"][0].astype(np.float32))
+            answer_ids = np.zeros(0, dtype=np.int64)
             if self.train:
                 answer = str(batch["answer"][i])
                 sep = "" if prompt.endswith((" ", "\n")) else " "
-                answer_ids = tokenizer(sep + answer, add_special_tokens=False)["input_ids"]
-                answer_ids = np.asarray([*answer_ids, tokenizer.eos_token_id], dtype=np.int64)
-                input_ids.append(np.concatenate([prompt_ids, answer_ids]))
+                ids = tokenizer(sep + answer, add_special_tokens=False)["input_ids"]
+                answer_ids = np.asarray([*ids, tokenizer.eos_token_id], dtype=np.int64)
                 labels.append(np.concatenate([np.full_like(prompt_ids, IGNORE_INDEX), answer_ids]))
-            else:
-                input_ids.append(prompt_ids)
+            input_ids.append(np.concatenate([prompt_ids, answer_ids]))
+            # Every other processor output is a model input (pixel_values, image_grid_thw, image_sizes, ...).
+            for key, value in enc.items():
+                if key in ("input_ids", "attention_mask"):
+                    continue
+                value = np.asarray(value)
+                if value.ndim == 2 and value.shape == enc["input_ids"].shape:  # per token: padded like ids
+                    tail = np.zeros(len(answer_ids), dtype=value.dtype)
+                    model_inputs.setdefault(TOKEN_ALIGNED + key, []).append(np.concatenate([value[0], tail]))
+                else:  # per image: concatenated over samples along dim 0
+                    model_inputs.setdefault(key, []).append(value)
         out = {key: np.asarray(batch[key]) for key in ROW_KEYS}
         out["input_ids"] = _object_array(input_ids)
-        out["pixel_values"] = np.stack(pixels)
         if self.train:
             out["labels"] = _object_array(labels)
+        for key, values in model_inputs.items():
+            same_shape = len({v.shape for v in values}) == 1
+            out[key] = np.stack(values) if same_shape else _object_array(values)
         return out
 
 
@@ -153,7 +167,12 @@ def ray_dataset(rows: Sequence[dict[str, Any]], preprocess: Preprocessor, batch_
 
 
 def collate(batch: dict[str, np.ndarray], pad_id: int, *, left_pad: bool) -> dict[str, Any]:
-    """Pad a preprocessed numpy batch into torch tensors (left padding for generation)."""
+    """Pad a preprocessed numpy batch into torch tensors (left padding for generation).
+
+    Text ids are padded; per-token processor outputs are padded the same way; every other processor output
+    (``pixel_values``, ``image_grid_thw``, ...) is concatenated over the samples along dim 0, which is how
+    each model family's processor batches them.
+    """
     import torch
 
     seqs = list(batch["input_ids"])
@@ -168,11 +187,17 @@ def collate(batch: dict[str, np.ndarray], pad_id: int, *, left_pad: bool) -> dic
         mask[i, sl] = 1
         if labels is not None:
             labels[i, sl] = batch["labels"][i]
-    out: dict[str, Any] = {
-        "input_ids": torch.from_numpy(ids),
-        "attention_mask": torch.from_numpy(mask),
-        "pixel_values": torch.from_numpy(np.ascontiguousarray(np.stack(list(batch["pixel_values"])))),
-    }
+    out: dict[str, Any] = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
     if labels is not None:
         out["labels"] = torch.from_numpy(labels)
+    for key in batch:
+        if key in ROW_KEYS or key in TEXT_KEYS or key in ("epoch",):
+            continue
+        if key.startswith(TOKEN_ALIGNED):
+            padded = np.zeros((n, longest), dtype=np.asarray(batch[key][0]).dtype)
+            for i, s in enumerate(batch[key]):
+                padded[i, slice(longest - len(s), longest) if left_pad else slice(0, len(s))] = s
+            out[key[len(TOKEN_ALIGNED) :]] = torch.from_numpy(padded)
+        else:
+            out[key] = torch.from_numpy(np.ascontiguousarray(np.concatenate(list(batch[key]), axis=0)))
     return out

@@ -167,11 +167,7 @@ class _Trainer:
             self.optimizer, self.scheduler = optimizer, scheduler
 
     def forward(self, batch: dict[str, Any]) -> Any:
-        return self.engine(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            pixel_values=batch["pixel_values"],
-        )
+        return self.engine(**{k: v for k, v in batch.items() if k != "labels"})
 
     def step(self, loss: Any) -> None:
         import torch
@@ -214,10 +210,9 @@ def _all_reduce_mean(value: float, world_size: int, device: Any) -> float:
     return float(t.item()) / world_size
 
 
-def _to_device(batch: dict[str, Any], device: Any, dtype: Any) -> dict[str, Any]:
-    out = {k: v.to(device) for k, v in batch.items()}
-    out["pixel_values"] = out["pixel_values"].to(dtype)
-    return out
+def to_device(batch: dict[str, Any], device: Any, dtype: Any) -> dict[str, Any]:
+    # Floating model inputs (pixel values) follow the model's dtype; ids, masks and grids keep theirs.
+    return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
 
 
 def evaluate(
@@ -270,7 +265,7 @@ def evaluate(
             dummy = batch is None
             batch = last if dummy else batch
             last = batch
-            inputs = _to_device(collate(batch, tokenizer.pad_token_id, left_pad=True), device, dtype)
+            inputs = to_device(collate(batch, tokenizer.pad_token_id, left_pad=True), device, dtype)
             new_tokens = method.generate(model, inputs, gen_kwargs, ctx)
             if dummy:
                 continue
@@ -380,7 +375,7 @@ def train_and_evaluate_task(
             break
         if step >= 2:
             data_wait_s += time.perf_counter() - t_wait
-        batch = _to_device(collate(np_batch, processor.tokenizer.pad_token_id, left_pad=False), device, dtype)
+        batch = to_device(collate(np_batch, processor.tokenizer.pad_token_id, left_pad=False), device, dtype)
         outputs = trainer.forward(batch)
         loss = per_sample_loss(outputs.logits, batch["labels"])
         extra = method.extra_loss(trainer.module, batch, outputs, ctx)

@@ -141,7 +141,8 @@ def test_train_labels_mask_the_prompt_and_supervise_the_answer(
     evaluation = Preprocessor(tiny_model_path, train=False)(rows)
     tokenizer = processor.tokenizer
     assert set(train) >= {"input_ids", "labels", "pixel_values", "id", "answer"}
-    assert train["pixel_values"].shape == (4, 3, 32, 32) and train["pixel_values"].dtype == np.float32
+    # Per-image processor outputs keep their own leading dim (one image per sample); collate concatenates.
+    assert train["pixel_values"].shape == (4, 1, 3, 32, 32) and train["pixel_values"].dtype == np.float32
     for i, sample in enumerate(samples):
         ids, labels, prompt = train["input_ids"][i], train["labels"][i], evaluation["input_ids"][i]
         assert ids.dtype == np.int64 and labels.dtype == np.int64
@@ -210,7 +211,7 @@ def _ragged(values: list[list[int]]) -> np.ndarray:
 
 
 def test_collate_left_pads_for_eval() -> None:
-    batch = {"input_ids": _ragged([[5, 6, 7], [8, 9]]), "pixel_values": np.zeros((2, 3, 4, 4), np.float32)}
+    batch = {"input_ids": _ragged([[5, 6, 7], [8, 9]]), "pixel_values": np.zeros((2, 1, 3, 4, 4), np.float32)}
     out = collate(batch, pad_id=0, left_pad=True)
     assert out["input_ids"].tolist() == [[5, 6, 7], [0, 8, 9]]
     assert out["attention_mask"].tolist() == [[1, 1, 1], [0, 1, 1]]
@@ -222,7 +223,7 @@ def test_collate_right_pads_for_train_with_masked_label_padding() -> None:
     batch = {
         "input_ids": _ragged([[5, 6, 7, 3], [8, 9]]),
         "labels": _ragged([[IGNORE_INDEX, IGNORE_INDEX, 7, 3], [IGNORE_INDEX, 9]]),
-        "pixel_values": np.ones((2, 3, 4, 4), np.float32),
+        "pixel_values": np.ones((2, 1, 3, 4, 4), np.float32),
     }
     out = collate(batch, pad_id=0, left_pad=False)
     assert out["input_ids"].tolist() == [[5, 6, 7, 3], [8, 9, 0, 0]]
@@ -253,3 +254,23 @@ def test_collate_real_batches(stream, tiny_model_path: str, processor) -> None:
         assert (out["attention_mask"][i, longest - n :] == 1).all()
         assert (out["input_ids"][i, : longest - n] == pad).all()
     assert out["pixel_values"].shape == (8, 3, 32, 32)
+
+
+def test_collate_batches_any_processor_outputs_like_the_processor_would():
+    """Qwen2-VL-style inputs: flattened patches of different counts per image, a grid per image, and a
+    per-token field; patches and grids are concatenated, per-token fields padded like the ids."""
+    patches = np.empty(2, dtype=object)
+    patches[0], patches[1] = np.ones((4, 6), np.float32), np.zeros((2, 6), np.float32)
+    tokens = np.empty(2, dtype=object)
+    tokens[0], tokens[1] = np.array([1, 1, 0]), np.array([1, 0])
+    batch = {
+        "input_ids": _ragged([[5, 6, 7], [8, 9]]),
+        "pixel_values": patches,
+        "image_grid_thw": np.array([[[1, 2, 2]], [[1, 1, 2]]]),
+        "tokens__mm_token_type_ids": tokens,
+    }
+    out = collate(batch, pad_id=0, left_pad=True)
+    assert out["pixel_values"].shape == (6, 6)
+    assert out["image_grid_thw"].tolist() == [[1, 2, 2], [1, 1, 2]]
+    assert out["mm_token_type_ids"].tolist() == [[1, 1, 0], [0, 1, 0]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1], [0, 1, 1]]
