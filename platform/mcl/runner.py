@@ -225,7 +225,7 @@ def _ordered_execution() -> Any:
 
 
 def _fit_task(prep: PreparedRun, job: TaskJob, storage: Path, datasets: dict[str, Any]) -> Path:
-    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     cfg = prep.config
@@ -246,6 +246,8 @@ def _fit_task(prep: PreparedRun, job: TaskJob, storage: Path, datasets: dict[str
             name=name,
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            # Ray Train's per-report INFO lines drown mcl's own progress; warnings and errors still show.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets,
         # Per-rank datasets (sharded by position in _task_datasets), each read in order.
