@@ -12,6 +12,7 @@ import json
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,66 @@ def tiny_llava_vocabulary() -> list[str]:
     return words
 
 
+@dataclass(frozen=True)
+class LlavaShape:
+    """Architecture of a random-weight LLaVA (Llama text model + CLIP vision tower)."""
+
+    text_hidden: int
+    text_intermediate: int
+    text_layers: int
+    text_heads: int
+    vision_hidden: int
+    vision_intermediate: int
+    vision_layers: int
+    vision_heads: int
+    image_size: int
+    patch_size: int
+    vision_feature_layer: int
+    min_vocab_size: int = 0  # pad the embedding to a real model's size (the tokenizer may know fewer words)
+    max_positions: int = 256
+    # A final RMSNorm caps |logits| at |lm_head row| * sqrt(hidden); at the usual 0.02 init the tiny
+    # model's logits stay near 1 and LoRA (which cannot touch lm_head) could not make confident answers.
+    initializer_range: float = 0.02
+
+
+def tiny_llava_shape(
+    hidden_size: int = 64, num_layers: int = 2, image_size: int = 32, patch_size: int = 8
+) -> LlavaShape:
+    """The tiny model of the demo and the tests (trains on a laptop CPU in seconds)."""
+    return LlavaShape(
+        text_hidden=hidden_size,
+        text_intermediate=hidden_size * 2,
+        text_layers=num_layers,
+        text_heads=4,
+        vision_hidden=32,
+        vision_intermediate=64,
+        vision_layers=2,
+        vision_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+        vision_feature_layer=-1,
+        initializer_range=0.1,
+    )
+
+
+# LLaVA-1.5-7B: Vicuna-7B (Llama-2 shape) + CLIP ViT-L/14 at 336 px, 576 image tokens; for GPU benchmarks.
+LLAVA_15_7B = LlavaShape(
+    text_hidden=4096,
+    text_intermediate=11008,
+    text_layers=32,
+    text_heads=32,
+    vision_hidden=1024,
+    vision_intermediate=4096,
+    vision_layers=24,
+    vision_heads=16,
+    image_size=336,
+    patch_size=14,
+    vision_feature_layer=-2,
+    min_vocab_size=32064,
+    max_positions=4096,
+)
+
+
 def build_tiny_llava(
     out_dir: str | Path,
     vocabulary: Sequence[str],
@@ -56,11 +117,27 @@ def build_tiny_llava(
     image_size: int = 32,
     patch_size: int = 8,
 ) -> Path:
-    """Write a tiny random-weight LLaVA checkpoint (model, tokenizer, processor) to ``out_dir``.
+    """Write the tiny random-weight LLaVA checkpoint (model, tokenizer, processor) to ``out_dir``."""
+    return build_random_llava(
+        out_dir, vocabulary, tiny_llava_shape(hidden_size, num_layers, image_size, patch_size), seed=seed
+    )
+
+
+def build_random_llava(
+    out_dir: str | Path,
+    vocabulary: Sequence[str],
+    shape: LlavaShape,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> Path:
+    """Write a random-weight LLaVA checkpoint of ``shape`` (model, tokenizer, processor) to ``out_dir``.
 
     Real transformers classes throughout: ``LlavaForConditionalGeneration`` over a Llama text model and a
     CLIP vision tower, a word-level tokenizer wrapped in ``PreTrainedTokenizerFast``, ``CLIPImageProcessor``
     and ``LlavaProcessor``. The folder loads back with ``AutoModelForImageTextToText`` / ``AutoProcessor``.
+    Large shapes are best built with ``device="cuda"`` and ``dtype="bfloat16"`` (random init on the GPU).
     """
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -92,40 +169,38 @@ def build_tiny_llava(
     )
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     image_processor = CLIPImageProcessor(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
+        size={"shortest_edge": shape.image_size},
+        crop_size={"height": shape.image_size, "width": shape.image_size},
         do_center_crop=True,
     )
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=patch_size,
+        patch_size=shape.patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=TINY_CHAT_TEMPLATE,
     )
-    num_image_tokens = (image_size // patch_size) ** 2
+    num_image_tokens = (shape.image_size // shape.patch_size) ** 2
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=image_size,
-            patch_size=patch_size,
-            projection_dim=32,
+            hidden_size=shape.vision_hidden,
+            intermediate_size=shape.vision_intermediate,
+            num_hidden_layers=shape.vision_layers,
+            num_attention_heads=shape.vision_heads,
+            image_size=shape.image_size,
+            patch_size=shape.patch_size,
+            projection_dim=shape.vision_hidden,
         ).to_dict(),
         text_config=LlamaConfig(
-            vocab_size=len(vocab),
-            hidden_size=hidden_size,
-            intermediate_size=hidden_size * 2,
-            num_hidden_layers=num_layers,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=256,
-            # A final RMSNorm caps |logits| at |lm_head row| * sqrt(hidden); the default 0.02 init would cap
-            # them near 1 and LoRA (which cannot touch lm_head) could not make confident answers.
-            initializer_range=0.1,
+            vocab_size=max(len(vocab), shape.min_vocab_size),
+            hidden_size=shape.text_hidden,
+            intermediate_size=shape.text_intermediate,
+            num_hidden_layers=shape.text_layers,
+            num_attention_heads=shape.text_heads,
+            num_key_value_heads=shape.text_heads,
+            max_position_embeddings=shape.max_positions,
+            initializer_range=shape.initializer_range,
             pad_token_id=vocab["<pad>"],
             bos_token_id=vocab["<s>"],
             eos_token_id=vocab["</s>"],
@@ -133,11 +208,17 @@ def build_tiny_llava(
         image_token_index=vocab["<image>"],
         image_seq_length=num_image_tokens,
         vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
+        vision_feature_layer=shape.vision_feature_layer,
     )
     config.pad_token_id = vocab["<pad>"]
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
+    previous_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous_dtype)
     model.generation_config.pad_token_id = vocab["<pad>"]
     model.generation_config.eos_token_id = vocab["</s>"]
     model.generation_config.bos_token_id = vocab["<s>"]
