@@ -285,7 +285,12 @@ def run_experiment(
     open_runs = [run_id]
     log(f"MLflow run {run_id} in {uri} (experiment {cfg.tracking.experiment!r})")
     try:
-        tracker.log_params(run_id, cfg.flat())
+        resolved = {
+            "resolved.model_path": prep.model_path,
+            "resolved.stream_root": str(Path(cfg.stream.root).resolve()),
+            "resolved.tasks": names,
+        }
+        tracker.log_params(run_id, {**cfg.flat(), **resolved})
         tracker.log_artifact(run_id, config_path)
         _init_ray(cfg)
         matrix: list[list[float]] = []

@@ -77,6 +77,8 @@ def test_two_workers_zero2_run_is_tracked_in_mlflow(two_worker_run):
         assert key in parent.data.metrics
     assert parent.data.params["method.name"] == "sequential_lora"
     assert parent.data.params["scaling.num_workers"] == "2"
+    assert parent.data.params["resolved.tasks"] == '["aerial", "underwater"]'
+    assert "tiny-llava-" in parent.data.params["resolved.model_path"]
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{summary.run_id}'"
     )
