@@ -3,6 +3,7 @@
 Usage:
     python jobs/run_stream.py                                  # embedded defaults (tiny model, generated stream)
     python jobs/run_stream.py --config my.yaml train.lr=1e-3   # a YAML config plus key=value overrides
+    python jobs/run_stream.py --check stream.root=/data/x     # validate config, data and images only
     ray job submit --working-dir . -- python jobs/run_stream.py method.name=joint
 
 Prints progress per task, then the accuracy matrix, the CL metrics and the command that opens MLflow.
@@ -30,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-3 scaling.zero_stage=3"
     )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="only validate the config, names, annotations and images (no Ray, no MLflow run), then exit",
+    )
     args = parser.parse_args(argv)
 
     import mcl
@@ -46,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     except MclError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.check:
+        print(f"check passed: method {cfg.method.name!r}, model {prepared.model_path}; nothing was trained")
+        return 0
     summary = run_experiment(cfg, prepared=prepared)
     print("\naccuracy matrix (%), row t = after training task t:")
     print(format_matrix(summary.task_names, summary.matrix))

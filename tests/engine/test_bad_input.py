@@ -256,3 +256,18 @@ def test_reused_run_name_is_refused_before_any_mlflow_run(stream_copy: Path, tmp
     with pytest.raises(ConfigError, match="tracking.run_name: .* already holds a run"):
         run_experiment(cfg, log=lambda _m: None)
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_cli_check_validates_without_running(
+    stream_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    code = _run_stream_module().main(["--check", f"stream.root={stream_copy}"])
+    assert code == 0
+    assert "check passed" in capsys.readouterr().out
+    assert list(work.iterdir()) == [], "a check writes no MLflow store and no run folder"
+    (stream_copy / "street" / "images" / "street-test-00001.png").unlink()
+    assert _run_stream_module().main(["--check", f"stream.root={stream_copy}"]) == 2
+    assert "street-test-00001" in capsys.readouterr().err
