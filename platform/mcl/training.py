@@ -194,6 +194,14 @@ class _Trainer:
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
+def _zero3_loading_context(cfg: ExperimentConfig, world_size: int) -> Any:
+    if cfg.scaling.zero_stage != 3:
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(deepspeed_config(cfg, cfg.train.batch_size // world_size))
+
+
 def _backend(device: Any) -> str:
     return "nccl" if getattr(device, "type", str(device)) == "cuda" else "gloo"
 
@@ -334,6 +342,9 @@ def train_and_evaluate_task(
     t0 = time.perf_counter()
     method = build_method(cfg.method.name, cfg.method.params)
     seed_everything(cfg.train.seed + job.task_index)
+    # Under ZeRO-3, transformers loads the weights straight into partitions (deepspeed.zero.Init) while
+    # this object is alive, so no rank ever holds the whole model.
+    zero3_loading = _zero3_loading_context(cfg, world) if cfg.scaling.deepspeed else None
     base, processor = load_model_and_processor(
         job.model_path, trust_remote_code=cfg.model.trust_remote_code, dtype=cfg.model.dtype
     )
@@ -350,6 +361,7 @@ def train_and_evaluate_task(
     model = method.setup_model(base, ctx)
     method.before_task(model, ctx)
     trainer = _Trainer(model, cfg, job.steps, world, device)
+    trainer.hf_deepspeed_config = zero3_loading  # keep ZeRO-3 visible to transformers (generate) meanwhile
     device = next(trainer.module.parameters()).device
     setup_s = time.perf_counter() - t0
 
