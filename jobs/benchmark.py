@@ -60,7 +60,7 @@ def bare_loop(
     from mcl.data import Preprocessor, collate, rows_to_batch
     from mcl.methods_api import TaskContext, build_method
     from mcl.models import load_model_and_processor
-    from mcl.training import per_sample_loss, seed_everything, to_device
+    from mcl.training import build_optimizer, model_inputs, per_sample_loss, seed_everything, to_device
 
     cfg = prep.config
     batch_size = cfg.train.batch_size
@@ -74,9 +74,8 @@ def bare_loop(
         preprocess = Preprocessor(prep.model_path, train=True, trust_remote_code=cfg.model.trust_remote_code)
         row_batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
         if decode_in_loop:
-            preprocess(
-                rows_to_batch(row_batches[0])
-            )  # load the processor outside the clock, as the full path does
+            # Load the processor outside the clock, as the full path does.
+            preprocess(rows_to_batch(row_batches[0]))
             np_batches: list[Any] = row_batches
         else:
             log(f"bare: preprocessing {len(rows)} rows in-process")
@@ -111,11 +110,7 @@ def bare_loop(
         batches = np_batches if decode_in_loop else [to_batch(b) for b in np_batches]
         method.before_task(model, ctx)  # before the optimiser, as in mcl.training
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-        warmup = cfg.train.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
-        )
+        optimizer, scheduler = build_optimizer(model, cfg)
         model.train()
 
         log(f"bare: training {len(batches)} steps of {batch_size} samples with {threads} torch threads")
@@ -124,7 +119,7 @@ def bare_loop(
         t_train = time.perf_counter()
         for step, item in enumerate(batches, start=1):
             batch = to_batch(item) if decode_in_loop else item
-            outputs = model(**{k: v for k, v in batch.items() if k != "labels"})
+            outputs = model(**model_inputs(batch))
             loss = per_sample_loss(outputs.logits, batch["labels"])
             extra = method.extra_loss(model, batch, outputs, ctx)
             total = loss + extra if extra is not None else loss

@@ -191,7 +191,7 @@ def collate(batch: dict[str, np.ndarray], pad_id: int, *, left_pad: bool) -> dic
     if labels is not None:
         out["labels"] = torch.from_numpy(labels)
     for key in batch:
-        if key in ROW_KEYS or key in TEXT_KEYS or key in ("epoch",):
+        if key in ROW_KEYS or key in TEXT_KEYS:
             continue
         if key.startswith(TOKEN_ALIGNED):
             padded = np.zeros((n, longest), dtype=np.asarray(batch[key][0]).dtype)

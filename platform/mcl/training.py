@@ -129,20 +129,31 @@ def deepspeed_config(cfg: ExperimentConfig, micro_batch: int) -> dict[str, Any]:
     }
 
 
+def build_optimizer(model: Any, cfg: ExperimentConfig) -> tuple[Any, Any]:
+    """AdamW over the trainable parameters and the warmup-then-constant learning-rate schedule."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise RuntimeError("the method left no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    warmup = cfg.train.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+    )
+    return optimizer, scheduler
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """What the model's forward takes from a collated batch (everything but the labels)."""
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
 class _Trainer:
     """The optimiser step behind one interface for DeepSpeed and plain torch (DDP when distributed)."""
 
-    def __init__(self, model: Any, cfg: ExperimentConfig, steps: int, world_size: int, device: Any) -> None:
-        import torch
-
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            raise RuntimeError("the method left no trainable parameters")
-        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-        warmup = cfg.train.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
-        )
+    def __init__(self, model: Any, cfg: ExperimentConfig, world_size: int, device: Any) -> None:
+        optimizer, scheduler = build_optimizer(model, cfg)
         self.cfg = cfg
         self.deepspeed = cfg.scaling.deepspeed
         self.zero3 = self.deepspeed and cfg.scaling.zero_stage == 3
@@ -167,7 +178,7 @@ class _Trainer:
             self.optimizer, self.scheduler = optimizer, scheduler
 
     def forward(self, batch: dict[str, Any]) -> Any:
-        return self.engine(**{k: v for k, v in batch.items() if k != "labels"})
+        return self.engine(**model_inputs(batch))
 
     def step(self, loss: Any) -> None:
         import torch
@@ -360,8 +371,7 @@ def train_and_evaluate_task(
     )
     model = method.setup_model(base, ctx)
     method.before_task(model, ctx)
-    trainer = _Trainer(model, cfg, job.steps, world, device)
-    trainer.hf_deepspeed_config = zero3_loading  # keep ZeRO-3 visible to transformers (generate) meanwhile
+    trainer = _Trainer(model, cfg, world, device)
     device = next(trainer.module.parameters()).device
     setup_s = time.perf_counter() - t0
 
@@ -427,6 +437,7 @@ def train_and_evaluate_task(
         import torch.distributed as td
 
         td.barrier()
+    del zero3_loading  # ZeRO-3 stayed visible to transformers (loading, synced generate) until here
     if rank != 0:
         return None
     accuracy = score_records(records, job.task_names)

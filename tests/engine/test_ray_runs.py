@@ -161,9 +161,9 @@ def test_zero3_saves_full_adapters_that_reload_to_the_same_answers(ray_session, 
 
 
 def processor_pad_id(cfg) -> int:
-    from mcl.models import load_model_and_processor
+    from transformers import AutoProcessor
 
-    return load_model_and_processor(_model_path(cfg))[1].tokenizer.pad_token_id
+    return AutoProcessor.from_pretrained(_model_path(cfg)).tokenizer.pad_token_id
 
 
 def _model_path(cfg) -> str:

