@@ -22,14 +22,16 @@ from mcl.errors import DataError
 from mcl.streams.samples import Sample
 
 IGNORE_INDEX = -100
-ROW_KEYS = ("id", "image", "question", "answer", "answer_type", "task")
+# ``supervised``: False for rows a method adds without a target (e.g. QUAD's question-only replay): the
+# answer is not appended and no token is supervised; the method's extra loss gives such rows their target.
+ROW_KEYS = ("id", "image", "question", "answer", "answer_type", "task", "supervised")
 TEXT_KEYS = ("input_ids", "labels")
 TOKEN_ALIGNED = "tokens__"  # prefix of per-token processor outputs (e.g. token_type_ids), padded like ids
 
 
 def sample_row(sample: Sample) -> dict[str, Any]:
     """The annotation row of a sample (what travels to Ray Data; no pixels)."""
-    return {k: getattr(sample, k) for k in ROW_KEYS}
+    return {**{k: getattr(sample, k) for k in ROW_KEYS if k != "supervised"}, "supervised": True}
 
 
 def training_order(
@@ -109,11 +111,12 @@ class Preprocessor:
             enc = processor(text=[prompt], images=[image], return_tensors="np")
             prompt_ids = enc["input_ids"][0].astype(np.int64)
             answer_ids = np.zeros(0, dtype=np.int64)
-            if self.train:
+            if self.train and bool(batch["supervised"][i]):
                 answer = str(batch["answer"][i])
                 sep = "" if prompt.endswith((" ", "\n")) else " "
                 ids = tokenizer(sep + answer, add_special_tokens=False)["input_ids"]
                 answer_ids = np.asarray([*ids, tokenizer.eos_token_id], dtype=np.int64)
+            if self.train:
                 labels.append(np.concatenate([np.full_like(prompt_ids, IGNORE_INDEX), answer_ids]))
             input_ids.append(np.concatenate([prompt_ids, answer_ids]))
             # Every other processor output is a model input (pixel_values, image_grid_thw, image_sizes, ...).

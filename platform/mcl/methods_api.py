@@ -5,14 +5,20 @@ save state) and calls a method's hooks at named points. A method overrides only 
 what a hook needs as arguments (:class:`TaskContext`), never by reaching into the trainer. Methods import
 only this module (and :mod:`mcl.adapters`); the engine never imports a specific method.
 
-Hooks run on every Ray Train worker (rank 0 alone saves); :meth:`Method.training_tasks` runs in the driver.
+A task is trained in one or more *phases* (:meth:`Method.phases`; e.g. MR-LoRA trains its expert, then its
+router). Each phase is one training job (one ``TorchTrainer``) that starts from the state the previous phase
+or task saved. Driver-side hooks (:meth:`Method.phases`, :meth:`Method.training_tasks`,
+:meth:`Method.training_data`) choose the data; worker-side hooks run on every Ray Train worker (rank 0 alone
+saves).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import pkgutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -23,6 +29,7 @@ if TYPE_CHECKING:
     import torch
 
     from mcl.config import LoraConfig
+    from mcl.streams.registry import TaskData
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,7 @@ class TaskContext:
     world_size: int = 1
     seed: int = 0
     processor: Any = field(default=None, compare=False, repr=False)
+    phase: str = "train"
 
     @property
     def task_name(self) -> str:
@@ -56,6 +64,54 @@ class TaskContext:
     @property
     def num_tasks(self) -> int:
         return len(self.task_names)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One training job within a task.
+
+    Attributes:
+        name: Names the phase in logs, metrics (``<name>_loss`` unless ``train``) and checkpoint folders.
+        evaluate: Evaluate all tasks at the end of this phase; exactly one phase of a task does.
+        optimize: Take optimiser steps. A phase with ``optimize=False`` only runs forward and backward and
+            hands the gradients to :meth:`Method.on_gradients` (e.g. EWC's Fisher), the weights stay as
+            they are.
+        epochs: Epochs of this phase (default: ``train.epochs``).
+        lr: Learning rate of this phase (default: ``train.lr``).
+    """
+
+    name: str = "train"
+    evaluate: bool = True
+    optimize: bool = True
+    epochs: int | None = None
+    lr: float | None = None
+
+
+@dataclass
+class TrainingData:
+    """What one phase trains on, chosen in the driver.
+
+    Attributes:
+        rows: The global order of training rows over all epochs (see :func:`mcl.data.training_order`); the
+            engine shards it over the workers and cuts it into global batches.
+        driver_state: JSON-serialisable state the driver side of the method keeps across tasks (e.g. a
+            replay buffer of sample rows). Rank 0 saves it with the phase's state (``driver_state.json``)
+            and the next phase's :meth:`Method.training_data` gets it back; None keeps the previous one.
+    """
+
+    rows: list[dict[str, Any]]
+    driver_state: dict[str, Any] | None = None
+
+
+DRIVER_STATE_FILE = "driver_state.json"
+
+
+def load_driver_state(state_dir: str | Path | None) -> dict[str, Any] | None:
+    """The driver state saved in a phase's state folder, if any."""
+    if state_dir is None:
+        return None
+    path = Path(state_dir) / DRIVER_STATE_FILE
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 @dataclass
@@ -77,9 +133,32 @@ class Method:
         self.params = params
 
     # -- driver side ---------------------------------------------------------------------------------
+    def phases(self, task_index: int) -> list[Phase]:
+        """The training phases of task ``task_index``, in order (default: one phase that evaluates)."""
+        return [Phase()]
+
     def training_tasks(self, task_index: int) -> list[int]:
-        """Indices of the tasks whose training data is used while training task ``task_index``."""
+        """Indices of the tasks whose training data the default :meth:`training_data` uses."""
         return [task_index]
+
+    def training_data(
+        self,
+        phase: Phase,
+        task_index: int,
+        tasks: Sequence[TaskData],
+        driver_state: dict[str, Any] | None,
+        *,
+        epochs: int,
+        global_batch: int,
+        seed: int,
+    ) -> TrainingData:
+        """The rows phase ``phase`` of task ``task_index`` trains on. Default: every training sample of
+        :meth:`training_tasks`, shuffled per epoch. ``driver_state`` is what the previous phase left
+        (None at the start of the stream); ``seed`` already differs per task."""
+        from mcl.data import training_order
+
+        samples = [s for i in self.training_tasks(task_index) for s in tasks[i].train]
+        return TrainingData(training_order(samples, epochs=epochs, global_batch=global_batch, seed=seed))
 
     # -- worker side -----------------------------------------------------------------------------------
     def setup_model(self, model: torch.nn.Module, ctx: TaskContext) -> torch.nn.Module:
@@ -96,8 +175,25 @@ class Method:
         """An extra loss term added to the task loss (e.g. a regulariser), or None."""
         return None
 
+    def on_gradients(
+        self,
+        model: torch.nn.Module,
+        batch: dict[str, torch.Tensor],
+        full_grad: Callable[[torch.nn.Parameter], torch.Tensor | None],
+        ctx: TaskContext,
+    ) -> None:
+        """Called after every backward pass and before the optimiser step, on every rank, when
+        :meth:`wants_gradients` says so. ``full_grad(p)`` is the whole gradient of parameter ``p``
+        averaged over the global batch, also under ZeRO-2/3 where ``p.grad`` is None and gradients are
+        partitioned. Under ZeRO it is a collective: call it for the same parameters in the same order on
+        every rank."""
+
+    def wants_gradients(self, ctx: TaskContext) -> bool:
+        """Whether :meth:`on_gradients` should run in this phase."""
+        return False
+
     def after_task(self, model: torch.nn.Module, ctx: TaskContext) -> None:
-        """Called once after the last training step of the task, before evaluation and saving."""
+        """Called once after the last training step of each phase, before evaluation and saving."""
 
     def generate(
         self,
@@ -105,14 +201,22 @@ class Method:
         batch: dict[str, torch.Tensor],
         generate_kwargs: dict[str, Any],
         ctx: TaskContext,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, list[Any]]]:
         """Greedy answers for an evaluation batch: the generated token ids after the prompt.
+
+        A method may also return per-sample extras (``{"expert": [...]}``, one value per sample), which
+        are stored with each prediction and handed to :meth:`eval_metrics`.
 
         Under ZeRO-3 every forward pass is collective: every rank must make the same number of
         ``generate``/forward calls per batch (route a mixed batch in one call, e.g. with peft's
         ``adapter_names``, rather than one call per expert)."""
         out = model.generate(**batch, **generate_kwargs)
         return out[:, batch["input_ids"].shape[1] :]
+
+    def eval_metrics(self, records: list[dict[str, Any]], ctx: TaskContext) -> dict[str, float]:
+        """Method-specific metrics from the scored predictions of all ranks (rank 0 only), e.g. router
+        accuracy. Logged with the task's metrics."""
+        return {}
 
     def state_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
         """Parameters :meth:`save_state` reads; the engine gathers them first under ZeRO-3. Default: the
@@ -195,8 +299,12 @@ def params_dict(method: Method) -> dict[str, Any]:
 
 
 __all__ = [
+    "DRIVER_STATE_FILE",
     "Method",
     "NoParams",
+    "Phase",
+    "TrainingData",
+    "load_driver_state",
     "TaskContext",
     "available_methods",
     "build_method",

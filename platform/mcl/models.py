@@ -34,8 +34,10 @@ TINY_CHAT_TEMPLATE = (
 )
 TINY_SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
 TINY_TEMPLATE_WORDS = ("USER", "ASSISTANT", ":", "?", ".", ",")
+# Single capital letters: multiple-choice answers and the letters a router answers with (MR-LoRA).
+TINY_LETTERS = tuple(chr(c) for c in range(ord("A"), ord("Z") + 1))
 BUILTIN_MODELS = ("tiny-llava",)
-TINY_BUILD_VERSION = 2  # bump when build_tiny_llava changes, so cached builds are not reused
+TINY_BUILD_VERSION = 3  # bump when build_tiny_llava changes, so cached builds are not reused
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -43,8 +45,8 @@ def tiny_llava_vocabulary() -> list[str]:
     """Words the tiny model's tokenizer knows: the generated stream's words plus the template's."""
     from mcl.streams.generated import GENERATED_VOCABULARY
 
-    words = list(TINY_TEMPLATE_WORDS) + [w for w in GENERATED_VOCABULARY if w not in TINY_TEMPLATE_WORDS]
-    return words
+    words = list(TINY_TEMPLATE_WORDS) + [w for w in TINY_LETTERS if w not in TINY_TEMPLATE_WORDS]
+    return words + [w for w in GENERATED_VOCABULARY if w not in words]
 
 
 @dataclass(frozen=True)

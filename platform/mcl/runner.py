@@ -9,6 +9,7 @@ turns the results into the accuracy matrix and CL metrics and records everything
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from mcl.config import ExperimentConfig, save_config
-from mcl.data import Preprocessor, ray_dataset, sample_row, shard, training_order
+from mcl.data import Preprocessor, ray_dataset, sample_row, shard
 from mcl.errors import ConfigError, DataError, UnknownNameError
 from mcl.evaluation.metrics import accuracy_matrix_json, cl_metrics, heatmap_png
-from mcl.methods_api import Method, build_method
+from mcl.methods_api import Method, Phase, TrainingData, build_method, load_driver_state
 from mcl.models import resolve_model_path
 from mcl.streams import Stream, build_stream
 from mcl.streams.formats import check_images
@@ -177,20 +178,43 @@ def _init_ray(cfg: ExperimentConfig) -> None:
         ray.init(num_cpus=cfg.scaling.ray_num_cpus or need, runtime_env=runtime_env)
 
 
-def task_training_rows(prep: PreparedRun, task_index: int) -> list[dict[str, Any]]:
-    """All training rows of task ``task_index`` in global order (every epoch, padded to whole global
-    batches): what the workers of that task train on, before sharding."""
-    cfg = prep.config
-    train_samples = [s for i in prep.method.training_tasks(task_index) for s in prep.stream.tasks[i].train]
-    return training_order(
-        train_samples,
+def phase_config(cfg: ExperimentConfig, phase: Phase) -> ExperimentConfig:
+    """The experiment config a phase trains with (its own epochs and learning rate, when it sets them)."""
+    changes = {k: v for k, v in (("epochs", phase.epochs), ("lr", phase.lr)) if v is not None}
+    if not changes:
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
+
+
+def phase_training_data(
+    prep: PreparedRun, task_index: int, phase: Phase, driver_state: dict[str, Any] | None
+) -> TrainingData:
+    """The global order of training rows of one phase (every epoch, padded to whole global batches): what
+    the workers of that phase train on, before sharding. Chosen by the method."""
+    cfg = phase_config(prep.config, phase)
+    data = prep.method.training_data(
+        phase,
+        task_index,
+        prep.stream.tasks,
+        driver_state,
         epochs=cfg.train.epochs,
         global_batch=cfg.train.batch_size,
         seed=cfg.train.seed + task_index,
     )
+    if not data.rows or len(data.rows) % cfg.train.batch_size:
+        raise RuntimeError(
+            f"method {cfg.method.name!r} gave {len(data.rows)} training rows for phase {phase.name!r} of task "
+            f"{task_index}; it must be a positive multiple of train.batch_size ({cfg.train.batch_size})"
+        )
+    return data
 
 
-def _task_datasets(prep: PreparedRun, task_index: int) -> tuple[dict[str, Any], int]:
+def task_training_rows(prep: PreparedRun, task_index: int) -> list[dict[str, Any]]:
+    """Training rows of the first phase of task ``task_index`` (at the start of the stream's state)."""
+    return phase_training_data(prep, task_index, prep.method.phases(task_index)[0], None).rows
+
+
+def _task_datasets(prep: PreparedRun, rows: list[dict[str, Any]], evaluate: bool) -> dict[str, Any]:
     import ray.data
 
     cfg = prep.config
@@ -198,8 +222,7 @@ def _task_datasets(prep: PreparedRun, task_index: int) -> tuple[dict[str, Any], 
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False
     world = cfg.scaling.num_workers
-    rows = task_training_rows(prep, task_index)
-    eval_rows = _eval_rows(prep)
+    eval_rows = _eval_rows(prep) if evaluate else []
     micro = cfg.train.batch_size // world
     trust = cfg.model.trust_remote_code
     train_pre = Preprocessor(prep.model_path, train=True, trust_remote_code=trust)
@@ -207,8 +230,11 @@ def _task_datasets(prep: PreparedRun, task_index: int) -> tuple[dict[str, Any], 
     datasets = {}
     for rank in range(world):
         datasets[f"train_{rank}"] = ray_dataset(shard(rows, rank, world), train_pre, micro)
-        datasets[f"eval_{rank}"] = ray_dataset(shard(eval_rows, rank, world), eval_pre, cfg.eval.batch_size)
-    return datasets, len(rows) // cfg.train.batch_size
+        if evaluate:
+            datasets[f"eval_{rank}"] = ray_dataset(
+                shard(eval_rows, rank, world), eval_pre, cfg.eval.batch_size
+            )
+    return datasets
 
 
 def _eval_rows(prep: PreparedRun) -> list[dict[str, Any]]:
@@ -224,12 +250,17 @@ def _ordered_execution() -> Any:
     return options
 
 
-def _fit_task(prep: PreparedRun, job: TaskJob, storage: Path, datasets: dict[str, Any]) -> Path:
+def _fit_name(task_index: int, task_name: str, phase: Phase) -> str:
+    suffix = "" if phase.name == "train" else f"-{phase.name}"
+    return f"task{task_index:02d}-{task_name}{suffix}"
+
+
+def _fit_task(prep: PreparedRun, job: TaskJob, storage: Path, datasets: dict[str, Any], name: str) -> Path:
     from ray.train import DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     cfg = prep.config
-    name = f"task{job.task_index:02d}-{job.task_names[job.task_index]}"
+    shutil.rmtree(storage / name, ignore_errors=True)  # an interrupted attempt's folder would be restored
     trainer = TorchTrainer(
         _ray_train_loop,
         train_loop_config={
@@ -255,16 +286,74 @@ def _fit_task(prep: PreparedRun, job: TaskJob, storage: Path, datasets: dict[str
     )
     result = trainer.fit()
     if result.checkpoint is None:
-        raise RuntimeError(f"task {name} finished without a checkpoint")
+        raise RuntimeError(f"{name} finished without a checkpoint")
     return Path(result.checkpoint.path)
+
+
+PROGRESS_FILE = "progress.json"
+# Settings that may change between an interrupted run and its resumption (where and how it runs).
+_RESUMABLE_CHANGES = ("scaling.ray_address", "scaling.ray_num_cpus", "scaling.max_failures")
+
+
+@dataclass
+class _Progress:
+    """What a run directory records after every finished phase, so that a re-run resumes it."""
+
+    path: Path
+    run_id: str = ""
+    phases: dict[str, str] = field(default_factory=dict)  # "<task>:<phase>" -> checkpoint folder
+    task_runs: dict[str, str] = field(default_factory=dict)  # "<task>" -> MLflow run id
+    tasks_done: list[int] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, run_dir: Path) -> _Progress:
+        path = run_dir / PROGRESS_FILE
+        if not path.exists():
+            return cls(path)
+        data = json.loads(path.read_text())
+        return cls(path, data["run_id"], data["phases"], data["task_runs"], data["tasks_done"])
+
+    def save(self) -> None:
+        data = {
+            "run_id": self.run_id,
+            "phases": self.phases,
+            "task_runs": self.task_runs,
+            "tasks_done": self.tasks_done,
+        }
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(self.path)  # atomic: a kill never leaves half a file
+
+
+def _check_resumable(cfg: ExperimentConfig, run_dir: Path) -> None:
+    from mcl.config import load_config
+
+    saved = load_config(run_dir / "config.yaml").flat()
+    now = cfg.flat()
+    changed = sorted(
+        k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in _RESUMABLE_CHANGES
+    )
+    if changed:
+        diff = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:8])
+        raise ConfigError(
+            f"tracking.run_name: {run_dir} holds a run with a different config ({diff}); "
+            "resume it with the same config or pick another run_name"
+        )
 
 
 def run_experiment(
     cfg: ExperimentConfig,
     log: Callable[[str], None] = print,
     prepared: PreparedRun | None = None,
+    resume: bool = False,
 ) -> RunSummary:
-    """Train ``cfg.method`` through ``cfg.stream`` and return the accuracy matrix and CL metrics."""
+    """Train ``cfg.method`` through ``cfg.stream`` and return the accuracy matrix and CL metrics.
+
+    With ``resume``, a run directory left by an earlier attempt with the same ``tracking.run_name`` and
+    config is continued: finished phases are not trained again (their checkpoints are reused), the run
+    continues in its original MLflow run, and a task run left by the interrupted attempt is replaced. A
+    finished run is returned as it is. Without ``resume``, an existing run directory is an error.
+    """
     t_start = time.perf_counter()
     prep = prepared or prepare_run(cfg, log)
     names = prep.stream.task_names
@@ -272,27 +361,42 @@ def run_experiment(
         cfg.tracking.run_name or f"{cfg.method.name}-{cfg.stream.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
     run_dir = (Path(cfg.tracking.output_dir) / run_name).resolve()
-    if run_dir.exists() and any(run_dir.iterdir()):
+    existing = run_dir.exists() and any(run_dir.iterdir())
+    if existing and not resume:
         # Ray Train would restore from the old run's task folders; refuse instead of mixing two runs.
-        raise ConfigError(f"tracking.run_name: {run_dir} already holds a run; pick another run_name")
+        raise ConfigError(
+            f"tracking.run_name: {run_dir} already holds a run; pick another run_name or resume it"
+        )
+    progress = _Progress.load(run_dir)
+    if existing and (run_dir / "config.yaml").exists():
+        _check_resumable(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = save_config(cfg, run_dir / "config.yaml")
 
     uri = resolve_tracking_uri(cfg.tracking.uri)
     tracker = Tracker(uri, cfg.tracking.experiment)
     tags = {"mcl.method": cfg.method.name, "mcl.stream": cfg.stream.name, "mcl.kind": "stream_run"}
-    run_id = tracker.start_run(run_name, tags=tags)
-    open_runs = [run_id]
-    log(f"MLflow run {run_id} in {uri} (experiment {cfg.tracking.experiment!r})")
+    if progress.run_id:
+        run_id = progress.run_id
+        done = len(progress.tasks_done)
+        if done < len(names):
+            tracker.reopen_run(run_id)
+        log(f"resuming MLflow run {run_id} in {uri}: {done}/{len(names)} tasks already done")
+    else:
+        run_id = tracker.start_run(run_name, tags=tags)
+        progress.run_id = run_id
+        progress.save()
+        log(f"MLflow run {run_id} in {uri} (experiment {cfg.tracking.experiment!r})")
+    open_runs = [run_id] if len(progress.tasks_done) < len(names) else []
     try:
-        resolved = {
-            "resolved.model_path": prep.model_path,
-            "resolved.stream_root": str(Path(cfg.stream.root).resolve()),
-            "resolved.tasks": names,
-        }
-        tracker.log_params(run_id, {**cfg.flat(), **resolved})
-        tracker.log_artifact(run_id, config_path)
-        _init_ray(cfg)
+        if not existing:
+            resolved = {
+                "resolved.model_path": prep.model_path,
+                "resolved.stream_root": str(Path(cfg.stream.root).resolve()),
+                "resolved.tasks": names,
+            }
+            tracker.log_params(run_id, {**cfg.flat(), **resolved})
+            tracker.log_artifact(run_id, config_path)
         matrix: list[list[float]] = []
         baseline: list[float] | None = None
         results: list[TaskResult] = []
@@ -300,41 +404,82 @@ def run_experiment(
         previous: str | None = None
         global_step = 0
         for t, name in enumerate(names):
+            phases = prep.method.phases(t)
+            if sum(p.evaluate for p in phases) != 1:
+                raise RuntimeError(f"method {cfg.method.name!r}: exactly one phase of task {t} must evaluate")
+            if t in progress.tasks_done:  # finished by an earlier attempt: its results are in MLflow
+                for phase in phases:
+                    ckpt = Path(progress.phases[f"{t}:{phase.name}"])
+                    result = TaskResult.load(ckpt)
+                    global_step += len(result.train_log) if phase.name == "train" else 0
+                    if phase.evaluate:
+                        results.append(result)
+                        matrix.append([result.accuracy[n] for n in names])
+                        if result.baseline_accuracy is not None:
+                            baseline = [result.baseline_accuracy[n] for n in names]
+                    previous = str(ckpt / STATE_DIR)
+                state_dirs.append(previous)
+                continue
             log(f"=== task {t + 1}/{len(names)}: {name} ({cfg.method.name}) ===")
+            stale = progress.task_runs.get(str(t))
+            if stale:  # the interrupted attempt's task run: replaced by this one
+                tracker.delete_run(stale)
             task_run = tracker.start_run(
                 f"{t:02d}-{name}", parent_run_id=run_id, tags={**tags, "mcl.kind": "task", "mcl.task": name}
             )
+            progress.task_runs[str(t)] = task_run
+            progress.save()
             open_runs.append(task_run)
             tracker.log_params(
-                task_run, {"task_index": t, "task": name, "train_tasks": prep.method.training_tasks(t)}
+                task_run,
+                {"task_index": t, "task": name, "phases": [p.name for p in phases]},
             )
             t_task = time.perf_counter()
-            datasets, steps = _task_datasets(prep, t)
-            job = TaskJob(cfg.to_dict(), prep.model_path, t, names, previous, steps, evaluate_before=(t == 0))
-            ckpt = _fit_task(prep, job, run_dir, datasets)
-            result = TaskResult.load(ckpt)
-            results.append(result)
-            row = [result.accuracy[n] for n in names]
+            evaluated: TaskResult | None = None
+            last_memory: dict[str, float] = {}
+            for phase in phases:
+                key = f"{t}:{phase.name}"
+                fit_name = _fit_name(t, name, phase)
+                if key in progress.phases:
+                    ckpt = Path(progress.phases[key])
+                    log(f"{fit_name}: reusing the checkpoint of an earlier attempt")
+                else:
+                    ckpt = _run_phase(prep, t, names, phase, previous, run_dir, fit_name)
+                    progress.phases[key] = str(ckpt)
+                    progress.save()
+                result = TaskResult.load(ckpt)
+                _log_phase(tracker, task_run, run_id, result, phase, global_step)
+                if phase.name == "train":
+                    global_step += len(result.train_log)
+                if phase.evaluate:
+                    evaluated = result
+                last_memory = result.memory
+                previous = str(ckpt / STATE_DIR)
+            assert evaluated is not None
+            results.append(evaluated)
+            row = [evaluated.accuracy[n] for n in names]
             matrix.append(row)
-            if result.baseline_accuracy is not None:
-                baseline = [result.baseline_accuracy[n] for n in names]
+            if evaluated.baseline_accuracy is not None:
+                baseline = [evaluated.baseline_accuracy[n] for n in names]
             task_wall = time.perf_counter() - t_task
-            _log_task(tracker, task_run, run_id, result, names, global_step, task_wall, ckpt)
-            global_step += len(result.train_log)
-            previous = str(ckpt / STATE_DIR)
+            _log_task(tracker, task_run, run_id, evaluated, names, task_wall, last_memory, Path(previous))
             state_dirs.append(previous)
             tracker.end_run(task_run)
             open_runs.remove(task_run)
+            progress.tasks_done.append(t)
+            progress.save()
             log(
                 f"task {name} done in {task_wall:.1f}s: "
                 + ", ".join(f"{n} {a:.1f}" for n, a in zip(names, row, strict=True))
             )
         metrics = cl_metrics(matrix, baseline)
-        _log_final(tracker, run_id, names, matrix, baseline, metrics, run_dir, cfg.tracking.heatmap, previous)
-        wall = time.perf_counter() - t_start
-        tracker.log_metrics(run_id, {"wall_time_s": wall})
-        tracker.end_run(run_id)
-        open_runs.remove(run_id)
+        if open_runs:  # something was trained in this attempt
+            _log_final(
+                tracker, run_id, names, matrix, baseline, metrics, run_dir, cfg.tracking.heatmap, previous
+            )
+            tracker.log_metrics(run_id, {"wall_time_s": time.perf_counter() - t_start})
+            tracker.end_run(run_id)
+            open_runs.remove(run_id)
     except BaseException:
         for rid in reversed(open_runs):
             try:
@@ -342,7 +487,118 @@ def run_experiment(
             except Exception as exc:  # never hide the original error
                 log(f"could not mark MLflow run {rid} FAILED: {exc}")
         raise
+    wall = time.perf_counter() - t_start
     return RunSummary(run_id, uri, names, matrix, baseline, metrics, str(run_dir), results, state_dirs, wall)
+
+
+def _run_phase(
+    prep: PreparedRun,
+    t: int,
+    names: list[str],
+    phase: Phase,
+    previous: str | None,
+    run_dir: Path,
+    fit_name: str,
+) -> Path:
+    """Train one phase of task ``t`` as one Ray Train job; returns its checkpoint folder."""
+    _init_ray(prep.config)
+    cfg = phase_config(prep.config, phase)
+    data = phase_training_data(prep, t, phase, load_driver_state(previous))
+    driver_state = data.driver_state if data.driver_state is not None else load_driver_state(previous)
+    datasets = _task_datasets(prep, data.rows, phase.evaluate)
+    job = TaskJob(
+        cfg.to_dict(),
+        prep.model_path,
+        t,
+        names,
+        previous,
+        steps=len(data.rows) // cfg.train.batch_size,
+        evaluate_before=(t == 0 and phase.evaluate),
+        phase=phase.name,
+        evaluate=phase.evaluate,
+        optimize=phase.optimize,
+        driver_state=driver_state,
+    )
+    return _fit_task(prep, job, run_dir, datasets, fit_name)
+
+
+@dataclass
+class LocalStreamResult:
+    """What :func:`run_stream_locally` produced: per task, the evaluating phase's result and the final
+    state folder; per phase, its checkpoint folder (``"<task>:<phase>"``)."""
+
+    results: list[TaskResult]
+    state_dirs: list[Path]
+    phase_dirs: dict[str, Path]
+    matrix: list[list[float]]
+
+
+def run_stream_locally(
+    prep: PreparedRun,
+    out_dir: str | Path,
+    tasks: int | None = None,
+    log: Callable[[str], None] = print,
+    start_state: str | Path | None = None,
+    start_task: int = 0,
+) -> LocalStreamResult:
+    """Train the first ``tasks`` tasks in this process, without Ray or MLflow (one worker).
+
+    The same driver-side hooks (phases, training data, driver state) and the same per-task function as
+    :func:`run_experiment` run here, each phase via :func:`mcl.training.run_task_locally`. Meant for
+    mechanism tests and debugging a method; ``start_state``/``start_task`` continue from a saved state.
+    """
+    from mcl.training import run_task_locally
+
+    names = prep.stream.task_names
+    out = Path(out_dir)
+    results: list[TaskResult] = []
+    state_dirs: list[Path] = []
+    phase_dirs: dict[str, Path] = {}
+    matrix: list[list[float]] = []
+    previous = str(start_state) if start_state else None
+    eval_rows = _eval_rows(prep)
+    for t in range(start_task, tasks if tasks is not None else len(names)):
+        for phase in prep.method.phases(t):
+            cfg = phase_config(prep.config, phase)
+            data = phase_training_data(prep, t, phase, load_driver_state(previous))
+            driver_state = data.driver_state if data.driver_state is not None else load_driver_state(previous)
+            job = TaskJob(
+                cfg.to_dict(),
+                prep.model_path,
+                t,
+                names,
+                previous,
+                steps=len(data.rows) // cfg.train.batch_size,
+                phase=phase.name,
+                evaluate=phase.evaluate,
+                optimize=phase.optimize,
+                driver_state=driver_state,
+            )
+            phase_dir = out / _fit_name(t, names[t], phase)
+            result = run_task_locally(job, data.rows, eval_rows if phase.evaluate else [], phase_dir, log=log)
+            phase_dirs[f"{t}:{phase.name}"] = phase_dir
+            previous = str(phase_dir / STATE_DIR)
+            if phase.evaluate:
+                results.append(result)
+                matrix.append([result.accuracy[n] for n in names])
+        state_dirs.append(Path(previous))
+    return LocalStreamResult(results, state_dirs, phase_dirs, matrix)
+
+
+def _log_phase(
+    tracker: Tracker, task_run: str, parent: str, result: TaskResult, phase: Phase, global_step: int
+) -> None:
+    """A phase's loss curves (``train_loss`` for the ``train`` phase, ``<phase>_loss`` otherwise)."""
+    key = "train_loss" if phase.name == "train" else f"{phase.name}_loss"
+    losses = [(int(e["step"]), e["loss"]) for e in result.train_log]
+    tracker.log_metric_series(task_run, key, losses)
+    if phase.name == "train":
+        tracker.log_metric_series(parent, key, [(global_step + s, v) for s, v in losses])
+    extra = [(int(e["step"]), e["extra_loss"]) for e in result.train_log if "extra_loss" in e]
+    if extra:
+        tracker.log_metric_series(task_run, key.replace("_loss", "_extra_loss"), extra)
+    prefix = "" if phase.name == "train" else f"{phase.name}_"
+    tracker.log_metrics(task_run, {prefix + k: v for k, v in result.timing.items()})
 
 
 def _log_task(
@@ -351,26 +607,17 @@ def _log_task(
     parent: str,
     result: TaskResult,
     names: list[str],
-    global_step: int,
     wall: float,
-    ckpt: Path,
+    memory: dict[str, float],
+    state: Path,
 ) -> None:
     t = result.task_index
-    losses = [(int(e["step"]), e["loss"]) for e in result.train_log]
-    tracker.log_metric_series(task_run, "train_loss", losses)
-    tracker.log_metric_series(parent, "train_loss", [(global_step + s, v) for s, v in losses])
-    extra = [(int(e["step"]), e["extra_loss"]) for e in result.train_log if "extra_loss" in e]
-    if extra:
-        tracker.log_metric_series(task_run, "extra_loss", extra)
     acc = {f"acc_{n}": result.accuracy[n] for n in names}
-    tracker.log_metrics(task_run, {**acc, "acc_current": result.accuracy[names[t]]})
-    tracker.log_metrics(parent, acc, step=t)
-    tracker.log_metrics(
-        task_run, {**result.timing, "wall_time_s": wall, **{f"mem_{k}": v for k, v in result.memory.items()}}
-    )
+    tracker.log_metrics(task_run, {**acc, "acc_current": result.accuracy[names[t]], **result.method_metrics})
+    tracker.log_metrics(parent, {**acc, **result.method_metrics}, step=t)
+    tracker.log_metrics(task_run, {"wall_time_s": wall, **{f"mem_{k}": v for k, v in memory.items()}})
     if result.baseline_accuracy is not None:
         tracker.log_metrics(parent, {f"baseline_acc_{n}": result.baseline_accuracy[n] for n in names})
-    state = ckpt / STATE_DIR
     if state.exists():
         tracker.log_artifact(task_run, state, "state")
     with tempfile.TemporaryDirectory() as tmp:
@@ -427,5 +674,7 @@ __all__ = [
     "format_metrics",
     "prepare_run",
     "run_experiment",
+    "run_stream_locally",
+    "phase_training_data",
     "task_training_rows",
 ]

@@ -99,6 +99,17 @@ class Tracker:
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
+    def reopen_run(self, run_id: str) -> None:
+        """Mark a run RUNNING again (a resumed stream run continues in its original MLflow run)."""
+        self.client.update_run(run_id, status="RUNNING")
+
+    def delete_run(self, run_id: str) -> None:
+        """Delete a run left behind by an interrupted attempt (it moves to MLflow's deleted view)."""
+        self.client.delete_run(run_id)
+
+    def run_status(self, run_id: str) -> str:
+        return self.client.get_run(run_id).info.status
+
 
 def _finite(value: Any) -> bool:
     try:

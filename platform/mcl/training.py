@@ -24,7 +24,7 @@ import numpy as np
 
 from mcl.config import ExperimentConfig, config_from_dict
 from mcl.data import IGNORE_INDEX, Preprocessor, collate, local_batches, shard
-from mcl.methods_api import Method, TaskContext, build_method
+from mcl.methods_api import DRIVER_STATE_FILE, Method, TaskContext, build_method
 
 RESULT_FILE = "task_result.json"
 STATE_DIR = "state"
@@ -40,8 +40,13 @@ class TaskJob:
         task_index: Position of the task being trained.
         task_names: All task names of the stream.
         previous_state_dir: The method's state folder after the previous task, if any.
-        steps: Optimiser steps of this task (identical on every rank).
+        steps: Optimiser steps of this phase (identical on every rank).
         evaluate_before: Also evaluate the untouched model first (the baseline row for forward transfer).
+        phase: The phase of the task being trained (see :class:`mcl.methods_api.Phase`); ``config``
+            already carries the phase's epochs and learning rate.
+        evaluate: Evaluate all tasks at the end of this phase.
+        optimize: Take optimiser steps (False: gradients only, for :meth:`Method.on_gradients`).
+        driver_state: The method's driver-side state, saved with this phase's state by rank 0.
     """
 
     config: dict[str, Any]
@@ -51,6 +56,10 @@ class TaskJob:
     previous_state_dir: str | None
     steps: int
     evaluate_before: bool = False
+    phase: str = "train"
+    evaluate: bool = True
+    optimize: bool = True
+    driver_state: dict[str, Any] | None = None
 
 
 @dataclass
@@ -65,6 +74,8 @@ class TaskResult:
     predictions: list[dict[str, Any]]
     timing: dict[str, float]
     memory: dict[str, float] = field(default_factory=dict)
+    method_metrics: dict[str, float] = field(default_factory=dict)
+    phase: str = "train"
 
     def save(self, out_dir: Path) -> Path:
         path = out_dir / RESULT_FILE
@@ -93,10 +104,11 @@ def seed_everything(seed: int) -> None:
 
 
 def per_sample_loss(logits: Any, labels: Any) -> Any:
-    """Mean token cross-entropy of each sample's supervised tokens, averaged over the batch.
+    """Mean token cross-entropy of each sample's supervised tokens, averaged over the samples that have any.
 
     Averaging per sample (not per token) keeps the loss of a global batch independent of how its samples
-    are split over workers.
+    are split over workers. Rows without supervised tokens (a method's unsupervised rows, see
+    ``mcl.data.ROW_KEYS``) do not count; a batch of only such rows has loss 0.
     """
     import torch.nn.functional as F
 
@@ -109,7 +121,9 @@ def per_sample_loss(logits: Any, labels: Any) -> Any:
         reduction="none",
     ).view(shift_labels.shape)
     mask = (shift_labels != IGNORE_INDEX).float()
-    return ((tok * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    per_sample = (tok * mask).sum(1) / mask.sum(1).clamp(min=1)
+    has_target = (mask.sum(1) > 0).float()
+    return (per_sample * has_target).sum() / has_target.sum().clamp(min=1)
 
 
 def deepspeed_config(cfg: ExperimentConfig, micro_batch: int) -> dict[str, Any]:
@@ -129,14 +143,19 @@ def deepspeed_config(cfg: ExperimentConfig, micro_batch: int) -> dict[str, Any]:
     }
 
 
-def build_optimizer(model: Any, cfg: ExperimentConfig) -> tuple[Any, Any]:
-    """AdamW over the trainable parameters and the warmup-then-constant learning-rate schedule."""
+def build_optimizer(model: Any, cfg: ExperimentConfig, optimize: bool = True) -> tuple[Any, Any]:
+    """AdamW over the trainable parameters and the warmup-then-constant learning-rate schedule.
+
+    ``optimize=False`` (a gradient-only phase) gives learning rate and weight decay 0: the engine keeps its
+    usual backward/step bookkeeping (ZeRO's gradient partitions included) and the steps change nothing.
+    """
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError("the method left no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    lr, decay = (cfg.train.lr, cfg.train.weight_decay) if optimize else (0.0, 0.0)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=decay)
     warmup = cfg.train.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
@@ -152,8 +171,10 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
 class _Trainer:
     """The optimiser step behind one interface for DeepSpeed and plain torch (DDP when distributed)."""
 
-    def __init__(self, model: Any, cfg: ExperimentConfig, world_size: int, device: Any) -> None:
-        optimizer, scheduler = build_optimizer(model, cfg)
+    def __init__(
+        self, model: Any, cfg: ExperimentConfig, world_size: int, device: Any, optimize: bool = True
+    ) -> None:
+        optimizer, scheduler = build_optimizer(model, cfg, optimize)
         self.cfg = cfg
         self.deepspeed = cfg.scaling.deepspeed
         self.zero3 = self.deepspeed and cfg.scaling.zero_stage == 3
@@ -180,14 +201,27 @@ class _Trainer:
     def forward(self, batch: dict[str, Any]) -> Any:
         return self.engine(**model_inputs(batch))
 
-    def step(self, loss: Any) -> None:
+    def backward(self, loss: Any) -> None:
+        if self.deepspeed:
+            self.engine.backward(loss)
+        else:
+            loss.backward()
+
+    def full_grad(self, param: Any) -> Any:
+        """The whole averaged gradient of ``param`` between :meth:`backward` and :meth:`step` (a collective
+        under ZeRO: every rank asks for the same parameters in the same order)."""
+        if self.deepspeed:
+            from deepspeed.utils import safe_get_full_grad
+
+            return safe_get_full_grad(param)
+        return param.grad
+
+    def step(self) -> None:
         import torch
 
         if self.deepspeed:
-            self.engine.backward(loss)
             self.engine.step()
             return
-        loss.backward()
         if self.cfg.train.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(
                 [p for p in self.module.parameters() if p.requires_grad], self.cfg.train.max_grad_norm
@@ -285,7 +319,8 @@ def evaluate(
             batch = last if dummy else batch
             last = batch
             inputs = to_device(collate(batch, tokenizer.pad_token_id, left_pad=True), device, dtype)
-            new_tokens = method.generate(model, inputs, gen_kwargs, ctx)
+            generated = method.generate(model, inputs, gen_kwargs, ctx)
+            new_tokens, extras = generated if isinstance(generated, tuple) else (generated, {})
             if dummy:
                 continue
             texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
@@ -297,6 +332,7 @@ def evaluate(
                         "prediction": text.strip(),
                         "answer": str(batch["answer"][i]),
                         "answer_type": str(batch["answer_type"][i]),
+                        **{key: values[i] for key, values in extras.items()},
                     }
                 )
     model.train(was_training)
@@ -348,7 +384,8 @@ def train_and_evaluate_task(
     dtype = getattr(torch, cfg.model.dtype)
     say = log if rank == 0 else (lambda _msg: None)
     name = job.task_names[job.task_index]
-    tag = f"[task {job.task_index + 1}/{len(job.task_names)} {name}]"
+    phase_tag = "" if job.phase == "train" else f" {job.phase}"
+    tag = f"[task {job.task_index + 1}/{len(job.task_names)} {name}{phase_tag}]"
 
     t0 = time.perf_counter()
     method = build_method(cfg.method.name, cfg.method.params)
@@ -368,10 +405,12 @@ def train_and_evaluate_task(
         world_size=world,
         seed=cfg.train.seed,
         processor=processor,
+        phase=job.phase,
     )
     model = method.setup_model(base, ctx)
     method.before_task(model, ctx)
-    trainer = _Trainer(model, cfg, world, device)
+    trainer = _Trainer(model, cfg, world, device, optimize=job.optimize)
+    wants_gradients = method.wants_gradients(ctx)
     device = next(trainer.module.parameters()).device
     setup_s = time.perf_counter() - t0
 
@@ -402,7 +441,10 @@ def train_and_evaluate_task(
         loss = per_sample_loss(outputs.logits, batch["labels"])
         extra = method.extra_loss(trainer.module, batch, outputs, ctx)
         total = loss + extra if extra is not None else loss
-        trainer.step(total)
+        trainer.backward(total)
+        if wants_gradients:
+            method.on_gradients(trainer.module, batch, trainer.full_grad, ctx)
+        trainer.step()
         step += 1
         if step == 2:
             t_steady = time.perf_counter()
@@ -426,13 +468,18 @@ def train_and_evaluate_task(
     method.after_task(trainer.module, ctx)
 
     t_eval = time.perf_counter()
-    records = evaluate(trainer, method, ctx, eval_batches(), processor, cfg, device, dtype)
+    records = []
+    if job.evaluate:
+        records = evaluate(trainer, method, ctx, eval_batches(), processor, cfg, device, dtype)
     eval_s = time.perf_counter() - t_eval
 
     out.mkdir(parents=True, exist_ok=True)
     with trainer.gathered(method.state_parameters(trainer.module)):
         if rank == 0:
             method.save_state(trainer.module, out / STATE_DIR, ctx)
+            if job.driver_state is not None:
+                (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+                (out / STATE_DIR / DRIVER_STATE_FILE).write_text(json.dumps(job.driver_state))
     if world > 1:
         import torch.distributed as td
 
@@ -440,8 +487,12 @@ def train_and_evaluate_task(
     del zero3_loading  # ZeRO-3 stayed visible to transformers (loading, synced generate) until here
     if rank != 0:
         return None
-    accuracy = score_records(records, job.task_names)
-    say(f"{tag} accuracy " + ", ".join(f"{t} {a:.1f}" for t, a in accuracy.items()))
+    accuracy = score_records(records, job.task_names) if job.evaluate else {}
+    method_metrics = method.eval_metrics(records, ctx) if job.evaluate else {}
+    if accuracy:
+        say(f"{tag} accuracy " + ", ".join(f"{t} {a:.1f}" for t, a in accuracy.items()))
+    if method_metrics:
+        say(f"{tag} " + ", ".join(f"{k} {v:.2f}" for k, v in method_metrics.items()))
     result = TaskResult(
         task_index=job.task_index,
         task_names=list(job.task_names),
@@ -462,6 +513,8 @@ def train_and_evaluate_task(
             "eval_samples": float(len(records)),
         },
         memory=method.memory_report(trainer.module),
+        method_metrics=method_metrics,
+        phase=job.phase,
     )
     result.save(out)
     return result

@@ -36,7 +36,7 @@ def test_failed_run_is_marked_failed_not_finished(tmp_path, monkeypatch, generat
 
     monkeypatch.setattr(runner, "_fit_task", broken_fit)
     monkeypatch.setattr(runner, "_init_ray", lambda _cfg: None)
-    monkeypatch.setattr(runner, "_task_datasets", lambda _prep, _t: ({}, 1))
+    monkeypatch.setattr(runner, "_task_datasets", lambda _prep, _rows, _evaluate: {})
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = load_config(
         None, [f"stream.root={generated_root}", f"tracking.uri={uri}", f"tracking.output_dir={tmp_path}/runs"]
