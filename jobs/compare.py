@@ -1,0 +1,117 @@
+"""Compare continual-learning methods on one stream: same model, budget and seeds for every method.
+
+Usage:
+    python jobs/compare.py                                   # every registered method, seeds 0 1 2
+    python jobs/compare.py --methods sequential_lora mr_lora --seeds 0 1 2 scaling.num_workers=1
+    python jobs/compare.py --out comparison/ --config my.yaml train.epochs=3
+
+Each (method, seed) is one stream run (``jobs/run_stream.py`` with ``method.name`` and ``train.seed`` set),
+tracked in MLflow under the experiment ``tracking.experiment``; runs are named ``<prefix>-<method>-s<seed>``
+and resumed when the command is re-run (finished runs are read back, not trained again). At the end it
+prints and writes a leaderboard (mean ± std over seeds of MFT, MFN, MAA, BWT, FWT and forgetting) as
+``leaderboard.md`` and ``leaderboard.csv``, plus every run's accuracy matrix in ``runs.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config", default=str(DEFAULT_CONFIG), help="base experiment YAML (default: %(default)s)"
+    )
+    parser.add_argument("--methods", nargs="*", help="method names (default: every registered method)")
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2], help="seeds (default: 0 1 2)")
+    parser.add_argument(
+        "--out", default="comparison", help="folder for the leaderboard (default: %(default)s)"
+    )
+    parser.add_argument("--prefix", default="compare", help="run-name prefix; re-use it to resume")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
+    args = parser.parse_args(argv)
+
+    from mcl.config import apply_overrides, config_from_dict, load_config
+    from mcl.errors import MclError
+    from mcl.evaluation.leaderboard import leaderboard, to_csv_rows, to_markdown
+    from mcl.methods_api import available_methods
+    from mcl.runner import format_matrix, format_metrics, prepare_run, run_experiment
+
+    try:
+        base = load_config(args.config, args.overrides)
+        methods = args.methods or available_methods()
+        unknown = sorted(set(methods) - set(available_methods()))
+        if unknown:
+            raise MclError(f"unknown methods {unknown}; valid: {', '.join(available_methods())}")
+        if not args.seeds:
+            raise MclError("--seeds: give at least one seed")
+        plans = []
+        for method in methods:
+            for seed in args.seeds:
+                cfg = config_from_dict(
+                    apply_overrides(
+                        base.to_dict(),
+                        [
+                            f"method.name={method}",
+                            f"train.seed={seed}",
+                            f"tracking.run_name={args.prefix}-{method}-s{seed}",
+                        ],
+                    )
+                )
+                plans.append((method, seed, cfg))
+        prepare_run(plans[0][2])  # names, model and data checked before anything runs
+    except MclError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    records = []
+    t0 = time.perf_counter()
+    for i, (method, seed, cfg) in enumerate(plans):
+        elapsed = time.perf_counter() - t0
+        eta = f", ETA {elapsed / i * (len(plans) - i) / 60:.0f} min" if i else ""
+        print(f"\n##### run {i + 1}/{len(plans)}: {method}, seed {seed}{eta}", flush=True)
+        summary = run_experiment(cfg, resume=True)
+        print(format_matrix(summary.task_names, summary.matrix))
+        print(format_metrics(summary.metrics))
+        records.append(
+            {
+                "method": method,
+                "stream": cfg.stream.name,
+                "seed": seed,
+                "run_id": summary.run_id,
+                "tasks": summary.task_names,
+                "matrix": summary.matrix,
+                **summary.metrics,
+            }
+        )
+
+    entries = leaderboard(records)
+    table = to_markdown(entries)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "leaderboard.md").write_text(table + "\n")
+    with (out / "leaderboard.csv").open("w", newline="") as f:
+        rows = to_csv_rows(entries)
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "runs.json").write_text(json.dumps(records, indent=1))
+    print(f"\n{len(plans)} runs in {(time.perf_counter() - t0) / 60:.1f} min; leaderboard (percent points):")
+    print(table)
+    print(f"written to {out}/leaderboard.md, leaderboard.csv and runs.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""MoELoRA: a mixture of LoRA experts with a per-token gate, trained sequentially (a CoIN baseline).
+
+Papers: MoELoRA as used for continual instruction tuning in Chen et al., "CoIN: A Benchmark of Continual
+Instruction tuNing for Multimodel Large Language Model" (arXiv 2024; NeurIPS 2024 Datasets and Benchmarks),
+after the mixture-of-LoRA-experts designs of Liu et al. 2023 ("MOELoRA", multi-task medical applications) and
+Luo et al. 2024 ("MoELoRA: contrastive learning guided mixture of experts").
+
+What the method does: each targeted linear layer of the language model gets ``E`` LoRA experts and a gate,
+a bias-free linear map of the layer input followed by a softmax over the experts, per token:
+
+    y = base(x) + scaling * sum_e g_e(x) * B_e A_e dropout(x),    g(x) = softmax(W_gate x)
+
+All experts, the gates (and the projector, when trained) are shared by every task and trained through the
+stream one task after the other, as CoIN's baseline does: nothing protects earlier tasks, the experts only
+give the model room to route different inputs to different low-rank updates. It forgets; it is a baseline.
+
+How it is implemented here: our own module wrapper, :class:`MoELoRALinear`, replaces every ``nn.Linear``
+whose name fully matches the experiment's ``model.lora.target_modules`` regex. It holds the frozen base
+layer, the experts' ``A`` matrices stacked as one ``(E*r, in)`` parameter and their ``B`` matrices as one
+``(out, E*r)`` parameter (one matmul each for all experts), and the gate ``nn.Linear(in, E)``. ``B`` starts
+at zero, so the wrapped model equals the base model at the start. ``A`` uses peft's LoRA initialisation
+(Kaiming-uniform, bound ``1/sqrt(in)``; CoIN draws ``N(0, 0.01)``, the same scale at LLaVA-7B's width 4096);
+the gate keeps ``nn.Linear``'s default initialisation, as in CoIN. The multimodal projector is trained (shared)
+when ``model.lora.train_projector`` is on, as CoIN trains it. State after each task: one safetensors file
+(experts, gates, projector) and a JSON of the shape; the next task loads it. The new parameters are plain
+tensors created after the model is loaded, so ``deepspeed.initialize`` takes them over under ZeRO-2 and
+ZeRO-3 alike; projector weights loaded under ZeRO-3 are gathered while they are written.
+
+Hyper-parameters (``method.params``):
+- ``num_experts`` (2): experts per layer. CoIN's released MoELoRA scripts (``scripts/CoIN/Train_MOE``) train
+  with ``--expert_num 2``; its config class defaults to 4.
+- ``expert_rank`` (0): rank of each expert; 0 splits ``model.lora.r`` evenly over the experts as CoIN does
+  (``r // expert_num`` per expert, ``r`` must be divisible), so MoELoRA has the parameter budget of one LoRA
+  of rank ``r`` plus the gates. The scaling is ``model.lora.alpha / model.lora.r`` either way (CoIN's).
+- ``top_k`` (0): 0 mixes all experts (CoIN's dense gate); ``k > 0`` keeps the ``k`` largest gate weights per
+  token and renormalises them to sum to 1 (ours, optional).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mcl.adapters import projector_module_names
+from mcl.methods_api import Method, TaskContext, register_method
+
+if TYPE_CHECKING:
+    from mcl.config import LoraConfig
+
+STATE_WEIGHTS = "moelora.safetensors"
+STATE_FILE = "moelora.json"
+
+
+@dataclass
+class MoELoRAParams:
+    """MoELoRA hyper-parameters (see the module docstring for CoIN's values)."""
+
+    num_experts: int = 2
+    expert_rank: int = 0
+    top_k: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts: must be >= 1, got {self.num_experts!r}")
+        if self.expert_rank < 0:
+            raise ValueError(
+                f"expert_rank: must be >= 0 (0 = model.lora.r / num_experts), got {self.expert_rank!r}"
+            )
+        if not 0 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"top_k: must be in [0, num_experts={self.num_experts}] (0 = all experts), got {self.top_k!r}"
+            )
+
+
+class MoELoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus ``num_experts`` LoRA experts mixed per token by a softmax gate."""
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        num_experts: int,
+        expert_rank: int,
+        scaling: float,
+        dropout: float = 0.0,
+        top_k: int = 0,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.num_experts, self.expert_rank = num_experts, expert_rank
+        self.scaling, self.top_k = scaling, top_k
+        device = base_layer.weight.device
+        # Adapters in float32 even on a half-precision base (peft does the same); DeepSpeed casts if it runs bf16.
+        shape_a, shape_b = (
+            (num_experts * expert_rank, self.in_features),
+            (self.out_features, num_experts * expert_rank),
+        )
+        self.lora_A = nn.Parameter(torch.empty(shape_a, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(shape_b, device=device, dtype=torch.float32))
+        self.gate = nn.Linear(self.in_features, num_experts, bias=False, device=device, dtype=torch.float32)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Each expert's A like peft's LoRA A (fan-in = in_features: one call covers all experts alike).
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def gate_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token expert weights ``(..., num_experts)``: softmax of the gate, top-k renormalised."""
+        weights = torch.softmax(self.gate(x.to(self.gate.weight.dtype)).float(), dim=-1)
+        if 0 < self.top_k < self.num_experts:
+            top = weights.topk(self.top_k, dim=-1)
+            weights = torch.zeros_like(weights).scatter(-1, top.indices, top.values)
+            weights = weights / weights.sum(-1, keepdim=True)
+        return weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        weights = self.gate_weights(x)
+        hidden = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., E*r)
+        hidden = (
+            hidden.unflatten(-1, (self.num_experts, self.expert_rank)) * weights.to(hidden.dtype)[..., None]
+        )
+        update = F.linear(hidden.flatten(-2), self.lora_B) * self.scaling
+        return result + update.to(result.dtype)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, expert_rank={self.expert_rank}, top_k={self.top_k}"
+
+
+def wrap_linear_layers(
+    model: nn.Module, lora: LoraConfig, num_experts: int, expert_rank: int, top_k: int
+) -> list[str]:
+    """Replace every ``nn.Linear`` whose full name matches ``lora.target_modules`` by a
+    :class:`MoELoRALinear`; returns the wrapped names."""
+    pattern = re.compile(lora.target_modules)
+    names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and pattern.fullmatch(name) and not isinstance(module, MoELoRALinear)
+    ]
+    if not names:
+        raise ValueError(
+            f"model.lora.target_modules: {lora.target_modules!r} matches no linear layer of the model"
+        )
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        wrapped = MoELoRALinear(
+            getattr(parent, child), num_experts, expert_rank, lora.alpha / lora.r, lora.dropout, top_k
+        )
+        setattr(parent, child, wrapped)
+    return names
+
+
+def _projector_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    projectors = set(projector_module_names(model))
+    return {
+        name: p
+        for name, p in model.named_parameters()
+        if projectors & set(name.split(".")) and ".lora_A" not in name and ".lora_B" not in name
+    }
+
+
+def _expert_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    params: dict[str, nn.Parameter] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, MoELoRALinear):
+            params[f"{name}.lora_A"] = module.lora_A
+            params[f"{name}.lora_B"] = module.lora_B
+            params[f"{name}.gate.weight"] = module.gate.weight
+    return params
+
+
+def _full_numel(p: torch.nn.Parameter) -> int:
+    return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 partitions report numel() 0
+
+
+def _copy_into(param: nn.Parameter, value: torch.Tensor) -> None:
+    """Write a saved tensor into a parameter, gathering it first if ZeRO-3 has partitioned it."""
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0), torch.no_grad():
+            param.data.copy_(value.to(param.dtype))
+        return
+    if tuple(param.shape) != tuple(value.shape):
+        raise RuntimeError(f"MoELoRA state: shape {tuple(value.shape)} does not fit {tuple(param.shape)}")
+    with torch.no_grad():
+        param.copy_(value.to(param.dtype))
+
+
+@register_method
+class MoELoRA(Method):
+    name = "moelora"
+    Params = MoELoRAParams
+
+    def __init__(self, params: MoELoRAParams) -> None:
+        super().__init__(params)
+        self.wrapped: list[str] = []
+        self.train_projector = True
+
+    def _expert_rank(self, lora: LoraConfig) -> int:
+        if self.params.expert_rank:
+            return self.params.expert_rank
+        if lora.r % self.params.num_experts:
+            raise ValueError(
+                f"method.params.num_experts: model.lora.r={lora.r} does not split evenly over "
+                f"{self.params.num_experts} experts; set method.params.expert_rank or change model.lora.r"
+            )
+        return lora.r // self.params.num_experts
+
+    def setup_model(self, model: nn.Module, ctx: TaskContext) -> nn.Module:
+        rank = self._expert_rank(ctx.lora)
+        self.train_projector = ctx.lora.train_projector
+        self.wrapped = wrap_linear_layers(model, ctx.lora, self.params.num_experts, rank, self.params.top_k)
+        if ctx.previous_state_dir is not None:
+            self._load_state(model, ctx.previous_state_dir, rank)
+        return model
+
+    def _load_state(self, model: nn.Module, state_dir: Path, rank: int) -> None:
+        from safetensors.torch import load_file
+
+        saved = json.loads((state_dir / STATE_FILE).read_text())
+        shape = {"num_experts": self.params.num_experts, "expert_rank": rank}
+        if {k: saved[k] for k in shape} != shape:
+            raise ValueError(
+                f"method.params: the previous state has {saved['num_experts']} experts of rank "
+                f"{saved['expert_rank']}, this task {shape['num_experts']} of rank {shape['expert_rank']}"
+            )
+        tensors = load_file(str(state_dir / STATE_WEIGHTS))
+        targets = self._state_params(model)
+        missing, unexpected = sorted(set(targets) - set(tensors)), sorted(set(tensors) - set(targets))
+        if missing or unexpected:
+            raise RuntimeError(
+                f"MoELoRA state {state_dir}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        for name, param in targets.items():
+            _copy_into(param, tensors[name])
+
+    def _state_params(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        params = _expert_params(model)
+        if self.train_projector:
+            params.update(_projector_params(model))
+        return params
+
+    def before_task(self, model: nn.Module, ctx: TaskContext) -> None:
+        trainable = {id(p) for p in self._state_params(model).values()}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in trainable)
+
+    def state_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return list(self._state_params(model).values())
+
+    def save_state(self, model: nn.Module, out_dir: Path, ctx: TaskContext) -> None:
+        from safetensors.torch import save_file
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            name: p.detach().to("cpu", copy=True).contiguous()
+            for name, p in self._state_params(model).items()
+        }
+        save_file(tensors, str(out_dir / STATE_WEIGHTS))
+        shape = {
+            "num_experts": self.params.num_experts,
+            "expert_rank": self._expert_rank(ctx.lora),
+            "top_k": self.params.top_k,
+            "scaling": ctx.lora.alpha / ctx.lora.r,
+            "train_projector": self.train_projector,
+            "wrapped": self.wrapped,
+            "tasks": list(ctx.task_names[: ctx.task_index + 1]),
+        }
+        (out_dir / STATE_FILE).write_text(json.dumps({**shape, "params": asdict(self.params)}, indent=1))
+
+    def memory_report(self, model: nn.Module) -> dict[str, float]:
+        experts = gates = 0
+        for name, p in _expert_params(model).items():
+            if name.endswith("gate.weight"):
+                gates += _full_numel(p)
+            else:
+                experts += _full_numel(p)
+        projector = (
+            sum(_full_numel(p) for p in _projector_params(model).values()) if self.train_projector else 0
+        )
+        trainable = sum(_full_numel(p) for p in model.parameters() if p.requires_grad)
+        return {
+            "expert_params": float(experts),
+            "gate_params": float(gates),
+            "projector_params": float(projector),
+            "trainable_params": float(trainable),
+            "moe_layers": float(len(self.wrapped)),
+        }
+
+    def moe_layers(self, model: nn.Module) -> dict[str, MoELoRALinear]:
+        """The wrapped layers by name (for diagnostics and tests)."""
+        return {name: m for name, m in model.named_modules() if isinstance(m, MoELoRALinear)}

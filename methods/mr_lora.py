@@ -1,0 +1,527 @@
+"""MR-LoRA: one independent LoRA expert per task and a router that picks the expert for each sample.
+
+Paper: "MLLM-CL: Continual Learning for Multimodal Large Language Models" (Zhao et al., 2025), whose
+baseline method MR-LoRA ("multimodal routing LoRA") avoids forgetting by never touching a trained expert.
+
+What the method does
+    Task ``t`` trains a fresh LoRA expert on the task's data while the experts of the earlier tasks are
+    loaded, frozen and inactive. Then a router adapter is trained on a few samples of every task seen so
+    far (``router_samples_per_task`` each): the router reads the sample's image and question plus a short
+    routing instruction and answers a letter naming the expert (``A`` = first task's expert, ``B`` = the
+    second, ...). At inference every sample is routed first, then answered by its expert.
+
+How it is implemented here
+    * Phases per task: ``train`` (the new expert ``expert_<t>``, no evaluation) and ``router`` (a router
+      adapter trained from scratch, then evaluation). The router is re-trained from scratch after each task
+      rather than continued: its label set grows with every task and its training rows cover every seen
+      task, so starting from the previous router buys nothing but a bias towards the old letters, and a
+      fresh router makes each task's router a function of its own (tiny) training set only.
+    * Experts are truly independent: every adapter (each expert and the router) carries its own copy of
+      the multimodal projector when ``model.lora.train_projector`` is set (peft ``modules_to_save``, one
+      copy per adapter, on the projector's Linear layers, which peft can route per sample). A shared
+      trainable projector would be changed by every later task and silently break the earlier experts.
+      Earlier experts are loaded with ``is_trainable=False`` and saved again untouched: their tensors stay
+      bit-identical across later tasks.
+    * Routed inference in one pass per batch (:meth:`MRLoRA.generate`): one router forward
+      (``adapter_names=["router"] * n``) on the routing prompt built from the batch's token ids, reading the
+      logits at the first answer position; then one ``model.generate(..., adapter_names=[expert per
+      sample])`` mixed-adapter call. Every rank makes the same number of calls per batch (ZeRO-3 safe).
+    * Fallback rule (:func:`choose_experts`): the router's free greedy token is used when it is the letter
+      of a seen expert; otherwise the sample goes to the seen expert whose letter has the highest logit
+      (ties: the earlier expert). This is deterministic; the published code picks a random expert instead
+      (and can crash on an unparsable answer). Fallbacks are counted (``router_fallback`` per sample,
+      ``router_fallback_rate`` per evaluation).
+    * The evaluation the engine runs before training the first task's evaluating phase (the baseline row
+      for forward transfer) answers with the untouched base model (``__base__``), as for other methods.
+    * State: one peft folder per adapter (``expert_0/``, ..., ``router/``) plus ``mr_lora.json``.
+
+Hyper-parameters
+    router_samples_per_task: Training samples per seen task the router trains on (paper: ~20). Chosen once
+        per task, when the task is first seen, from a seed-determined permutation, and kept in the driver
+        state (the method's small per-task memory).
+    router_epochs: Epochs of the router phase (ours: 10; the router sees only ``20 x tasks`` rows, so a few
+        more passes than the expert's are cheap; 10 routes >= 95 % of the generated stream's test samples).
+    router_lr: Learning rate of the router phase (default: ``train.lr``).
+    The experts and the router take the experiment's LoRA shape (``model.lora``). The paper uses rank 128,
+    alpha 256 on LLaVA-1.5-7B; on the tiny test model the experiment's shape (rank 8, alpha 16) is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mcl.adapters import projector_module_names
+from mcl.data import build_prompt, training_order
+from mcl.methods_api import Method, Phase, TaskContext, TrainingData, register_method
+
+if TYPE_CHECKING:
+    from mcl.streams.registry import TaskData
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+ROUTER = "router"
+BASE = "__base__"  # peft's name for "no adapter" in adapter_names
+STATE_FILE = "mr_lora.json"
+ROUTER_PHASE = "router"
+_ADAPTER_OF_PARAM = re.compile(r"\.(?:lora_[A-Za-z_]+|modules_to_save)\.([^.]+)\.")
+# Layer types whose peft modules_to_save copies support per-sample adapter_names.
+_ROUTABLE_LAYERS = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
+def expert_name(index: int) -> str:
+    """The adapter name of task ``index``'s expert."""
+    return f"expert_{index}"
+
+
+def routing_instruction(num_experts: int) -> str:
+    """The instruction appended to a question for the router, listing the valid letters."""
+    return f"Which expert should answer this? Answer with one letter from {', '.join(LETTERS[:num_experts])}."
+
+
+def router_question(question: str, num_experts: int) -> str:
+    """The router's question for a sample: the sample's question plus the routing instruction."""
+    return f"{question} {routing_instruction(num_experts)}"
+
+
+@dataclass(frozen=True)
+class RouterTokens:
+    """How the routing prompt and the router's answer look in token ids (see :func:`router_tokens`).
+
+    Attributes:
+        insert_ids: Tokens of the routing instruction, inserted into a generation prompt ``suffix_len``
+            tokens before its end (before the chat template's generation prompt, e.g. ``ASSISTANT:``).
+        suffix_len: Number of prompt tokens after the question.
+        answer_prefix: Tokens every letter answer starts with (usually none); fed after the prompt so the
+            router's letter is read at the position that predicts it.
+        letter_ids: Token id of each valid letter (expert ``k`` is ``letter_ids[k]``).
+    """
+
+    insert_ids: tuple[int, ...]
+    suffix_len: int
+    answer_prefix: tuple[int, ...]
+    letter_ids: tuple[int, ...]
+
+
+def _split_insertion(plain: list[int], full: list[int]) -> tuple[tuple[int, ...], int]:
+    """``(inserted, suffix_len)`` such that ``full = plain[:-suffix_len] + inserted + plain[-suffix_len:]``."""
+    prefix = 0
+    while prefix < len(plain) and plain[prefix] == full[prefix]:
+        prefix += 1
+    suffix = 0
+    while suffix < len(plain) - prefix and plain[-1 - suffix] == full[-1 - suffix]:
+        suffix += 1
+    if prefix + suffix != len(plain):
+        raise ValueError("the routing prompt is not the plain prompt with the instruction inserted")
+    return tuple(full[prefix : len(full) - suffix]), suffix
+
+
+def router_tokens(processor: Any, num_experts: int) -> RouterTokens:
+    """Token-level description of the routing prompt and the letter answers for ``num_experts`` experts.
+
+    The routing prompt of a sample is its generation prompt with the routing instruction appended to the
+    question (exactly what :meth:`MRLoRA.training_data` trains the router on); it is found by tokenising the
+    chat template with and without the instruction for two probe questions, which must agree. The letters
+    are tokenised as the engine tokenises answers (``mcl.data.Preprocessor``: a space before the answer
+    unless the prompt ends in whitespace); they must differ in one token position, where the router is read.
+    """
+    if not 1 <= num_experts <= len(LETTERS):
+        raise ValueError(f"num_experts must be in 1..{len(LETTERS)}, got {num_experts}")
+    tokenizer = processor.tokenizer
+
+    def ids(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    splits = set()
+    for probe in ("what is shown ?", "describe the image ."):
+        plain = ids(build_prompt(processor, probe))
+        full = ids(build_prompt(processor, router_question(probe, num_experts)))
+        splits.add(_split_insertion(plain, full))
+    if len(splits) != 1:
+        raise ValueError("the routing instruction tokenises differently after different questions")
+    insert_ids, suffix_len = splits.pop()
+    prompt = build_prompt(processor, "x")
+    sep = "" if prompt.endswith((" ", "\n")) else " "
+    answers = [ids(sep + letter) for letter in LETTERS[:num_experts]]
+    common = 0
+    while all(len(a) > common for a in answers) and len({a[common] for a in answers}) == 1:
+        common += 1
+    if num_experts == 1:  # one letter: its first token is the letter
+        common = 0
+    letter_ids = tuple(a[common] if len(a) > common else -1 for a in answers)
+    if -1 in letter_ids or len(set(letter_ids)) != num_experts:
+        raise ValueError(f"the tokenizer does not give the letters {LETTERS[:num_experts]} distinct tokens")
+    return RouterTokens(insert_ids, suffix_len, tuple(answers[0][:common]), letter_ids)
+
+
+def router_inputs(batch: dict[str, torch.Tensor], tokens: RouterTokens) -> dict[str, torch.Tensor]:
+    """The router's forward inputs for a left-padded generation batch: the routing instruction inserted
+    before each prompt's generation prompt, the answer prefix appended, and position ids that skip the
+    padding (as ``generate`` computes them). Per-token inputs other than ids and mask get zeros."""
+    input_ids = batch["input_ids"]
+    n, length = input_ids.shape
+    cut = length - tokens.suffix_len
+    device = input_ids.device
+    insert = torch.tensor(tokens.insert_ids, dtype=input_ids.dtype, device=device).expand(n, -1)
+    prefix = torch.tensor(tokens.answer_prefix, dtype=input_ids.dtype, device=device).expand(n, -1)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in batch.items():
+        if key == "labels":
+            continue
+        if value.dim() == 2 and value.shape == input_ids.shape:
+            if key == "input_ids":
+                mid, tail = insert, prefix
+            elif key == "attention_mask":
+                mid, tail = (
+                    torch.ones_like(insert, dtype=value.dtype),
+                    torch.ones_like(prefix, dtype=value.dtype),
+                )
+            else:
+                mid = torch.zeros(insert.shape, dtype=value.dtype, device=device)
+                tail = torch.zeros(prefix.shape, dtype=value.dtype, device=device)
+            out[key] = torch.cat([value[:, :cut], mid, value[:, cut:], tail], dim=1)
+        else:
+            out[key] = value
+    mask = out["attention_mask"]
+    out["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    return out
+
+
+def choose_experts(logits: torch.Tensor, letter_ids: Sequence[int]) -> tuple[list[int], list[bool]]:
+    """Each sample's expert from the router's logits at the answer position (``[n, vocab]``).
+
+    The free greedy token (argmax over the whole vocabulary) decides when it is a valid letter. Otherwise
+    (a word, another letter, padding) the sample falls back, deterministically, to the valid letter with the
+    highest logit, the earlier expert on a tie. Returns ``(experts, fell_back)``.
+    """
+    letters = torch.tensor(list(letter_ids), device=logits.device)
+    free = logits.argmax(dim=-1)
+    restricted = logits.index_select(-1, letters).argmax(dim=-1)
+    experts, fell_back = [], []
+    for token, best in zip(free.tolist(), restricted.tolist(), strict=True):
+        if token in letter_ids:
+            experts.append(list(letter_ids).index(token))
+            fell_back.append(False)
+        else:
+            experts.append(int(best))
+            fell_back.append(True)
+    return experts, fell_back
+
+
+def _accepts(model: torch.nn.Module, name: str) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return name in inspect.signature(base.forward).parameters
+
+
+def route(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], tokens: RouterTokens
+) -> tuple[list[int], list[bool]]:
+    """One router forward over an evaluation batch (the ``router`` adapter for every sample): each sample's
+    expert index and whether it fell back (see :func:`choose_experts`). The model must be in eval mode."""
+    inputs = router_inputs(batch, tokens)
+    n = batch["input_ids"].shape[0]
+    if _accepts(model, "logits_to_keep"):
+        inputs["logits_to_keep"] = 1
+    with torch.no_grad():
+        logits = model(**inputs, adapter_names=[ROUTER] * n).logits[:, -1, :]
+    return choose_experts(logits.float(), tokens.letter_ids)
+
+
+def routed_generate(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    generate_kwargs: dict[str, Any],
+    experts: Sequence[int],
+) -> torch.Tensor:
+    """One mixed-adapter ``generate`` call: sample ``i`` answered by ``expert_<experts[i]>`` (``-1``: the base
+    model). Returns the generated tokens after the prompt."""
+    if "pixel_values" in batch and batch["pixel_values"].shape[0] != batch["input_ids"].shape[0]:
+        # Per-sample projector copies need one image per sample along dim 0 (LLaVA's layout).
+        raise ValueError(
+            "MR-LoRA routes one image per sample: pixel_values has "
+            f"{batch['pixel_values'].shape[0]} rows for {batch['input_ids'].shape[0]} samples"
+        )
+    names = [expert_name(e) if e >= 0 else BASE for e in experts]
+    with torch.no_grad():
+        out = model.generate(**batch, adapter_names=names, **generate_kwargs)
+    return out[:, batch["input_ids"].shape[1] :]
+
+
+def projector_layers(model: torch.nn.Module) -> list[str]:
+    """``modules_to_save`` names for per-adapter projector copies: the projector's parameterised layers.
+
+    peft copies a module per adapter; with ``adapter_names`` it routes each sample through its adapter's
+    copy only for single layers (Linear, Conv, Embedding), so the projector's layers are listed one by one.
+    """
+    roots = set(projector_module_names(model))
+    names: list[str] = []
+    for full, module in model.named_modules():
+        if full.split(".")[-1] not in roots:
+            continue
+        root = full.split(".")[-1]
+        for sub, layer in module.named_modules():
+            if not sub or not any(True for _ in layer.parameters(recurse=False)):
+                continue
+            if not isinstance(layer, _ROUTABLE_LAYERS):
+                raise ValueError(
+                    f"model.lora.train_projector: projector layer {root}.{sub} is a {type(layer).__name__}; "
+                    "MR-LoRA gives each expert its own projector copy, routed per sample, which peft supports "
+                    "only for Linear/Conv/Embedding layers; set model.lora.train_projector=false"
+                )
+            names.append(f"{root}.{sub}")
+    return sorted(set(names))
+
+
+def _peft_config(model: torch.nn.Module, ctx: TaskContext) -> Any:
+    from peft import LoraConfig as PeftLoraConfig
+
+    lora = ctx.lora
+    return PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        modules_to_save=projector_layers(model) if lora.train_projector else None,
+        bias="none",
+    )
+
+
+def read_state(state_dir: str | Path) -> dict[str, Any]:
+    """The adapter list of a saved MR-LoRA state (``mr_lora.json``)."""
+    path = Path(state_dir) / STATE_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no MR-LoRA state here (was the previous task trained by mr_lora?)")
+    return json.loads(path.read_text())
+
+
+def load_routed_model(model: torch.nn.Module, state_dir: str | Path) -> torch.nn.Module:
+    """Every expert and the router of a saved state (after a ``router`` phase) on ``model``, frozen, in eval
+    mode: ready for :func:`route` and :func:`routed_generate`."""
+    from peft import PeftModel
+
+    state = read_state(state_dir)
+    if not state.get("router"):
+        raise ValueError(f"{state_dir}: this state has no router (it was saved after a train phase)")
+    names = [*state["experts"], ROUTER]
+    peft_model = PeftModel.from_pretrained(model, str(Path(state_dir) / names[0]), adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.load_adapter(str(Path(state_dir) / name), adapter_name=name, is_trainable=False)
+    return peft_model.eval()
+
+
+def adapter_parameter_counts(model: torch.nn.Module) -> dict[str, int]:
+    """Number of parameters of each adapter (LoRA matrices plus its projector copy) by adapter name."""
+    counts: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        match = _ADAPTER_OF_PARAM.search(name)
+        if match:
+            counts[match.group(1)] = counts.get(match.group(1), 0) + int(getattr(p, "ds_numel", p.numel()))
+    return counts
+
+
+@register_method
+class MRLoRA(Method):
+    """One LoRA expert per task, a router adapter choosing the expert per sample (see the module docstring)."""
+
+    name = "mr_lora"
+
+    @dataclass
+    class Params:
+        """MR-LoRA hyper-parameters (see the module docstring)."""
+
+        router_samples_per_task: int = 20
+        router_epochs: int = 10
+        router_lr: float | None = None
+
+        def __post_init__(self) -> None:
+            if isinstance(self.router_samples_per_task, bool) or not isinstance(
+                self.router_samples_per_task, int
+            ):
+                raise ValueError(
+                    f"router_samples_per_task must be an integer, got {self.router_samples_per_task!r}"
+                )
+            if self.router_samples_per_task < 1:
+                raise ValueError(f"router_samples_per_task must be >= 1, got {self.router_samples_per_task}")
+            if isinstance(self.router_epochs, bool) or not isinstance(self.router_epochs, int):
+                raise ValueError(f"router_epochs must be an integer, got {self.router_epochs!r}")
+            if self.router_epochs < 1:
+                raise ValueError(f"router_epochs must be >= 1, got {self.router_epochs}")
+            if self.router_lr is not None:
+                if isinstance(self.router_lr, bool) or not isinstance(self.router_lr, (int, float)):
+                    raise ValueError(f"router_lr must be a number or null, got {self.router_lr!r}")
+                if not self.router_lr > 0:
+                    raise ValueError(f"router_lr must be > 0, got {self.router_lr}")
+
+    def __init__(self, params: Any) -> None:
+        super().__init__(params)
+        self._tokens: dict[int, RouterTokens] = {}
+        self._trained = False
+
+    # -- driver side ---------------------------------------------------------------------------------
+    def phases(self, task_index: int) -> list[Phase]:
+        lr = float(self.params.router_lr) if self.params.router_lr is not None else None
+        return [
+            Phase("train", evaluate=False),
+            Phase(ROUTER_PHASE, evaluate=True, epochs=self.params.router_epochs, lr=lr),
+        ]
+
+    def training_data(
+        self,
+        phase: Phase,
+        task_index: int,
+        tasks: Sequence[TaskData],
+        driver_state: dict[str, Any] | None,
+        *,
+        epochs: int,
+        global_batch: int,
+        seed: int,
+    ) -> TrainingData:
+        """``train``: the task's training samples. ``router``: ``router_samples_per_task`` samples of every
+        seen task, as routing questions answered by their expert's letter (images kept)."""
+        if task_index >= len(LETTERS):
+            raise ValueError(f"MR-LoRA names experts by letter: at most {len(LETTERS)} tasks")
+        if phase.name == "train":
+            samples = tasks[task_index].train
+            return TrainingData(training_order(samples, epochs=epochs, global_batch=global_batch, seed=seed))
+        if phase.name != ROUTER_PHASE:
+            raise ValueError(f"MR-LoRA has no phase {phase.name!r}")
+        chosen: dict[str, list[str]] = dict((driver_state or {}).get("router_samples", {}))
+        router_samples = []
+        for i in range(task_index + 1):
+            task = tasks[i]
+            if task.name not in chosen:  # first seen now: pick its router samples once, keep them
+                chosen[task.name] = select_router_samples(task, self.params.router_samples_per_task, seed)
+            by_id = {s.id: s for s in task.train}
+            missing = [sid for sid in chosen[task.name] if sid not in by_id]
+            if missing:
+                raise ValueError(
+                    f"router samples {missing[:3]} of task {task.name!r} are not in its training data"
+                )
+            for sid in chosen[task.name]:
+                s = by_id[sid]
+                router_samples.append(
+                    dataclasses.replace(
+                        s, question=router_question(s.question, task_index + 1), answer=LETTERS[i]
+                    )
+                )
+        rows = training_order(router_samples, epochs=epochs, global_batch=global_batch, seed=seed)
+        return TrainingData(rows, {**(driver_state or {}), "router_samples": chosen})
+
+    # -- worker side -----------------------------------------------------------------------------------
+    def setup_model(self, model: torch.nn.Module, ctx: TaskContext) -> torch.nn.Module:
+        """``train``: a new trainable ``expert_<t>`` beside the frozen, inactive earlier experts. ``router``:
+        a new trainable router beside all experts of the tasks so far (frozen)."""
+        from peft import get_peft_model
+
+        t = ctx.task_index
+        if t >= len(LETTERS):
+            raise ValueError(f"MR-LoRA names experts by letter: at most {len(LETTERS)} tasks")
+        if ctx.phase == "train":
+            new, frozen = expert_name(t), [expert_name(i) for i in range(t)]
+        elif ctx.phase == ROUTER_PHASE:
+            new, frozen = ROUTER, [expert_name(i) for i in range(t + 1)]
+        else:
+            raise ValueError(f"MR-LoRA has no phase {ctx.phase!r}")
+        if frozen:
+            if ctx.previous_state_dir is None:
+                raise ValueError(f"MR-LoRA {ctx.phase} phase of task {t} needs the previous state (experts)")
+            saved = read_state(ctx.previous_state_dir)["experts"]
+            if saved[: len(frozen)] != frozen:
+                raise ValueError(f"{ctx.previous_state_dir}: holds experts {saved}, expected {frozen}")
+        # The new adapter first: its initialisation draws from the RNG right after the engine seeded it.
+        peft_model = get_peft_model(model, _peft_config(model, ctx), adapter_name=new)
+        for name in frozen:
+            peft_model.load_adapter(str(ctx.previous_state_dir / name), adapter_name=name, is_trainable=False)
+        peft_model.set_adapter(new)  # active and trainable; every other adapter inactive and frozen
+        trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+        stray = [n for n in trainable if (m := _ADAPTER_OF_PARAM.search(n)) is None or m.group(1) != new]
+        if stray or not trainable:
+            raise RuntimeError(f"MR-LoRA: parameters outside adapter {new!r} are trainable: {stray[:3]}")
+        self._trained = False
+        return peft_model
+
+    def after_task(self, model: torch.nn.Module, ctx: TaskContext) -> None:
+        self._trained = True
+
+    def router_tokens(self, processor: Any, num_experts: int) -> RouterTokens:
+        if num_experts not in self._tokens:
+            self._tokens[num_experts] = router_tokens(processor, num_experts)
+        return self._tokens[num_experts]
+
+    def generate(
+        self,
+        model: torch.nn.Module,
+        batch: dict[str, torch.Tensor],
+        generate_kwargs: dict[str, Any],
+        ctx: TaskContext,
+    ) -> tuple[torch.Tensor, dict[str, list[Any]]]:
+        """Route every sample (one router forward), then answer each with its expert (one generate)."""
+        n = batch["input_ids"].shape[0]
+        if ctx.phase != ROUTER_PHASE or not self._trained:
+            # The baseline evaluation before any training of this phase: the untouched model answers.
+            tokens = routed_generate(model, batch, generate_kwargs, [-1] * n)
+            return tokens, {"expert": [-1] * n, "router_fallback": [False] * n}
+        experts, fell_back = route(model, batch, self.router_tokens(ctx.processor, ctx.task_index + 1))
+        tokens = routed_generate(model, batch, generate_kwargs, experts)
+        return tokens, {"expert": experts, "router_fallback": fell_back}
+
+    def eval_metrics(self, records: list[dict[str, Any]], ctx: TaskContext) -> dict[str, float]:
+        """``router_acc_<task>`` (percent of the task's test samples routed to its own expert) for every seen
+        task, their mean ``router_acc``, and ``router_fallback_rate`` (fraction of routed samples, all tasks,
+        whose free router answer was not a valid letter)."""
+        routed = [r for r in records if r.get("expert", -1) >= 0]
+        if not routed:
+            return {}
+        metrics: dict[str, float] = {}
+        for i, task in enumerate(ctx.task_names[: ctx.task_index + 1]):
+            own = [r for r in routed if r["task"] == task]
+            if own:
+                metrics[f"router_acc_{task}"] = 100.0 * sum(r["expert"] == i for r in own) / len(own)
+        seen = [v for k, v in metrics.items()]
+        if seen:
+            metrics["router_acc"] = sum(seen) / len(seen)
+        metrics["router_fallback_rate"] = sum(bool(r["router_fallback"]) for r in routed) / len(routed)
+        return metrics
+
+    def save_state(self, model: torch.nn.Module, out_dir: Path, ctx: TaskContext) -> None:
+        """One peft folder per adapter (``expert_<i>/``, ``router/``) and ``mr_lora.json`` listing them."""
+        names = list(model.peft_config)
+        experts = sorted((n for n in names if n.startswith("expert_")), key=lambda n: int(n.split("_")[1]))
+        router = ROUTER if ROUTER in names else None
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(out_dir), selected_adapters=[*experts, *([router] if router else [])])
+        state = {
+            "experts": experts,
+            "router": router,
+            "tasks": list(ctx.task_names[: len(experts)]),
+            "letters": list(LETTERS[: len(experts)]),
+        }
+        (out_dir / STATE_FILE).write_text(json.dumps(state, indent=1))
+
+    def memory_report(self, model: torch.nn.Module) -> dict[str, float]:
+        """Experts held, parameters per expert (mean), router parameters, all adapter parameters."""
+        counts = adapter_parameter_counts(model)
+        experts = [v for k, v in counts.items() if k.startswith("expert_")]
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+        return {
+            "experts": float(len(experts)),
+            "params_per_expert": float(sum(experts) / len(experts)) if experts else 0.0,
+            "router_params": float(counts.get(ROUTER, 0)),
+            "adapter_params_total": float(sum(counts.values())),
+            "trainable_params": float(trainable),
+        }
+
+
+def select_router_samples(task: TaskData, count: int, seed: int) -> list[str]:
+    """Ids of ``count`` training samples of ``task`` (all if it has fewer), from a seeded permutation."""
+    ids = [s.id for s in task.train]
+    rng = random.Random(f"mr_lora-router-{seed}-{task.name}")
+    return sorted(rng.sample(ids, min(count, len(ids))))

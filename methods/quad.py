@@ -1,0 +1,383 @@
+"""QUAD: question-only replay with attention distillation, on a sequentially fine-tuned LoRA adapter.
+
+Paper: Marouf, Tartaglione, Lathuilière, van de Weijer, "No Images, No Problem: Retaining Knowledge in
+Continual VQA with Questions-Only Memory" (arXiv 2502.04469, 2025; v2 "Ask and Remember: A Questions-Only
+Replay Strategy for Continual Visual Question Answering"). Code: github.com/IemProg/QUAD.
+
+What it does: the memory holds only *questions* of past tasks (no images, no answers: small and free of the
+privacy issues of stored pictures). While a new task is trained, stored questions are asked about the
+current task's images and the previous model's answers to them are the targets (question-only replay, QR),
+so the model does not collapse onto the current task's answer space; attention consistency distillation
+(ACD) keeps the new model's attention maps close to the previous model's. Loss
+``(1 - l) * task + l * (QR + ACD)`` with ``l = 0.5`` (the paper's).
+
+How it is implemented here:
+
+* Question store (driver side): after the rows of task ``t`` are chosen, ``questions_per_task`` of its
+  training samples are drawn (reservoir sampling, seeded by the task's seed) and only their question text is
+  kept, as ``{"task", "question"}`` rows in the method's driver state (``driver_state.json`` in the
+  checkpoint, handed back next task). No image path, no pixels, no answer, no sample id is stored.
+* Batches (driver side): while training task ``t > 0`` every global batch of ``B`` rows holds
+  ``round(replay_ratio * B)`` question rows (at most ``B - 1``): a stored question (drawn uniformly from all
+  stored questions, seeded) paired with the image of a random training sample of the *current* task, marked
+  ``supervised=False`` (the engine appends no answer and its task loss skips the row). The other rows are the
+  current task's, one pass over its data per epoch (``ceil(N / (B - r))`` steps), as in ``methods.replay``.
+* Teacher (worker side): the previous task's adapter, loaded a second time as a frozen peft adapter
+  (``quad_teacher``) next to the trainable one (``default``, continued from the same weights, so student ==
+  teacher when task ``t`` starts). The teacher forward runs once per step on the whole batch, without
+  gradients and in eval mode, by pointing every LoRA layer and saved module (the projector) at the teacher
+  adapter for that one call (peft's ``_active_adapter``; restored afterwards). peft's public switches do not
+  fit: ``set_adapter`` changes ``requires_grad`` (which DeepSpeed and the optimiser already hold) and mixed
+  batches (``adapter_names``) do not support a saved projector module. Every rank runs it (a collective
+  under ZeRO-3).
+* QR: on the question rows (labels all ``-100``), the KL divergence ``KL(teacher || student)`` of the
+  next-token distributions at the answer position (the last prompt token, which predicts the first answer
+  token), averaged over the rows. Only the first answer token is distilled: the student's outputs come from
+  the engine's forward, which has no answer appended to these rows (decoding the teacher's whole answer
+  would need generation inside the training step). On the generated stream every answer is one word.
+* ACD: on the current task's rows (the paper distills attention on the current data), the attention maps of
+  every self-attention layer of the language model, captured with forward hooks on its attention modules
+  (the student's from the engine's own forward, the teacher's from its forward); the language model runs
+  with ``eager`` attention (``sdpa`` returns no weights) from task 2 on. For every prompt token (image and
+  question tokens: intra-modal image-image and question-question and inter-modal question-image attention)
+  the attention row is a distribution over the keys; ACD is ``KL(teacher row || student row)`` averaged over
+  heads, prompt tokens and layers (the paper's exact distance on VL-T5 differs; this is ours). The frozen
+  vision tower is not distilled: its attention cannot change.
+* Loss: the engine adds :meth:`QUAD.extra_loss` to its task loss (``per_sample_loss``), so the extra term is
+  ``l * (QR + ACD) - l * task``: the sum is exactly ``(1 - l) * task + l * (QR + ACD)``, and the logged
+  ``extra_loss`` is therefore negative at the start of a task. Task 1 trains like sequential LoRA.
+* State: the trainable adapter only (the next task's teacher) plus the question store (driver state).
+* Memory report (per task): ``stored_questions`` and ``stored_question_bytes`` (UTF-8 bytes of the question
+  texts) available during the task, ``teacher_params`` (the frozen adapter copy) and ``trainable_params``.
+
+Hyper-parameters:
+    questions_per_task: Questions kept per finished task (ours: 20, the same count as ``replay``'s buffer;
+        the paper's memory is larger, but a question costs tens of bytes where a sample costs an image).
+    replay_ratio: Fraction of every global batch that are question rows, in [0, 1) (ours: 0.25, the same as
+        ``replay``).
+    distill_weight: ``l`` in ``(1 - l) * task + l * (QR + ACD)``, in [0, 1] (paper: 0.5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from mcl.adapters import ADAPTER_DIR, load_lora, new_lora
+from mcl.data import IGNORE_INDEX, sample_row, training_order
+from mcl.methods_api import Method, Phase, TaskContext, TrainingData, load_driver_state, register_method
+
+if TYPE_CHECKING:
+    from mcl.streams.registry import TaskData
+
+QUESTIONS_KEY = "questions"
+STUDENT = "default"
+TEACHER = "quad_teacher"
+_EPS = 1e-12
+
+
+@dataclass
+class QUADParams:
+    """QUAD's hyper-parameters (see the module docstring)."""
+
+    questions_per_task: int = 20
+    replay_ratio: float = 0.25
+    distill_weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.questions_per_task, int) or isinstance(self.questions_per_task, bool):
+            raise ValueError(f"questions_per_task must be an integer, got {self.questions_per_task!r}")
+        if self.questions_per_task < 0:
+            raise ValueError(f"questions_per_task must be >= 0, got {self.questions_per_task}")
+        for name, low, high, closed in (
+            ("replay_ratio", 0.0, 1.0, False),
+            ("distill_weight", 0.0, 1.0, True),
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            if not (low <= value <= high if closed else low <= value < high):
+                raise ValueError(f"{name} must be in [{low:g}, {high:g}{']' if closed else ')'}, got {value}")
+
+
+def reservoir_sample(items: Sequence[Any], k: int, rng: random.Random) -> list[Any]:
+    """``k`` items drawn uniformly without replacement in one pass (Algorithm R); all items if fewer."""
+    reservoir = list(items[:k])
+    for i in range(k, len(items)):
+        j = rng.randrange(i + 1)
+        if j < k:
+            reservoir[j] = items[i]
+    return reservoir
+
+
+def stored_questions(driver_state: dict[str, Any] | None) -> list[dict[str, str]]:
+    """The question store held in a driver state (empty at the start of a stream)."""
+    if driver_state is None:
+        return []
+    if QUESTIONS_KEY not in driver_state:
+        raise ValueError(
+            f"the previous driver state has no QUAD {QUESTIONS_KEY!r} (keys: {sorted(driver_state)}); "
+            "was the previous task trained by another method?"
+        )
+    return list(driver_state[QUESTIONS_KEY])
+
+
+def question_rows_per_batch(ratio: float, global_batch: int, num_questions: int) -> int:
+    """Question rows in a global batch: ``round(ratio * batch)``, at most ``batch - 1``, 0 without questions."""
+    if num_questions == 0:
+        return 0
+    return min(round(ratio * global_batch), global_batch - 1)
+
+
+def question_replay_order(
+    current: Sequence[dict[str, Any]],
+    questions: Sequence[dict[str, str]],
+    *,
+    epochs: int,
+    global_batch: int,
+    questions_per_batch: int,
+    rng_seed: str,
+) -> list[dict[str, Any]]:
+    """The global row order of a task with ``questions_per_batch`` unsupervised question rows per batch.
+
+    Each epoch permutes the current rows (padded by wrapping around to whole batches of the remaining
+    ``global_batch - questions_per_batch`` rows); each question row pairs a stored question with the image
+    of a random current row. Deterministic for a given ``rng_seed``.
+    """
+    take = global_batch - questions_per_batch
+    if take < 1 or (questions_per_batch and not questions):
+        raise ValueError(f"cannot put {questions_per_batch} question rows in a batch of {global_batch}")
+    order: list[dict[str, Any]] = []
+    for epoch in range(epochs):
+        rng = random.Random(f"{rng_seed}-epoch-{epoch}")
+        perm = list(range(len(current)))
+        rng.shuffle(perm)
+        perm += [perm[i % len(perm)] for i in range((-len(perm)) % take)]
+        for start in range(0, len(perm), take):
+            batch = [dict(current[i], epoch=epoch) for i in perm[start : start + take]]
+            for n in range(questions_per_batch):
+                q = rng.randrange(len(questions))
+                host = current[rng.randrange(len(current))]
+                batch.append(
+                    {
+                        "id": f"quad-{epoch}-{start + n}-{questions[q]['task']}-q{q}-on-{host['id']}",
+                        "image": host["image"],
+                        "question": questions[q]["question"],
+                        "answer": "",
+                        "answer_type": host["answer_type"],
+                        "task": host["task"],
+                        "supervised": False,
+                        "epoch": epoch,
+                    }
+                )
+            rng.shuffle(batch)
+            order += batch
+    return order
+
+
+def _adapter_names(module: torch.nn.Module) -> set[str]:
+    if hasattr(module, "_all_available_adapter_names"):  # peft BaseTunerLayer
+        return set(module._all_available_adapter_names())
+    return set(getattr(module, "_adapters", ()))  # peft AuxiliaryTrainingWrapper (modules_to_save)
+
+
+def kl_rows(teacher_probs: torch.Tensor, student_probs: torch.Tensor) -> torch.Tensor:
+    """``KL(teacher || student)`` of probability rows along the last dim (zeros of the teacher add 0)."""
+    t, s = teacher_probs.float(), student_probs.float()
+    return (torch.xlogy(t, t) - t * s.clamp_min(_EPS).log()).sum(-1)
+
+
+@register_method
+class QUAD(Method):
+    name = "quad"
+    Params = QUADParams
+
+    def __init__(self, params: QUADParams) -> None:
+        super().__init__(params)
+        self._distill = False
+        self._questions: list[dict[str, str]] = []
+        self._switch: list[tuple[torch.nn.Module, Any]] = []  # (peft module, its teacher-active value)
+        self._student_attn: dict[int, torch.Tensor] = {}
+        self._teacher_attn: dict[int, torch.Tensor] | None = None  # set only during the teacher forward
+        self._hooks: list[Any] = []
+
+    # -- driver side ------------------------------------------------------------------------------------
+    def training_data(
+        self,
+        phase: Phase,
+        task_index: int,
+        tasks: Sequence[TaskData],
+        driver_state: dict[str, Any] | None,
+        *,
+        epochs: int,
+        global_batch: int,
+        seed: int,
+    ) -> TrainingData:
+        task = tasks[task_index]
+        store = [q for q in stored_questions(driver_state) if q["task"] != task.name]
+        current = list(task.train)
+        per_batch = question_rows_per_batch(self.params.replay_ratio, global_batch, len(store))
+        if per_batch == 0:
+            rows = training_order(current, epochs=epochs, global_batch=global_batch, seed=seed)
+        else:
+            rows = question_replay_order(
+                [sample_row(s) for s in current],
+                store,
+                epochs=epochs,
+                global_batch=global_batch,
+                questions_per_batch=per_batch,
+                rng_seed=f"mcl-quad-batches-{seed}",
+            )
+        kept = reservoir_sample(
+            current, self.params.questions_per_task, random.Random(f"mcl-quad-questions-{seed}")
+        )
+        store += [{"task": task.name, "question": s.question} for s in kept]
+        return TrainingData(
+            rows, {"questions_per_task": self.params.questions_per_task, QUESTIONS_KEY: store}
+        )
+
+    # -- worker side ------------------------------------------------------------------------------------
+    def setup_model(self, model: torch.nn.Module, ctx: TaskContext) -> torch.nn.Module:
+        self._questions = stored_questions(load_driver_state(ctx.previous_state_dir))
+        self._distill = ctx.previous_state_dir is not None
+        if not self._distill:
+            return new_lora(model, ctx.lora, adapter_name=STUDENT)
+        _use_eager_attention(model)
+        adapter = ctx.previous_state_dir / ADAPTER_DIR
+        peft_model = load_lora(model, adapter, trainable=True)
+        peft_model.load_adapter(str(adapter), adapter_name=TEACHER, is_trainable=False)
+        self._switch = []
+        for module in peft_model.modules():
+            if TEACHER in _adapter_names(module):
+                if not hasattr(module, "_active_adapter"):
+                    raise RuntimeError(f"QUAD: peft module {type(module).__name__} has no _active_adapter")
+                active = module._active_adapter
+                self._switch.append((module, [TEACHER] if isinstance(active, list) else TEACHER))
+        if not self._switch:
+            raise RuntimeError(f"QUAD: the teacher adapter {TEACHER!r} was loaded into no module")
+        attention = [
+            m for n, m in peft_model.named_modules() if n.endswith("self_attn") and "language_model" in n
+        ]
+        if not attention:
+            raise RuntimeError("QUAD: found no self-attention module of the language model to distill")
+        self._hooks = [m.register_forward_hook(self._attention_hook(i)) for i, m in enumerate(attention)]
+        return peft_model
+
+    def _attention_hook(self, index: int) -> Any:
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if self._teacher_attn is not None:
+                self._teacher_attn[index] = weights
+            elif module.training:
+                self._student_attn[index] = weights
+
+        return hook
+
+    @contextlib.contextmanager
+    def _teacher_active(self, model: torch.nn.Module) -> Iterator[None]:
+        """Every adapted module computes with the teacher adapter, in eval mode, for the duration."""
+        saved = [(module, module._active_adapter) for module, _ in self._switch]
+        was_training = model.training
+        model.eval()
+        try:
+            for module, teacher in self._switch:
+                module._active_adapter = teacher
+            yield
+        finally:
+            for module, active in saved:
+                module._active_adapter = active
+            model.train(was_training)
+
+    def distillation_terms(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], outputs: Any
+    ) -> dict[str, torch.Tensor]:
+        """``task`` (the engine's task loss), ``qr`` and ``acd`` for a training batch whose student forward
+        (``outputs``) has just run; runs the teacher forward."""
+        from mcl.training import per_sample_loss
+
+        student_attn, self._student_attn = self._student_attn, {}
+        labels, mask = batch["labels"], batch["attention_mask"]
+        self._teacher_attn = {}
+        try:
+            with torch.no_grad(), self._teacher_active(model):
+                teacher = model(**{k: v for k, v in batch.items() if k != "labels"})
+            teacher_attn = self._teacher_attn
+        finally:
+            self._teacher_attn = None
+        if not student_attn or any(a is None for a in (*student_attn.values(), *teacher_attn.values())):
+            raise RuntimeError(
+                "QUAD: the language model returned no attention weights (not eager attention?)"
+            )
+        zero = outputs.logits.new_zeros((), dtype=torch.float32)
+        unsupervised = (labels == IGNORE_INDEX).all(dim=1)
+
+        qr = zero
+        rows = unsupervised.nonzero().squeeze(1)
+        if rows.numel():
+            positions = torch.arange(mask.shape[1], device=mask.device)
+            answer_at = (mask.bool() * positions).argmax(dim=1)[rows]  # the last prompt token
+            student_logp = F.log_softmax(outputs.logits[rows, answer_at].float(), dim=-1)
+            teacher_logp = F.log_softmax(teacher.logits[rows, answer_at].float(), dim=-1)
+            qr = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="batchmean")
+
+        acd = zero
+        current = (~unsupervised).nonzero().squeeze(1)
+        if current.numel():
+            queries = ((labels[current] == IGNORE_INDEX) & mask[current].bool()).float()  # prompt tokens
+            layers = []
+            for index in sorted(student_attn):
+                # [rows, heads, queries, keys] -> KL per query row, mean over heads -> [rows, queries]
+                kl = kl_rows(teacher_attn[index][current], student_attn[index][current]).mean(dim=1)
+                layers.append((kl * queries).sum() / queries.sum().clamp(min=1))
+            acd = torch.stack(layers).mean()
+        return {"task": per_sample_loss(outputs.logits, labels), "qr": qr, "acd": acd}
+
+    def extra_loss(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], outputs: Any, ctx: TaskContext
+    ) -> torch.Tensor | None:
+        if not self._distill:
+            return None
+        terms = self.distillation_terms(model, batch, outputs)
+        weight = self.params.distill_weight
+        return weight * (terms["qr"] + terms["acd"]) - weight * terms["task"]
+
+    def after_task(self, model: torch.nn.Module, ctx: TaskContext) -> None:
+        self._student_attn = {}
+
+    def state_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        return [p for n, p in model.named_parameters() if p.requires_grad or _is_student_adapter(n)]
+
+    def save_state(self, model: torch.nn.Module, out_dir: Path, ctx: TaskContext) -> None:
+        # The trainable adapter only: it is the next task's student start and teacher.
+        model.save_pretrained(
+            str(out_dir / ADAPTER_DIR), safe_serialization=True, selected_adapters=[STUDENT]
+        )
+
+    def memory_report(self, model: torch.nn.Module) -> dict[str, float]:
+        teacher = sum(
+            getattr(p, "ds_numel", p.numel()) for n, p in model.named_parameters() if f".{TEACHER}." in n
+        )
+        return {
+            **super().memory_report(model),
+            "teacher_params": float(teacher),
+            "stored_questions": float(len(self._questions)),
+            "stored_question_bytes": float(sum(len(q["question"].encode()) for q in self._questions)),
+        }
+
+
+def _is_student_adapter(name: str) -> bool:
+    return ("lora_" in name or "modules_to_save" in name) and f".{TEACHER}." not in name
+
+
+def _use_eager_attention(model: torch.nn.Module) -> None:
+    """Switch the language model to eager attention (the only one that returns attention weights)."""
+    config = model.config
+    text_configs = [k for k in getattr(config, "sub_configs", {}) if "text" in k]
+    model.set_attn_implementation({k: "eager" for k in text_configs} if text_configs else "eager")

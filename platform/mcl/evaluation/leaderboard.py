@@ -1,0 +1,81 @@
+"""Leaderboards: CL metrics of many runs, grouped by method (and stream), as mean and std over seeds.
+
+Pure functions over plain records (``{"method", "stream", "seed", "mfn", ...}``), so a comparison job, a sweep
+or a notebook can build the same table from MLflow runs or from run summaries.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+METRICS = ("mft", "mfn", "maa", "bwt", "fwt", "forgetting")
+
+
+@dataclass
+class Entry:
+    """One leaderboard row: a method on a stream over ``n`` seeds."""
+
+    method: str
+    stream: str
+    n: int
+    mean: dict[str, float] = field(default_factory=dict)
+    std: dict[str, float] = field(default_factory=dict)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value); NaN for no values."""
+    if not values:
+        return float("nan"), float("nan")
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return mean, 0.0
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(var)
+
+
+def leaderboard(records: Iterable[dict[str, Any]], metrics: Sequence[str] = METRICS) -> list[Entry]:
+    """Group run records by (method, stream) and aggregate each metric; sorted by stream, then MFN
+    (best first)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((str(r["method"]), str(r.get("stream", ""))), []).append(r)
+    entries = []
+    for (method, stream), runs in groups.items():
+        entry = Entry(method, stream, len(runs))
+        for m in metrics:
+            vals = [float(r[m]) for r in runs if m in r and r[m] is not None and math.isfinite(float(r[m]))]
+            entry.mean[m], entry.std[m] = mean_std(vals)
+        entries.append(entry)
+    return sorted(entries, key=lambda e: (e.stream, -_or_inf(e.mean.get("mfn"))))
+
+
+def _or_inf(value: float | None) -> float:
+    return value if value is not None and math.isfinite(value) else -math.inf
+
+
+def to_markdown(entries: Sequence[Entry], metrics: Sequence[str] = METRICS) -> str:
+    """A markdown table: one row per method (and stream), ``mean ± std`` per metric."""
+    head = "| method | stream | seeds | " + " | ".join(m.upper() for m in metrics) + " |"
+    rule = "|---|---|---|" + "---|" * len(metrics)
+    lines = [head, rule]
+    for e in entries:
+        cells = [f"{e.mean[m]:.1f} ± {e.std[m]:.1f}" if math.isfinite(e.mean[m]) else "n/a" for m in metrics]
+        lines.append(f"| {e.method} | {e.stream} | {e.n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def to_csv_rows(entries: Sequence[Entry], metrics: Sequence[str] = METRICS) -> list[dict[str, Any]]:
+    """Flat rows (``mfn_mean``, ``mfn_std``, ...) for a CSV file."""
+    rows = []
+    for e in entries:
+        row: dict[str, Any] = {"method": e.method, "stream": e.stream, "seeds": e.n}
+        for m in metrics:
+            row[f"{m}_mean"], row[f"{m}_std"] = e.mean[m], e.std[m]
+        rows.append(row)
+    return rows
+
+
+__all__ = ["METRICS", "Entry", "leaderboard", "mean_std", "to_csv_rows", "to_markdown"]

@@ -1,0 +1,194 @@
+"""The engine's phase machinery and resumable runs, with a two-phase test method, in-process.
+
+``_run_phase`` is swapped for a local equivalent (``run_task_locally``, same TaskJob) so the driver's
+bookkeeping (phases, driver state, progress, MLflow runs, resume) runs for real without Ray workers; the
+Ray path of the same bookkeeping is covered by the method contract suite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from mcl import runner
+from mcl.adapters import ADAPTER_DIR, load_lora, new_lora, save_lora
+from mcl.config import load_config
+from mcl.data import training_order
+from mcl.errors import ConfigError
+from mcl.methods_api import Method, Phase, TrainingData, register_method
+from mcl.training import TaskJob, run_task_locally
+
+
+@dataclasses.dataclass
+class _Params:
+    pass
+
+
+@register_method
+class _TwoPhase(Method):
+    """Trains a LoRA, then a gradient-only phase that records squared gradients; keeps a driver-side
+    counter of the samples it has seen."""
+
+    name = "_test_two_phase"
+
+    def phases(self, task_index):
+        return [
+            Phase("train", evaluate=True, epochs=1),
+            Phase("grads", evaluate=False, optimize=False, epochs=1, lr=0.5),
+        ]
+
+    def training_data(self, phase, task_index, tasks, driver_state, *, epochs, global_batch, seed):
+        seen = dict(driver_state or {})
+        samples = tasks[task_index].train[:16]
+        seen[f"{task_index}:{phase.name}"] = len(samples) * epochs
+        rows = training_order(samples, epochs=epochs, global_batch=global_batch, seed=seed)
+        return TrainingData(rows, driver_state=seen)
+
+    def setup_model(self, model, ctx):
+        self.grad_sq = {}
+        self.ctx_phase = ctx.phase
+        if ctx.previous_state_dir is None:
+            return new_lora(model, ctx.lora)
+        return load_lora(model, ctx.previous_state_dir / ADAPTER_DIR, trainable=True)
+
+    def wants_gradients(self, ctx):
+        return ctx.phase == "grads"
+
+    def on_gradients(self, model, batch, full_grad, ctx):
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                g = full_grad(p)
+                assert g is not None, name
+                self.grad_sq[name] = self.grad_sq.get(name, 0.0) + float((g.float() ** 2).sum())
+
+    def save_state(self, model, out_dir, ctx):
+        save_lora(model, out_dir / ADAPTER_DIR)
+        if self.grad_sq:
+            (out_dir / "grad_sq.json").write_text(json.dumps(self.grad_sq))
+
+    def memory_report(self, model):
+        return {"recorded": float(len(self.grad_sq))}
+
+
+def _cfg(tmp_path: Path, root: Path, *extra: str):
+    return load_config(
+        "jobs/configs/default.yaml",
+        [
+            f"stream.root={root}",
+            "stream.options.tasks=[aerial,underwater]",
+            "method.name=_test_two_phase",
+            "scaling.num_workers=1",
+            "scaling.deepspeed=false",
+            "train.batch_size=8",
+            "eval.max_samples_per_task=4",
+            "eval.max_new_tokens=2",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+            f"tracking.output_dir={tmp_path}/runs",
+            "tracking.run_name=phases",
+            *extra,
+        ],
+    )
+
+
+def _local_run_phase(calls):
+    def run_phase(prep, t, names, phase, previous, run_dir, fit_name):
+        calls.append((t, phase.name))
+        cfg = runner.phase_config(prep.config, phase)
+        data = runner.phase_training_data(prep, t, phase, runner.load_driver_state(previous))
+        job = TaskJob(
+            cfg.to_dict(),
+            prep.model_path,
+            t,
+            names,
+            previous,
+            steps=len(data.rows) // cfg.train.batch_size,
+            evaluate_before=(t == 0 and phase.evaluate),
+            phase=phase.name,
+            evaluate=phase.evaluate,
+            optimize=phase.optimize,
+            driver_state=data.driver_state,
+        )
+        eval_rows = runner._eval_rows(prep) if phase.evaluate else []
+        out = run_dir / fit_name / "checkpoint"
+        run_task_locally(job, data.rows, eval_rows, out, log=lambda _m: None)
+        return out
+
+    return run_phase
+
+
+@pytest.mark.parametrize("deepspeed", [False, True], ids=["torch", "zero2"])
+def test_gradient_only_phase_sees_full_grads_and_changes_no_weight(
+    deepspeed, tiny_model_path, generated_root, tmp_path
+):
+    from safetensors.torch import load_file
+
+    cfg = _cfg(tmp_path, generated_root, f"scaling.deepspeed={str(deepspeed).lower()}")
+    prep = runner.prepare_run(cfg, log=lambda _m: None)
+    local = runner.run_stream_locally(prep, tmp_path / "local", tasks=1, log=lambda _m: None)
+    train_dir, grads_dir = local.phase_dirs["0:train"], local.phase_dirs["0:grads"]
+    before = load_file(str(train_dir / "state" / ADAPTER_DIR / "adapter_model.safetensors"))
+    after = load_file(str(grads_dir / "state" / ADAPTER_DIR / "adapter_model.safetensors"))
+    assert sorted(before) == sorted(after)
+    assert all((before[k] == after[k]).all() for k in before), "a gradient-only phase moved a weight"
+    grad_sq = json.loads((grads_dir / "state" / "grad_sq.json").read_text())
+    assert grad_sq and all(v > 0 for v in grad_sq.values())
+    # Phase settings: one epoch of 16 samples at batch 8 = 2 steps; the driver state chains over phases.
+    assert len(local.results[0].train_log) == 2
+    state = json.loads((grads_dir / "state" / "driver_state.json").read_text())
+    assert state == {"0:train": 16, "0:grads": 16}
+
+
+def test_resume_continues_a_run_and_refuses_a_different_config(
+    tiny_model_path, generated_root, tmp_path, monkeypatch
+):
+    from mlflow import MlflowClient
+
+    calls: list[tuple[int, str]] = []
+    monkeypatch.setattr(runner, "_run_phase", _local_run_phase(calls))
+    cfg = _cfg(tmp_path, generated_root)
+    quiet = lambda _m: None  # noqa: E731
+
+    # The driver dies during the second phase of task 2.
+    real = runner._run_phase
+
+    def dying(prep, t, names, phase, *args):
+        if (t, phase.name) == (1, "grads"):
+            raise KeyboardInterrupt
+        return real(prep, t, names, phase, *args)
+
+    monkeypatch.setattr(runner, "_run_phase", dying)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_experiment(cfg, log=quiet)
+    assert calls == [(0, "train"), (0, "grads"), (1, "train")]
+
+    with pytest.raises(ConfigError, match="already holds a run"):
+        runner.run_experiment(cfg, log=quiet)
+    with pytest.raises(ConfigError, match=r"train\.lr"):
+        runner.run_experiment(_cfg(tmp_path, generated_root, "train.lr=0.1"), log=quiet, resume=True)
+
+    monkeypatch.setattr(runner, "_run_phase", real)
+    summary = runner.run_experiment(cfg, log=quiet, resume=True)
+    assert calls == [(0, "train"), (0, "grads"), (1, "train"), (1, "grads")]  # only the missing phase
+    assert len(summary.matrix) == 2 and summary.task_results[1].task_index == 1
+    driver_state = json.loads((Path(summary.state_dirs[1]) / "driver_state.json").read_text())
+    assert driver_state == {"0:train": 16, "0:grads": 16, "1:train": 16, "1:grads": 16}
+
+    client = MlflowClient(summary.tracking_uri)
+    parent = client.get_run(summary.run_id)
+    assert parent.info.status == "FINISHED" and "mfn" in parent.data.metrics
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{summary.run_id}'"
+    )
+    assert sorted(r.data.tags["mcl.task"] for r in children) == ["aerial", "underwater"]
+    assert all(r.info.status == "FINISHED" for r in children)
+    second = next(r for r in children if r.data.tags["mcl.task"] == "underwater")
+    assert "grads_train_s" in second.data.metrics and "train_loss" in second.data.metrics
+    assert second.data.metrics["mem_recorded"] > 0
+
+    # A finished run is read back, not trained again.
+    again = runner.run_experiment(cfg, log=quiet, resume=True)
+    assert calls == [(0, "train"), (0, "grads"), (1, "train"), (1, "grads")]
+    assert again.matrix == summary.matrix and again.metrics == summary.metrics

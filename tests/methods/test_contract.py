@@ -1,0 +1,165 @@
+"""The contract every registered method meets, on the real path: Ray Data -> 2 Ray Train workers ->
+DeepSpeed ZeRO-2 -> MLflow, two tasks of the generated stream.
+
+Per method: the run trains both tasks; then its progress is cut back to "task 1 done" (as when the driver
+dies during task 2) and the same run is resumed: task 1 is not trained again, task 2 is trained again from
+task 1's checkpoint. The second execution of task 2 must equal the first: the same accuracy matrix and CL
+metrics (same seed, same metrics), the same predictions sample by sample (restarting from a checkpoint
+changes nothing), and the same saved state, tensor by tensor (experts, routers, buffers, Fisher, branches
+survive the round trip through the checkpoint). MLflow ends with one run per task, none left RUNNING.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mcl.methods_api import _METHODS, available_methods
+
+pytestmark = pytest.mark.slow
+
+
+def _registered_methods() -> list[str]:
+    # Only the methods package's own methods (tests may register helpers of their own).
+    return [m for m in available_methods() if _METHODS[m].__module__.startswith("methods.")]
+
+
+METHODS = _registered_methods()
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def small_root(tmp_path_factory):
+    from mcl.streams import build_stream
+
+    root = tmp_path_factory.mktemp("data") / "generated"
+    build_stream("generated", root, {"train_per_task": 32, "test_per_task": 8})
+    return root
+
+
+def _config(tmp_path: Path, root: Path, method: str, run_name: str):
+    from mcl.config import load_config
+
+    return load_config(
+        "jobs/configs/default.yaml",
+        [
+            f"stream.root={root}",
+            "stream.options.train_per_task=32",
+            "stream.options.test_per_task=8",
+            "stream.options.tasks=[aerial,underwater]",
+            f"method.name={method}",
+            "train.epochs=1",
+            "train.batch_size=8",
+            "eval.max_new_tokens=2",
+            "scaling.num_workers=2",
+            "scaling.deepspeed=true",
+            "scaling.zero_stage=2",
+            "scaling.ray_num_cpus=4",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+            f"tracking.output_dir={tmp_path}/runs",
+            f"tracking.run_name={run_name}",
+        ],
+    )
+
+
+def _state_files(state_dir: str) -> dict[str, object]:
+    """Every file of a state folder: safetensors as tensors, JSON as data, anything else as bytes."""
+    from safetensors.torch import load_file
+
+    out: dict[str, object] = {}
+    for path in sorted(Path(state_dir).rglob("*")):
+        if not path.is_file():
+            continue
+        key = str(path.relative_to(state_dir))
+        if path.suffix == ".safetensors":
+            out[key] = load_file(str(path))
+        elif path.suffix == ".json":
+            out[key] = json.loads(path.read_text())
+        else:
+            out[key] = path.read_bytes()
+    return out
+
+
+def _assert_same_state(a: dict[str, object], b: dict[str, object]) -> None:
+    import torch
+
+    assert sorted(a) == sorted(b)
+    for key in a:
+        if isinstance(a[key], dict) and a[key] and all(isinstance(v, torch.Tensor) for v in a[key].values()):
+            assert sorted(a[key]) == sorted(b[key]), key
+            for name in a[key]:
+                assert torch.equal(a[key][name], b[key][name]), f"{key}: {name} differs"
+        elif key.endswith("adapter_config.json"):
+            # peft writes absolute paths of the base model (same here) and its version; compare all of it.
+            assert a[key] == b[key], key
+        else:
+            assert a[key] == b[key], key
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_contract(method, ray_session, small_root, tmp_path, monkeypatch):
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from mcl import runner
+
+    quiet = lambda _m: None  # noqa: E731
+    cfg = _config(tmp_path, small_root, method, "contract")
+    first = runner.run_experiment(cfg, log=quiet)
+    assert len(first.matrix) == 2 and all(len(row) == 2 for row in first.matrix)
+    assert all(0.0 <= v <= 100.0 for row in first.matrix for v in row)
+    kept_state = tmp_path / "task2-state"
+    shutil.copytree(first.state_dirs[1], kept_state)
+
+    # The driver dies while task 2 is being trained: its progress ends with task 1.
+    run_dir = Path(first.output_dir)
+    progress = json.loads((run_dir / runner.PROGRESS_FILE).read_text())
+    progress["tasks_done"] = [0]
+    progress["phases"] = {k: v for k, v in progress["phases"].items() if k.startswith("0:")}
+    (run_dir / runner.PROGRESS_FILE).write_text(json.dumps(progress))
+    client = MlflowClient(first.tracking_uri)
+    client.update_run(progress["task_runs"]["1"], status="RUNNING")  # as a killed driver leaves it
+    client.update_run(first.run_id, status="RUNNING")
+
+    # The same command with resume: task 1 is not trained again, task 2 restarts from task 1's checkpoint.
+    trained: list[int] = []
+    real_run_phase = runner._run_phase
+
+    def counting_run_phase(prep, t, *args, **kwargs):
+        trained.append(t)
+        return real_run_phase(prep, t, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "_run_phase", counting_run_phase)
+    again = runner.run_experiment(cfg, log=quiet, resume=True)
+    assert trained and set(trained) == {1}, "task 1 was trained again after the restart"
+
+    # Same seed, same starting checkpoint: the same metrics, predictions and state, bit for bit.
+    assert again.matrix == first.matrix
+    assert again.metrics == first.metrics
+    for ra, rb in zip(first.task_results, again.task_results, strict=True):
+        assert [(p["id"], p["prediction"]) for p in rb.predictions] == [
+            (p["id"], p["prediction"]) for p in ra.predictions
+        ]
+        assert rb.method_metrics == ra.method_metrics
+    _assert_same_state(_state_files(str(kept_state)), _state_files(again.state_dirs[1]))
+
+    parent = client.get_run(again.run_id)
+    assert again.run_id == first.run_id and parent.info.status == "FINISHED"
+    assert parent.data.metrics["mfn"] == pytest.approx(again.metrics["mfn"])
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{again.run_id}'"
+    )
+    assert sorted(r.data.tags["mcl.task"] for r in children) == ["aerial", "underwater"]
+    assert all(r.info.status == "FINISHED" for r in children)
+    for child in children:
+        assert any(k.startswith("mem_") for k in child.data.metrics), "no memory report logged"
