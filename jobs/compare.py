@@ -4,12 +4,17 @@ Usage:
     python jobs/compare.py                                   # every registered method, seeds 0 1 2
     python jobs/compare.py --methods sequential_lora mr_lora --seeds 0 1 2 scaling.num_workers=1
     python jobs/compare.py --out comparison/ --config my.yaml train.epochs=3
+    python jobs/compare.py --local                           # in-process: no Ray, no MLflow (quick look)
 
 Each (method, seed) is one stream run (``jobs/run_stream.py`` with ``method.name`` and ``train.seed`` set),
 tracked in MLflow under the experiment ``tracking.experiment``; runs are named ``<prefix>-<method>-s<seed>``
 and resumed when the command is re-run (finished runs are read back, not trained again). At the end it
 prints and writes a leaderboard (mean ± std over seeds of MFT, MFN, MAA, BWT, FWT and forgetting) as
 ``leaderboard.md`` and ``leaderboard.csv``, plus every run's accuracy matrix in ``runs.json``.
+
+``--local`` runs each stream in this process through the same per-task function and method hooks
+(``mcl.runner.run_stream_locally``: one worker, plain PyTorch, no Ray, no MLflow); it skips the minutes of
+per-task Ray start-up, which is what makes a many-seed comparison practical on a laptop CPU.
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         "--out", default="comparison", help="folder for the leaderboard (default: %(default)s)"
     )
     parser.add_argument("--prefix", default="compare", help="run-name prefix; re-use it to resume")
+    parser.add_argument(
+        "--local", action="store_true", help="run in-process (1 worker, no DeepSpeed, no Ray, no MLflow)"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
     args = parser.parse_args(argv)
 
@@ -49,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     from mcl.runner import format_matrix, format_metrics, prepare_run, run_experiment
 
     try:
-        base = load_config(args.config, args.overrides)
+        overrides = list(args.overrides)
+        if args.local:
+            overrides += ["scaling.num_workers=1", "scaling.deepspeed=false"]
+        base = load_config(args.config, overrides)
         methods = args.methods or available_methods()
         unknown = sorted(set(methods) - set(available_methods()))
         if unknown:
@@ -81,18 +92,27 @@ def main(argv: list[str] | None = None) -> int:
         elapsed = time.perf_counter() - t0
         eta = f", ETA {elapsed / i * (len(plans) - i) / 60:.0f} min" if i else ""
         print(f"\n##### run {i + 1}/{len(plans)}: {method}, seed {seed}{eta}", flush=True)
-        summary = run_experiment(cfg, resume=True)
-        print(format_matrix(summary.task_names, summary.matrix))
-        print(format_metrics(summary.metrics))
+        if args.local:
+            names, matrix, metrics, run_id = _run_local(cfg, Path(args.out) / "local" / cfg.tracking.run_name)
+        else:
+            summary = run_experiment(cfg, resume=True)
+            names, matrix, metrics, run_id = (
+                summary.task_names,
+                summary.matrix,
+                summary.metrics,
+                summary.run_id,
+            )
+        print(format_matrix(names, matrix))
+        print(format_metrics(metrics))
         records.append(
             {
                 "method": method,
                 "stream": cfg.stream.name,
                 "seed": seed,
-                "run_id": summary.run_id,
-                "tasks": summary.task_names,
-                "matrix": summary.matrix,
-                **summary.metrics,
+                "run_id": run_id,
+                "tasks": names,
+                "matrix": matrix,
+                **metrics,
             }
         )
 
@@ -111,6 +131,26 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(f"written to {out}/leaderboard.md, leaderboard.csv and runs.json")
     return 0
+
+
+def _run_local(cfg, out: Path) -> tuple[list[str], list[list[float]], dict[str, float], str]:
+    """One stream run in this process; a finished one (``result.json`` in ``out``) is read back."""
+    from mcl.evaluation.metrics import cl_metrics
+    from mcl.runner import prepare_run, run_stream_locally
+
+    done = out / "result.json"
+    if done.exists():
+        data = json.loads(done.read_text())
+        return data["tasks"], data["matrix"], data["metrics"], ""
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    prep = prepare_run(cfg, log=lambda _m: None)
+    result = run_stream_locally(prep, out, log=lambda _m: None)
+    metrics = cl_metrics(result.matrix, result.baseline)
+    names = prep.stream.task_names
+    done.write_text(json.dumps({"tasks": names, "matrix": result.matrix, "metrics": metrics}))
+    return names, result.matrix, metrics, ""
 
 
 if __name__ == "__main__":

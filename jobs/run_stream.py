@@ -4,6 +4,7 @@ Usage:
     python jobs/run_stream.py                                  # embedded defaults (tiny model, generated stream)
     python jobs/run_stream.py --config my.yaml train.lr=1e-3   # a YAML config plus key=value overrides
     python jobs/run_stream.py --check stream.root=/data/x     # validate config, data and images only
+    python jobs/run_stream.py --resume tracking.run_name=my-run  # continue an interrupted run
     ray job submit --working-dir . -- python jobs/run_stream.py method.name=joint
 
 Prints progress per task, then the accuracy matrix, the CL metrics and the command that opens MLflow.
@@ -36,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only validate the config, names, annotations and images (no Ray, no MLflow run), then exit",
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run named by tracking.run_name where it stopped (finished tasks are not retrained)",
+    )
     args = parser.parse_args(argv)
 
     import mcl
@@ -52,10 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     except MclError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.resume and not cfg.tracking.run_name:
+        print("error: --resume needs tracking.run_name=<the run to continue>", file=sys.stderr)
+        return 2
     if args.check:
         print(f"check passed: method {cfg.method.name!r}, model {prepared.model_path}; nothing was trained")
         return 0
-    summary = run_experiment(cfg, prepared=prepared)
+    summary = run_experiment(cfg, prepared=prepared, resume=args.resume)
     print("\naccuracy matrix (%), row t = after training task t:")
     print(format_matrix(summary.task_names, summary.matrix))
     if summary.baseline is not None:

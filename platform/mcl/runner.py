@@ -531,6 +531,7 @@ class LocalStreamResult:
     state_dirs: list[Path]
     phase_dirs: dict[str, Path]
     matrix: list[list[float]]
+    baseline: list[float] | None = None
 
 
 def run_stream_locally(
@@ -555,6 +556,7 @@ def run_stream_locally(
     state_dirs: list[Path] = []
     phase_dirs: dict[str, Path] = {}
     matrix: list[list[float]] = []
+    baseline: list[float] | None = None
     previous = str(start_state) if start_state else None
     eval_rows = _eval_rows(prep)
     for t in range(start_task, tasks if tasks is not None else len(names)):
@@ -569,6 +571,7 @@ def run_stream_locally(
                 names,
                 previous,
                 steps=len(data.rows) // cfg.train.batch_size,
+                evaluate_before=(t == 0 and phase.evaluate),
                 phase=phase.name,
                 evaluate=phase.evaluate,
                 optimize=phase.optimize,
@@ -581,8 +584,10 @@ def run_stream_locally(
             if phase.evaluate:
                 results.append(result)
                 matrix.append([result.accuracy[n] for n in names])
+                if result.baseline_accuracy is not None:
+                    baseline = [result.baseline_accuracy[n] for n in names]
         state_dirs.append(Path(previous))
-    return LocalStreamResult(results, state_dirs, phase_dirs, matrix)
+    return LocalStreamResult(results, state_dirs, phase_dirs, matrix, baseline)
 
 
 def _log_phase(
