@@ -4,6 +4,7 @@ Usage:
     python jobs/benchmark.py                               # default config, 1 worker x 2 CPUs, 120 steps
     python jobs/benchmark.py --out bench.json              # also write the figures as JSON
     python jobs/benchmark.py --config my.yaml model.dtype=bfloat16 scaling.cpus_per_worker=8
+    python jobs/benchmark.py --no-routing                  # skip MR-LoRA's routed-inference figures
 
 Both paths train task 0 of the stream on the same rows in the same order, with the same model (dtype, and
 LoRA set up by the method exactly as mcl.training does), the same global batch and the same core count:
@@ -19,6 +20,10 @@ Steady-state rates exclude each path's first 2 steps; one-off start-up (Ray init
 DeepSpeed init) is reported separately. Evaluation runs in the full path (it is part of the task) but is not
 measured. The benchmark settings (BENCH_SETTINGS: 1 worker x 2 CPUs, 12 epochs, 8 test samples per task) are
 applied on top of the config; key=value overrides on the command line win over both.
+
+Then, unless ``--no-routing``: MR-LoRA's routed evaluation (one router pass + one mixed-adapter generate per
+batch) against evaluating with a single adapter and against running every expert on every batch, from
+``jobs/benchmark_routing.py`` (MR-LoRA trained in-process on the config's stream first).
 """
 
 from __future__ import annotations
@@ -326,6 +331,18 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def _routing_figures(args: argparse.Namespace) -> dict[str, Any]:
+    """MR-LoRA's routed evaluation vs one adapter vs every expert (jobs/benchmark_routing.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from benchmark_routing import format_routing_report, routing_benchmark
+
+    print("\nrouted inference (MR-LoRA): training it in-process on the config's stream first ...")
+    overrides = [o for o in args.overrides if not o.startswith("scaling.")]
+    figures = routing_benchmark(overrides, config=args.config, log=lambda _m: None)
+    print(format_routing_report(figures))
+    return figures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -334,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         "--config", default=str(DEFAULT_CONFIG), help="experiment YAML (default: %(default)s)"
     )
     parser.add_argument("--out", default="", help="also write the figures as JSON to this file")
+    parser.add_argument(
+        "--no-routing", action="store_true", help="skip the MR-LoRA routed-inference measurement"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.batch_size=32")
     args = parser.parse_args(argv)
 
@@ -351,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     figures = run_benchmark(prep)
     print()
     print(format_report(figures))
+    if not args.no_routing:
+        figures["routing"] = _routing_figures(args)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

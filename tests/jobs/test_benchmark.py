@@ -34,6 +34,7 @@ def test_benchmark_writes_rates_for_both_paths(tmp_path: Path, monkeypatch: pyte
             "eval.max_samples_per_task=2",
             "eval.batch_size=2",
             f"tracking.output_dir={tmp_path / 'runs'}",
+            "--no-routing",  # measured by tests/jobs/test_benchmark_routing.py
             "--out",
             str(out),
         ]

@@ -225,6 +225,7 @@ def test_fallback_goes_to_the_highest_scoring_valid_letter(tiny_model_path):
 # -- one shared 4-task run -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_earlier_experts_are_bit_identical_after_later_tasks(trained):
     from safetensors.torch import load_file
 
@@ -246,6 +247,32 @@ def test_earlier_experts_are_bit_identical_after_later_tasks(trained):
     assert not (dirs["3:train"] / "state" / "router").exists()
 
 
+@pytest.mark.slow
+def test_a_new_expert_trains_alone_with_earlier_experts_frozen_and_inactive(trained):
+    """setup_model of a later task: only the new expert is active and trainable; the loaded experts equal
+    their saved tensors."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from mcl.models import load_model_and_processor
+
+    prep, result = trained
+    base, processor = load_model_and_processor(prep.model_path)
+    state = result.phase_dirs["1:router"] / "state"
+    ctx = TaskContext(2, tuple(prep.stream.task_names), prep.config.model.lora, state, processor=processor)
+    model = build_method("mr_lora", {}).setup_model(base, ctx)
+    assert model.active_adapters == ["expert_2"]
+    assert sorted(model.peft_config) == ["expert_0", "expert_1", "expert_2"]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".expert_2." in n for n in trainable)
+    assert any("modules_to_save.expert_2" in n for n in trainable)  # its own projector copy
+    saved = load_file(str(state / "expert_1" / "adapter_model.safetensors"))
+    loaded = get_peft_model_state_dict(model, adapter_name="expert_1")
+    assert sorted(loaded) == sorted(saved)
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+
+
+@pytest.mark.slow
 def test_router_routes_every_task_to_its_expert_and_nothing_is_forgotten(trained):
     prep, result = trained
     names = prep.stream.task_names
@@ -260,6 +287,9 @@ def test_router_routes_every_task_to_its_expert_and_nothing_is_forgotten(trained
     for t, res in enumerate(result.results):
         assert {r["expert"] for r in res.predictions} <= set(range(t + 1))
     matrix = result.matrix
+    # The baseline row (evaluated before task 0's router phase trains) is the untouched base model's, not
+    # expert 0 routed: expert 0 is already trained at that point.
+    assert result.baseline is not None and result.baseline[0] <= 25.0 < matrix[0][0], result.baseline
     assert all(matrix[t][t] >= 50.0 for t in range(len(names))), matrix
     assert abs(bwt(matrix)) <= 2.0, matrix
     assert mfn(matrix) >= 50.0, matrix  # sequential LoRA: 25 (only the last task survives)
@@ -268,6 +298,7 @@ def test_router_routes_every_task_to_its_expert_and_nothing_is_forgotten(trained
     assert memory["adapter_params_total"] == 5 * memory["params_per_expert"]
 
 
+@pytest.mark.slow
 def test_routed_generation_equals_each_sample_alone_with_its_expert(trained):
     """One mixed-adapter generate over a batch of all tasks gives, sample by sample, what generating the
     sample alone with its expert active gives; and it reproduces the evaluate path's records."""
