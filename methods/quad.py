@@ -50,6 +50,12 @@ How it is implemented here:
 * Memory report (per task): ``stored_questions`` and ``stored_question_bytes`` (UTF-8 bytes of the question
   texts) available during the task, ``teacher_params`` (the frozen adapter copy) and ``trainable_params``.
 
+On the generated stream (each task a new visual domain with the same colour -> object structure) QUAD
+forgets less than sequential LoRA but much more than image replay. Measured (default config, seed 0): the
+model after ``aerial``, asked the aerial question about underwater test images, answers "road" for 33 of
+40, so the QR targets say little about the aerial mapping; the gain over sequential LoRA comes from QR
+(with ``questions_per_task=0``, ACD alone, the matrix equals sequential LoRA's).
+
 Hyper-parameters:
     questions_per_task: Questions kept per finished task (ours: 20, the same count as ``replay``'s buffer;
         the paper's memory is larger, but a question costs tens of bytes where a sample costs an image).
@@ -342,10 +348,10 @@ class QUAD(Method):
     def extra_loss(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], outputs: Any, ctx: TaskContext
     ) -> torch.Tensor | None:
-        if not self._distill:
+        weight = self.params.distill_weight
+        if not self._distill or weight == 0:
             return None
         terms = self.distillation_terms(model, batch, outputs)
-        weight = self.params.distill_weight
         return weight * (terms["qr"] + terms["acd"]) - weight * terms["task"]
 
     def after_task(self, model: torch.nn.Module, ctx: TaskContext) -> None:
