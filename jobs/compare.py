@@ -2,7 +2,7 @@
 
 Usage:
     python jobs/compare.py                                   # every registered method, seeds 0 1 2
-    python jobs/compare.py --methods sequential_lora mr_lora --seeds 0 1 2 scaling.num_workers=1
+    python jobs/compare.py --methods sequential_lora,mr_lora --seeds 0,1,2 scaling.num_workers=1
     python jobs/compare.py --out comparison/ --config my.yaml train.epochs=3
     python jobs/compare.py --local                           # in-process: no Ray, no MLflow (quick look)
 
@@ -38,8 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--config", default=str(DEFAULT_CONFIG), help="base experiment YAML (default: %(default)s)"
     )
-    parser.add_argument("--methods", nargs="*", help="method names (default: every registered method)")
-    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2], help="seeds (default: 0 1 2)")
+    parser.add_argument(
+        "--methods", default="", help="comma-separated method names (default: all registered)"
+    )
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: %(default)s)")
     parser.add_argument(
         "--out", default="comparison", help="folder for the leaderboard (default: %(default)s)"
     )
@@ -61,15 +63,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.local:
             overrides += ["scaling.num_workers=1", "scaling.deepspeed=false"]
         base = load_config(args.config, overrides)
-        methods = args.methods or available_methods()
+        methods = [m for m in args.methods.split(",") if m] or available_methods()
+        try:
+            seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+        except ValueError:
+            raise MclError(f"--seeds: {args.seeds!r} is not a comma-separated list of integers") from None
         unknown = sorted(set(methods) - set(available_methods()))
         if unknown:
             raise MclError(f"unknown methods {unknown}; valid: {', '.join(available_methods())}")
-        if not args.seeds:
+        if not seeds:
             raise MclError("--seeds: give at least one seed")
         plans = []
         for method in methods:
-            for seed in args.seeds:
+            for seed in seeds:
                 cfg = config_from_dict(
                     apply_overrides(
                         base.to_dict(),
