@@ -19,12 +19,14 @@ whose name fully matches the experiment's ``model.lora.target_modules`` regex. I
 layer, the experts' ``A`` matrices stacked as one ``(E*r, in)`` parameter and their ``B`` matrices as one
 ``(out, E*r)`` parameter (one matmul each for all experts), and the gate ``nn.Linear(in, E)``. ``B`` starts
 at zero, so the wrapped model equals the base model at the start. ``A`` uses peft's LoRA initialisation
-(Kaiming-uniform, bound ``1/sqrt(in)``; CoIN draws ``N(0, 0.01)``, the same scale at LLaVA-7B's width 4096);
-the gate keeps ``nn.Linear``'s default initialisation, as in CoIN. The multimodal projector is trained (shared)
-when ``model.lora.train_projector`` is on, as CoIN trains it. State after each task: one safetensors file
-(experts, gates, projector) and a JSON of the shape; the next task loads it. The new parameters are plain
-tensors created after the model is loaded, so ``deepspeed.initialize`` takes them over under ZeRO-2 and
-ZeRO-3 alike; projector weights loaded under ZeRO-3 are gathered while they are written.
+(Kaiming-uniform, bound ``1/sqrt(in)``; CoIN draws ``N(0, 0.01)``, the same scale at LLaVA-7B's width
+4096); the gate gets ``nn.Linear``'s default initialisation, as in CoIN. Both are drawn from a generator
+seeded by the experiment seed and task index, so the init is the same however the model was loaded. The
+multimodal projector is trained (shared) when ``model.lora.train_projector`` is on, as CoIN trains it.
+State after each task: one safetensors file (experts, gates, projector) and a JSON of the shape; the next
+task loads it. The new parameters are plain tensors created after the model is loaded, so
+``deepspeed.initialize`` takes them over under ZeRO-2 and ZeRO-3 alike; projector weights loaded under
+ZeRO-3 are gathered while they are written.
 
 Hyper-parameters (``method.params``):
 - ``num_experts`` (2): experts per layer. CoIN's released MoELoRA scripts (``scripts/CoIN/Train_MOE``) train
@@ -33,7 +35,8 @@ Hyper-parameters (``method.params``):
   (``r // expert_num`` per expert, ``r`` must be divisible), so MoELoRA has the parameter budget of one LoRA
   of rank ``r`` plus the gates. The scaling is ``model.lora.alpha / model.lora.r`` either way (CoIN's).
 - ``top_k`` (0): 0 mixes all experts (CoIN's dense gate); ``k > 0`` keeps the ``k`` largest gate weights per
-  token and renormalises them to sum to 1 (ours, optional).
+  token (ours, optional), renormalised to sum to 1 for ``k >= 2``; ``k = 1`` keeps the raw probability as
+  the Switch Transformer does, since a renormalised single weight (always 1) passes no gradient to the gate.
 """
 
 from __future__ import annotations
@@ -91,6 +94,7 @@ class MoELoRALinear(nn.Module):
         scaling: float,
         dropout: float = 0.0,
         top_k: int = 0,
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -107,16 +111,29 @@ class MoELoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(shape_b, device=device, dtype=torch.float32))
         self.gate = nn.Linear(self.in_features, num_experts, bias=False, device=device, dtype=torch.float32)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # Each expert's A like peft's LoRA A (fan-in = in_features: one call covers all experts alike).
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.reset_parameters(generator)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Experts' A like peft's LoRA A (Kaiming-uniform with fan-in ``in_features``, one draw covers all
+        experts alike), B zero, the gate like ``nn.Linear``'s default."""
+        with torch.no_grad():
+            for weight in (self.lora_A, self.gate.weight):
+                fresh = torch.empty(weight.shape, dtype=torch.float32)
+                nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
+                weight.copy_(fresh)
+            self.lora_B.zero_()
 
     def gate_weights(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-token expert weights ``(..., num_experts)``: softmax of the gate, top-k renormalised."""
+        """Per-token expert weights ``(..., num_experts)``: the softmax of the gate; with ``top_k`` only the
+        ``k`` largest are kept, renormalised to sum to 1 when ``k >= 2``. A single kept weight stays the raw
+        probability (as in the Switch Transformer): renormalised it would be the constant 1, and the gate
+        would get no gradient."""
         weights = torch.softmax(self.gate(x.to(self.gate.weight.dtype)).float(), dim=-1)
         if 0 < self.top_k < self.num_experts:
             top = weights.topk(self.top_k, dim=-1)
             weights = torch.zeros_like(weights).scatter(-1, top.indices, top.values)
-            weights = weights / weights.sum(-1, keepdim=True)
+            if self.top_k > 1:
+                weights = weights / weights.sum(-1, keepdim=True)
         return weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,10 +151,12 @@ class MoELoRALinear(nn.Module):
 
 
 def wrap_linear_layers(
-    model: nn.Module, lora: LoraConfig, num_experts: int, expert_rank: int, top_k: int
+    model: nn.Module, lora: LoraConfig, num_experts: int, expert_rank: int, top_k: int, seed: int = 0
 ) -> list[str]:
     """Replace every ``nn.Linear`` whose full name matches ``lora.target_modules`` by a
-    :class:`MoELoRALinear`; returns the wrapped names."""
+    :class:`MoELoRALinear` initialised from a generator seeded by ``seed`` (the same init however the model
+    was loaded: ZeRO-3's partitioned loading draws from the global generator differently); returns the
+    wrapped names."""
     pattern = re.compile(lora.target_modules)
     names = [
         name
@@ -148,12 +167,13 @@ def wrap_linear_layers(
         raise ValueError(
             f"model.lora.target_modules: {lora.target_modules!r} matches no linear layer of the model"
         )
+    generator = torch.Generator().manual_seed(seed)
+    scaling = lora.alpha / lora.r
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        wrapped = MoELoRALinear(
-            getattr(parent, child), num_experts, expert_rank, lora.alpha / lora.r, lora.dropout, top_k
-        )
+        base = getattr(parent, child)
+        wrapped = MoELoRALinear(base, num_experts, expert_rank, scaling, lora.dropout, top_k, generator)
         setattr(parent, child, wrapped)
     return names
 
@@ -218,7 +238,14 @@ class MoELoRA(Method):
     def setup_model(self, model: nn.Module, ctx: TaskContext) -> nn.Module:
         rank = self._expert_rank(ctx.lora)
         self.train_projector = ctx.lora.train_projector
-        self.wrapped = wrap_linear_layers(model, ctx.lora, self.params.num_experts, rank, self.params.top_k)
+        self.wrapped = wrap_linear_layers(
+            model,
+            ctx.lora,
+            self.params.num_experts,
+            rank,
+            self.params.top_k,
+            seed=ctx.seed * 1000 + ctx.task_index,
+        )
         if ctx.previous_state_dir is not None:
             self._load_state(model, ctx.previous_state_dir, rank)
         return model

@@ -15,6 +15,8 @@ How it is implemented here:
   every task. A task loads the earlier ones frozen, adds its own, and activates all of them
   (``set_adapter([...])``). peft's ``set_adapter`` with a list makes *every* listed adapter trainable, so
   :meth:`OLoRA.before_task` sets ``requires_grad`` of every parameter explicitly: only the new adapter trains.
+- The new adapter's ``A`` is drawn (peft's Kaiming-uniform init, ``B = 0``) from a generator seeded by the
+  experiment seed and the task index, so it is the same whether or not ZeRO-3 loaded the model.
 - The earlier ``A`` matrices for the orthogonality term are read from the saved safetensors into plain
   tensors (concatenated per layer, no gradient), not taken from the model's parameters: under ZeRO-3 those
   parameters are partitioned outside their module's forward. The new ``A_t`` (and ``B_t`` for the L2 term)
@@ -42,6 +44,7 @@ has that rank.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -59,7 +62,6 @@ if TYPE_CHECKING:
 ADAPTERS_DIR = "adapters"
 STATE_FILE = "olora.json"
 _ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_PEFT_PREFIX = "base_model.model."
 _ORTHOGONALITY = ("abs", "squared")
 
 
@@ -106,6 +108,22 @@ def target_regex(model: torch.nn.Module, lora: LoraConfig) -> str:
     if not names:
         return lora.target_modules
     return f"(?:{lora.target_modules})|(?:{'|'.join(re.escape(n) for n in names)})"
+
+
+def _seeded_init(model: torch.nn.Module, adapter: str, seed: int) -> None:
+    """Re-draw the new adapter's A (peft's Kaiming-uniform init; B stays zero) from a generator seeded by the
+    experiment seed and task: the same init however the model was loaded (ZeRO-3's partitioned loading draws
+    from the global generator differently)."""
+    from peft.tuners.lora import LoraLayer
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, module in sorted(model.named_modules(), key=lambda item: item[0]):
+            if isinstance(module, LoraLayer) and adapter in module.lora_A:
+                weight = module.lora_A[adapter].weight
+                fresh = torch.empty(weight.shape, dtype=torch.float32)
+                torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
+                weight.copy_(fresh)
 
 
 def _is_adapter_param(name: str, adapter: str) -> bool:
@@ -160,6 +178,7 @@ class OLoRA(Method):
             peft_model.add_adapter(new, config)
             self.old_A = self._load_old_A(folder, old)
         self.adapters = [*old, new]
+        _seeded_init(peft_model, new, seed=ctx.seed * 1000 + ctx.task_index)
         # All adapters take part in the forward pass (their updates add up); trainability is set in before_task.
         peft_model.base_model.set_adapter(self.adapters)
         self._register_hooks(peft_model, new)
@@ -242,20 +261,6 @@ class OLoRA(Method):
             total = total + self.params.lambda_1 * torch.stack(orth).sum()
         if l2:
             total = total + self.params.lambda_2 * torch.stack(l2).sum()
-        return total
-
-    def orthogonality_term(self, model: torch.nn.Module) -> float:
-        """The current (unweighted) orthogonality term over all layers, from full parameters (for tests and
-        diagnostics; not for ZeRO-3, where the parameters are partitioned here)."""
-        new = self.adapters[-1]
-        total = 0.0
-        with torch.no_grad():
-            for layer, old in self.old_A.items():
-                weight = model.get_submodule(layer).lora_A[new].weight.float()
-                overlap = old.to(weight.device) @ weight.T
-                total += float(
-                    overlap.abs().sum() if self.params.orthogonality == "abs" else overlap.pow(2).sum()
-                )
         return total
 
     def after_task(self, model: torch.nn.Module, ctx: TaskContext) -> None:

@@ -48,9 +48,13 @@ def _config(root: Path, out: Path, *overrides: str):
     )
 
 
-def _run(root: Path, out: Path, *overrides: str):
+def _run(root: Path, out: Path, *overrides: str, start_state: Path | None = None):
+    """Tasks 1 and 2 of the small stream (only task 2 when starting from task 1's ``start_state``)."""
     prep = prepare_run(_config(root, out, *overrides), log=lambda _m: None)
-    return run_stream_locally(prep, out, tasks=2, log=lambda _m: None)
+    start = 0 if start_state is None else 1
+    return run_stream_locally(
+        prep, out, tasks=2, log=lambda _m: None, start_state=start_state, start_task=start
+    )
 
 
 @pytest.fixture(scope="module")
@@ -91,24 +95,32 @@ def test_earlier_adapter_stays_bit_identical_and_frozen(plain_run):
     assert memory["frozen_adapter_params"] == memory["trainable_params"] == memory["adapter_params"] / 2
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_gives_the_same_losses_as_plain_torch(stage, plain_run, small_root, tmp_path):
-    """Under ZeRO-3 (persistence threshold 0: every adapter partitioned) the earlier A's come from the saved
-    files and the new A is used inside its module's forward, so the term must match the plain run's."""
+@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3])
+def test_zero_computes_the_same_term_as_plain_torch(stage, plain_run, small_root, tmp_path):
+    """Task 2 under ZeRO (ZeRO-3 with persistence threshold 0: every adapter partitioned outside forward),
+    from the plain run's task-1 state: the earlier A's come from the saved files and the new A is used inside
+    its module's forward, so loss and orthogonality term match the plain run's task 2. ZeRO-2 matches plain
+    torch to float noise; ZeRO-3's updates differ slightly from plain torch (for sequential LoRA too), so from
+    the second step on only a loose match is expected."""
     run = _run(
         small_root,
         tmp_path,
         "scaling.deepspeed=true",
         f"scaling.zero_stage={stage}",
         "scaling.zero3_param_persistence_threshold=0",
+        "eval.max_samples_per_task=2",
+        start_state=plain_run.state_dirs[0],
     )
-    for ds, plain in zip(run.results, plain_run.results, strict=True):
-        assert [e["loss"] for e in ds.train_log] == pytest.approx([e["loss"] for e in plain.train_log], rel=1e-3)
-        assert [e["extra_loss"] for e in ds.train_log] == pytest.approx(
-            [e["extra_loss"] for e in plain.train_log], rel=1e-3, abs=1e-6
-        )
-    before, after = _adapter(run.state_dirs[0], 0), _adapter(run.state_dirs[1], 0)
+    (ds,), plain = run.results, plain_run.results[1]
+    first = (ds.train_log[0]["loss"], ds.train_log[0]["extra_loss"])
+    assert first == pytest.approx((plain.train_log[0]["loss"], plain.train_log[0]["extra_loss"]), rel=1e-5)
+    rel = 1e-4 if stage == 2 else 5e-2
+    for key in ("loss", "extra_loss"):
+        assert [e[key] for e in ds.train_log] == pytest.approx([e[key] for e in plain.train_log], rel=rel)
+    assert all(e["extra_loss"] > 0 for e in ds.train_log)
+    before, after = _adapter(plain_run.state_dirs[0], 0), _adapter(run.state_dirs[0], 0)
     assert all(v.numel() > 0 and torch.equal(v, after[k]) for k, v in before.items())
+    assert all(v.numel() > 0 for v in _adapter(run.state_dirs[0], 1).values())
 
 
 def _batch(model_path: str, root: Path, processor) -> dict[str, torch.Tensor]:
