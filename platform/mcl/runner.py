@@ -121,14 +121,19 @@ def _ray_train_loop(loop_config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
     micro, eval_bs = loop_config["micro_batch"], loop_config["eval_batch"]
     train_shard = ray.train.get_dataset_shard(f"train_{rank}")
-    eval_shard = ray.train.get_dataset_shard(f"eval_{rank}")
+    # Phases that do not evaluate get no evaluation datasets.
+    eval_shard = ray.train.get_dataset_shard(f"eval_{rank}") if job.evaluate else None
     out_dir = Path(tempfile.mkdtemp(prefix="mcl-task-"))
     metrics = {"task_index": job.task_index}
     try:
         result = train_and_evaluate_task(
             job,
             train_shard.iter_batches(batch_size=micro, batch_format="numpy", prefetch_batches=2),
-            lambda: eval_shard.iter_batches(batch_size=eval_bs, batch_format="numpy", prefetch_batches=1),
+            lambda: (
+                eval_shard.iter_batches(batch_size=eval_bs, batch_format="numpy", prefetch_batches=1)
+                if eval_shard is not None
+                else []
+            ),
             out_dir,
             device=ray.train.torch.get_device(),
         )
