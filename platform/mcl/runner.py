@@ -449,7 +449,7 @@ def run_experiment(
                     ckpt = Path(progress.phases[key])
                     log(f"{fit_name}: reusing the checkpoint of an earlier attempt")
                 else:
-                    ckpt = _run_phase(prep, t, names, phase, previous, run_dir, fit_name)
+                    ckpt = _run_phase(prep, t, phase, previous, run_dir)
                     progress.phases[key] = str(ckpt)
                     progress.save()
                 result = TaskResult.load(ckpt)
@@ -496,35 +496,36 @@ def run_experiment(
     return RunSummary(run_id, uri, names, matrix, baseline, metrics, str(run_dir), results, state_dirs, wall)
 
 
-def _run_phase(
-    prep: PreparedRun,
-    t: int,
-    names: list[str],
-    phase: Phase,
-    previous: str | None,
-    run_dir: Path,
-    fit_name: str,
-) -> Path:
-    """Train one phase of task ``t`` as one Ray Train job; returns its checkpoint folder."""
-    _init_ray(prep.config)
+def phase_job(
+    prep: PreparedRun, t: int, phase: Phase, previous: str | None
+) -> tuple[TaskJob, list[dict[str, Any]]]:
+    """The job and the global training rows of phase ``phase`` of task ``t``, starting from the state
+    folder ``previous`` (None at the start of the stream): what a Ray Train job or a local run trains."""
     cfg = phase_config(prep.config, phase)
-    data = phase_training_data(prep, t, phase, load_driver_state(previous))
-    driver_state = data.driver_state if data.driver_state is not None else load_driver_state(previous)
-    datasets = _task_datasets(prep, data.rows, phase.evaluate)
+    previous_driver_state = load_driver_state(previous)
+    data = phase_training_data(prep, t, phase, previous_driver_state)
     job = TaskJob(
         cfg.to_dict(),
         prep.model_path,
         t,
-        names,
+        prep.stream.task_names,
         previous,
         steps=len(data.rows) // cfg.train.batch_size,
         evaluate_before=(t == 0 and phase.evaluate),
         phase=phase.name,
         evaluate=phase.evaluate,
         optimize=phase.optimize,
-        driver_state=driver_state,
+        driver_state=data.driver_state if data.driver_state is not None else previous_driver_state,
     )
-    return _fit_task(prep, job, run_dir, datasets, fit_name)
+    return job, data.rows
+
+
+def _run_phase(prep: PreparedRun, t: int, phase: Phase, previous: str | None, run_dir: Path) -> Path:
+    """Train one phase of task ``t`` as one Ray Train job; returns its checkpoint folder."""
+    _init_ray(prep.config)
+    job, rows = phase_job(prep, t, phase, previous)
+    datasets = _task_datasets(prep, rows, phase.evaluate)
+    return _fit_task(prep, job, run_dir, datasets, _fit_name(t, prep.stream.task_names[t], phase))
 
 
 @dataclass
@@ -566,24 +567,9 @@ def run_stream_locally(
     eval_rows = _eval_rows(prep)
     for t in range(start_task, tasks if tasks is not None else len(names)):
         for phase in prep.method.phases(t):
-            cfg = phase_config(prep.config, phase)
-            data = phase_training_data(prep, t, phase, load_driver_state(previous))
-            driver_state = data.driver_state if data.driver_state is not None else load_driver_state(previous)
-            job = TaskJob(
-                cfg.to_dict(),
-                prep.model_path,
-                t,
-                names,
-                previous,
-                steps=len(data.rows) // cfg.train.batch_size,
-                evaluate_before=(t == 0 and phase.evaluate),
-                phase=phase.name,
-                evaluate=phase.evaluate,
-                optimize=phase.optimize,
-                driver_state=driver_state,
-            )
+            job, rows = phase_job(prep, t, phase, previous)
             phase_dir = out / _fit_name(t, names[t], phase)
-            result = run_task_locally(job, data.rows, eval_rows if phase.evaluate else [], phase_dir, log=log)
+            result = run_task_locally(job, rows, eval_rows if phase.evaluate else [], phase_dir, log=log)
             phase_dirs[f"{t}:{phase.name}"] = phase_dir
             previous = str(phase_dir / STATE_DIR)
             if phase.evaluate:
@@ -685,6 +671,7 @@ __all__ = [
     "prepare_run",
     "run_experiment",
     "run_stream_locally",
+    "phase_job",
     "phase_training_data",
     "task_training_rows",
 ]

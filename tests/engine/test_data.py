@@ -84,7 +84,15 @@ def test_training_order_rows_carry_the_sample_fields() -> None:
     sample = _samples(1)[0]
     (row,) = training_order([sample], epochs=1, global_batch=1, seed=0)
     assert row == {**sample_row(sample), "epoch": 0}
-    assert set(sample_row(sample)) == {"id", "image", "question", "answer", "answer_type", "task", "supervised"}
+    assert set(sample_row(sample)) == {
+        "id",
+        "image",
+        "question",
+        "answer",
+        "answer_type",
+        "task",
+        "supervised",
+    }
 
 
 def test_training_order_without_samples() -> None:

@@ -19,7 +19,7 @@ from mcl.config import load_config
 from mcl.data import training_order
 from mcl.errors import ConfigError
 from mcl.methods_api import Method, Phase, TrainingData, register_method
-from mcl.training import TaskJob, run_task_locally
+from mcl.training import run_task_locally
 
 
 @dataclasses.dataclass
@@ -94,26 +94,12 @@ def _cfg(tmp_path: Path, root: Path, *extra: str):
 
 
 def _local_run_phase(calls):
-    def run_phase(prep, t, names, phase, previous, run_dir, fit_name):
+    def run_phase(prep, t, phase, previous, run_dir):
         calls.append((t, phase.name))
-        cfg = runner.phase_config(prep.config, phase)
-        data = runner.phase_training_data(prep, t, phase, runner.load_driver_state(previous))
-        job = TaskJob(
-            cfg.to_dict(),
-            prep.model_path,
-            t,
-            names,
-            previous,
-            steps=len(data.rows) // cfg.train.batch_size,
-            evaluate_before=(t == 0 and phase.evaluate),
-            phase=phase.name,
-            evaluate=phase.evaluate,
-            optimize=phase.optimize,
-            driver_state=data.driver_state,
-        )
+        job, rows = runner.phase_job(prep, t, phase, previous)
         eval_rows = runner._eval_rows(prep) if phase.evaluate else []
-        out = run_dir / fit_name / "checkpoint"
-        run_task_locally(job, data.rows, eval_rows, out, log=lambda _m: None)
+        out = run_dir / runner._fit_name(t, prep.stream.task_names[t], phase) / "checkpoint"
+        run_task_locally(job, rows, eval_rows, out, log=lambda _m: None)
         return out
 
     return run_phase
@@ -154,10 +140,10 @@ def test_resume_continues_a_run_and_refuses_a_different_config(
     # The driver dies during the second phase of task 2.
     real = runner._run_phase
 
-    def dying(prep, t, names, phase, *args):
+    def dying(prep, t, phase, *args):
         if (t, phase.name) == (1, "grads"):
             raise KeyboardInterrupt
-        return real(prep, t, names, phase, *args)
+        return real(prep, t, phase, *args)
 
     monkeypatch.setattr(runner, "_run_phase", dying)
     with pytest.raises(KeyboardInterrupt):
