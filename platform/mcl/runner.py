@@ -266,6 +266,9 @@ def _fit_task(prep: PreparedRun, job: TaskJob, storage: Path, datasets: dict[str
 
     cfg = prep.config
     shutil.rmtree(storage / name, ignore_errors=True)  # an interrupted attempt's folder would be restored
+    # Ray Train gives workers 60 s to start (imports, runtime env); a busy small host can need more. Ray
+    # propagates this variable from the driver to the controller; an explicit setting wins.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
     trainer = TorchTrainer(
         _ray_train_loop,
         train_loop_config={
