@@ -167,8 +167,8 @@ def full_path(prep: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train task 0 exactly as mcl.runner does (one TorchTrainer); return its figures."""
     import ray
 
-    from mcl.runner import _fit_task, _init_ray, _task_datasets
-    from mcl.training import TaskJob, TaskResult
+    from mcl.runner import _fit_name, _fit_task, _init_ray, _task_datasets, phase_job
+    from mcl.training import TaskResult
 
     cfg = prep.config
     started = not ray.is_initialized()
@@ -180,17 +180,18 @@ def full_path(prep: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     )
     try:
         t0 = time.perf_counter()
-        datasets, steps = _task_datasets(prep, 0)
+        phase = prep.method.phases(0)[0]
+        job, rows = phase_job(prep, 0, phase, None)
+        job.evaluate_before = False
+        steps = job.steps
+        datasets = _task_datasets(prep, rows, phase.evaluate)
         datasets_s = time.perf_counter() - t0
-        job = TaskJob(
-            cfg.to_dict(), prep.model_path, 0, prep.stream.task_names, None, steps, evaluate_before=False
-        )
         log(
             f"full: training {steps} steps of {cfg.train.batch_size} samples on {cfg.scaling.num_workers} "
             f"Ray Train worker(s) x {cfg.scaling.cpus_per_worker} CPUs"
         )
         t0 = time.perf_counter()
-        ckpt = _fit_task(prep, job, storage, datasets)
+        ckpt = _fit_task(prep, job, storage, datasets, _fit_name(0, prep.stream.task_names[0], phase))
         fit_wall_s = time.perf_counter() - t0
         result = TaskResult.load(ckpt)
     finally:
