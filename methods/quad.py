@@ -77,7 +77,14 @@ import torch
 import torch.nn.functional as F
 
 from mcl.adapters import ADAPTER_DIR, load_lora, new_lora
-from mcl.data import IGNORE_INDEX, sample_row, training_order
+from mcl.data import (
+    IGNORE_INDEX,
+    extra_rows_per_batch,
+    mixed_training_order,
+    reservoir_sample,
+    sample_row,
+    training_order,
+)
 from mcl.methods_api import Method, Phase, TaskContext, TrainingData, load_driver_state, register_method
 
 if TYPE_CHECKING:
@@ -113,16 +120,6 @@ class QUADParams:
                 raise ValueError(f"{name} must be in [{low:g}, {high:g}{']' if closed else ')'}, got {value}")
 
 
-def reservoir_sample(items: Sequence[Any], k: int, rng: random.Random) -> list[Any]:
-    """``k`` items drawn uniformly without replacement in one pass (Algorithm R); all items if fewer."""
-    reservoir = list(items[:k])
-    for i in range(k, len(items)):
-        j = rng.randrange(i + 1)
-        if j < k:
-            reservoir[j] = items[i]
-    return reservoir
-
-
 def stored_questions(driver_state: dict[str, Any] | None) -> list[dict[str, str]]:
     """The question store held in a driver state (empty at the start of a stream)."""
     if driver_state is None:
@@ -133,13 +130,6 @@ def stored_questions(driver_state: dict[str, Any] | None) -> list[dict[str, str]
             "was the previous task trained by another method?"
         )
     return list(driver_state[QUESTIONS_KEY])
-
-
-def question_rows_per_batch(ratio: float, global_batch: int, num_questions: int) -> int:
-    """Question rows in a global batch: ``round(ratio * batch)``, at most ``batch - 1``, 0 without questions."""
-    if num_questions == 0:
-        return 0
-    return min(round(ratio * global_batch), global_batch - 1)
 
 
 def question_replay_order(
@@ -157,35 +147,35 @@ def question_replay_order(
     ``global_batch - questions_per_batch`` rows); each question row pairs a stored question with the image
     of a random current row. Deterministic for a given ``rng_seed``.
     """
-    take = global_batch - questions_per_batch
-    if take < 1 or (questions_per_batch and not questions):
+    if questions_per_batch and not questions:
         raise ValueError(f"cannot put {questions_per_batch} question rows in a batch of {global_batch}")
-    order: list[dict[str, Any]] = []
-    for epoch in range(epochs):
-        rng = random.Random(f"{rng_seed}-epoch-{epoch}")
-        perm = list(range(len(current)))
-        rng.shuffle(perm)
-        perm += [perm[i % len(perm)] for i in range((-len(perm)) % take)]
-        for start in range(0, len(perm), take):
-            batch = [dict(current[i], epoch=epoch) for i in perm[start : start + take]]
-            for n in range(questions_per_batch):
-                q = rng.randrange(len(questions))
-                host = current[rng.randrange(len(current))]
-                batch.append(
-                    {
-                        "id": f"quad-{epoch}-{start + n}-{questions[q]['task']}-q{q}-on-{host['id']}",
-                        "image": host["image"],
-                        "question": questions[q]["question"],
-                        "answer": "",
-                        "answer_type": host["answer_type"],
-                        "task": host["task"],
-                        "supervised": False,
-                        "epoch": epoch,
-                    }
-                )
-            rng.shuffle(batch)
-            order += batch
-    return order
+
+    def draw(rng: random.Random, epoch: int, start: int) -> list[dict[str, Any]]:
+        rows = []
+        for n in range(questions_per_batch):
+            q = rng.randrange(len(questions))
+            host = current[rng.randrange(len(current))]
+            rows.append(
+                {
+                    "id": f"quad-{epoch}-{start + n}-{questions[q]['task']}-q{q}-on-{host['id']}",
+                    "image": host["image"],
+                    "question": questions[q]["question"],
+                    "answer": "",
+                    "answer_type": host["answer_type"],
+                    "task": host["task"],
+                    "supervised": False,
+                }
+            )
+        return rows
+
+    return mixed_training_order(
+        current,
+        epochs=epochs,
+        global_batch=global_batch,
+        extra_per_batch=questions_per_batch,
+        draw=draw,
+        rng_seed=rng_seed,
+    )
 
 
 def _adapter_names(module: torch.nn.Module) -> set[str]:
@@ -229,7 +219,7 @@ class QUAD(Method):
         task = tasks[task_index]
         store = [q for q in stored_questions(driver_state) if q["task"] != task.name]
         current = list(task.train)
-        per_batch = question_rows_per_batch(self.params.replay_ratio, global_batch, len(store))
+        per_batch = extra_rows_per_batch(self.params.replay_ratio, global_batch, len(store))
         if per_batch == 0:
             rows = training_order(current, epochs=epochs, global_batch=global_batch, seed=seed)
         else:

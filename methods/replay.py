@@ -46,12 +46,12 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mcl.adapters import ADAPTER_DIR, load_lora, new_lora, save_lora
-from mcl.data import sample_row, training_order
+from mcl.data import extra_rows_per_batch, mixed_training_order, reservoir_sample, sample_row, training_order
 from mcl.methods_api import Method, Phase, TaskContext, TrainingData, load_driver_state, register_method
 
 if TYPE_CHECKING:
@@ -60,8 +60,6 @@ if TYPE_CHECKING:
 BUFFER_KEY = "buffer"
 # What a buffer row keeps of a sample (the image by path): the row keys minus the engine's ``supervised``.
 BUFFER_ROW_KEYS = ("id", "image", "question", "answer", "answer_type", "task")
-
-T = TypeVar("T")
 
 
 @dataclass
@@ -82,25 +80,6 @@ class ReplayParams:
             raise ValueError(f"replay_ratio must be in [0, 1), got {self.replay_ratio}")
 
 
-def reservoir_sample(items: Sequence[T], k: int, rng: random.Random) -> list[T]:
-    """``k`` items drawn uniformly without replacement by reservoir sampling (Vitter's Algorithm R): one pass
-    in order, each item replacing a random slot with probability ``k / (i + 1)``. All items if fewer."""
-    reservoir = list(items[:k])
-    for i in range(k, len(items)):
-        j = rng.randrange(i + 1)
-        if j < k:
-            reservoir[j] = items[i]
-    return reservoir
-
-
-def replay_rows_per_batch(ratio: float, global_batch: int, buffer_size: int) -> int:
-    """Replay rows in a global batch: ``round(ratio * batch)``, at most ``batch - 1`` (every batch keeps a
-    current-task row), 0 while the buffer is empty."""
-    if buffer_size == 0:
-        return 0
-    return min(round(ratio * global_batch), global_batch - 1)
-
-
 def mixed_order(
     current: Sequence[dict[str, Any]],
     replay: Sequence[dict[str, Any]],
@@ -110,36 +89,24 @@ def mixed_order(
     replay_per_batch: int,
     rng_seed: str,
 ) -> list[dict[str, Any]]:
-    """The global row order of a task trained with replay rows in every batch.
-
-    Each epoch permutes ``current`` (padded by wrapping around to whole batches of ``global_batch -
-    replay_per_batch`` rows), adds ``replay_per_batch`` rows drawn from ``replay`` to each batch and shuffles
-    the batch. Every row gets its ``epoch``. Deterministic for a given ``rng_seed``.
-    """
-    take = global_batch - replay_per_batch
-    if take < 1:
-        raise ValueError(
-            f"replay_per_batch ({replay_per_batch}) leaves no current rows in a batch of {global_batch}"
-        )
+    """The global row order of a task with ``replay_per_batch`` rows drawn from ``replay`` in every batch
+    (without replacement within a batch when the buffer is large enough). Deterministic for ``rng_seed``."""
     if replay_per_batch and not replay:
         raise ValueError("replay rows were asked for but there is nothing to replay")
-    order: list[dict[str, Any]] = []
-    for epoch in range(epochs):
-        rng = random.Random(f"{rng_seed}-epoch-{epoch}")
-        perm = list(range(len(current)))
-        rng.shuffle(perm)
-        perm += [perm[i % len(perm)] for i in range((-len(perm)) % take)]
-        for start in range(0, len(perm), take):
-            batch = [dict(current[i], epoch=epoch) for i in perm[start : start + take]]
-            drawn = (
-                rng.sample(list(replay), replay_per_batch)
-                if replay_per_batch <= len(replay)
-                else rng.choices(list(replay), k=replay_per_batch)
-            )
-            batch += [dict(row, epoch=epoch) for row in drawn]
-            rng.shuffle(batch)
-            order += batch
-    return order
+
+    def draw(rng: random.Random, _epoch: int, _start: int) -> list[dict[str, Any]]:
+        if replay_per_batch <= len(replay):
+            return rng.sample(list(replay), replay_per_batch)
+        return rng.choices(list(replay), k=replay_per_batch)
+
+    return mixed_training_order(
+        current,
+        epochs=epochs,
+        global_batch=global_batch,
+        extra_per_batch=replay_per_batch,
+        draw=draw,
+        rng_seed=rng_seed,
+    )
 
 
 def buffer_rows(driver_state: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -179,7 +146,7 @@ class ExperienceReplay(Method):
         # A re-run of a task (never the case in a normal stream) must not replay that task's own rows.
         buffer = [row for row in buffer_rows(driver_state) if row["task"] != task.name]
         current = list(task.train)
-        replay_per_batch = replay_rows_per_batch(self.params.replay_ratio, global_batch, len(buffer))
+        replay_per_batch = extra_rows_per_batch(self.params.replay_ratio, global_batch, len(buffer))
         if replay_per_batch == 0:
             rows = training_order(current, epochs=epochs, global_batch=global_batch, seed=seed)
         else:

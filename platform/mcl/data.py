@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -49,6 +49,59 @@ def training_order(
         pad = (-len(perm)) % global_batch
         perm += [perm[i % len(perm)] for i in range(pad)]
         order += [dict(rows[i], epoch=epoch) for i in perm]
+    return order
+
+
+def reservoir_sample(items: Sequence[Any], k: int, rng: random.Random) -> list[Any]:
+    """``k`` items drawn uniformly without replacement by reservoir sampling (Vitter's Algorithm R): one pass
+    in order, each item replacing a random slot with probability ``k / (i + 1)``. All items if fewer."""
+    reservoir = list(items[:k])
+    for i in range(k, len(items)):
+        j = rng.randrange(i + 1)
+        if j < k:
+            reservoir[j] = items[i]
+    return reservoir
+
+
+def extra_rows_per_batch(ratio: float, global_batch: int, available: int) -> int:
+    """Rows of a global batch given to a method's extra rows (replayed samples, stored questions):
+    ``round(ratio * batch)``, at most ``batch - 1`` (every batch keeps a current-task row), 0 when nothing is
+    available."""
+    if available == 0:
+        return 0
+    return min(round(ratio * global_batch), global_batch - 1)
+
+
+def mixed_training_order(
+    current: Sequence[dict[str, Any]],
+    *,
+    epochs: int,
+    global_batch: int,
+    extra_per_batch: int,
+    draw: Callable[[random.Random, int, int], list[dict[str, Any]]],
+    rng_seed: str,
+) -> list[dict[str, Any]]:
+    """The global row order of a task whose batches each hold ``extra_per_batch`` extra rows.
+
+    Each epoch permutes ``current`` (padded by wrapping around to whole batches of ``global_batch -
+    extra_per_batch`` rows); for every batch, ``draw(rng, epoch, start)`` gives the extra rows (``start``:
+    the batch's first position in the epoch's permutation), and the batch is shuffled. Every row gets its
+    ``epoch``. Deterministic for a given ``rng_seed``.
+    """
+    take = global_batch - extra_per_batch
+    if take < 1:
+        raise ValueError(f"{extra_per_batch} extra rows leave no current rows in a batch of {global_batch}")
+    order: list[dict[str, Any]] = []
+    for epoch in range(epochs):
+        rng = random.Random(f"{rng_seed}-epoch-{epoch}")
+        perm = list(range(len(current)))
+        rng.shuffle(perm)
+        perm += [perm[i % len(perm)] for i in range((-len(perm)) % take)]
+        for start in range(0, len(perm), take):
+            batch = [dict(current[i], epoch=epoch) for i in perm[start : start + take]]
+            batch += [dict(row, epoch=epoch) for row in draw(rng, epoch, start)] if extra_per_batch else []
+            rng.shuffle(batch)
+            order += batch
     return order
 
 
