@@ -149,9 +149,6 @@ def _ray_train_loop(loop_config: dict[str, Any]) -> None:
 def _init_ray(cfg: ExperimentConfig) -> None:
     import ray
 
-    import mcl
-    import methods
-
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     if ray.is_initialized():
         total = ray.cluster_resources().get("CPU", 0)
@@ -161,6 +158,19 @@ def _init_ray(cfg: ExperimentConfig) -> None:
                 f"CPUs but the running Ray instance has {total:g}"
             )
         return
+    address = cfg.scaling.ray_address or os.environ.get("RAY_ADDRESS", "")
+    # Room for Ray Data's preprocessing tasks beside the workers on a local instance.
+    init_ray(address, cfg.scaling.ray_num_cpus or need + 2, cfg.scaling.use_gpu)
+
+
+def init_ray(address: str, num_cpus: int, use_gpu: bool) -> None:
+    """Connect to the Ray cluster at ``address`` (or start a local instance with ``num_cpus`` logical CPUs)
+    with mcl's runtime environment: the engine and methods being run are shipped to every worker."""
+    import ray
+
+    import mcl
+    import methods
+
     env = {
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
@@ -169,18 +179,16 @@ def _init_ray(cfg: ExperimentConfig) -> None:
         # Train V2 re-routes print() through its logger and tees it when stdout is wrapped: lines doubled.
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     }
-    if not cfg.scaling.use_gpu:
+    if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     # Ship the engine and methods being run (not a stale installed copy) to every worker.
     py_modules = [str(Path(m.__file__).resolve().parent) for m in (mcl, methods)]
     runtime_env = {"env_vars": env, "py_modules": py_modules}
-    address = cfg.scaling.ray_address or os.environ.get("RAY_ADDRESS", "")
     if address:  # an existing cluster (also under `ray job submit`, which sets RAY_ADDRESS)
         ray.init(address=address, runtime_env=runtime_env)
     else:
-        need += 2  # room for Ray Data's preprocessing tasks beside the workers
         # The dashboard stays on: Ray Train's placement-group cleaner polls the state API it serves.
-        ray.init(num_cpus=cfg.scaling.ray_num_cpus or need, runtime_env=runtime_env)
+        ray.init(num_cpus=num_cpus, runtime_env=runtime_env)
 
 
 def phase_config(cfg: ExperimentConfig, phase: Phase) -> ExperimentConfig:
@@ -354,6 +362,9 @@ def run_experiment(
     log: Callable[[str], None] = print,
     prepared: PreparedRun | None = None,
     resume: bool = False,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    on_task: Callable[[int, list[str], list[list[float]]], None] | None = None,
 ) -> RunSummary:
     """Train ``cfg.method`` through ``cfg.stream`` and return the accuracy matrix and CL metrics.
 
@@ -361,6 +372,10 @@ def run_experiment(
     config is continued: finished phases are not trained again (their checkpoints are reused), the run
     continues in its original MLflow run, and a task run left by the interrupted attempt is replaced. A
     finished run is returned as it is. Without ``resume``, an existing run directory is an error.
+
+    ``parent_run_id`` nests the run's MLflow run under another (a sweep's); ``tags`` are added to the run.
+    ``on_task(t, task_names, matrix)`` is called after every task (also those an earlier attempt finished),
+    with the accuracy matrix so far; a sweep reports progress through it.
     """
     t_start = time.perf_counter()
     prep = prepared or prepare_run(cfg, log)
@@ -383,19 +398,28 @@ def run_experiment(
 
     uri = resolve_tracking_uri(cfg.tracking.uri)
     tracker = Tracker(uri, cfg.tracking.experiment)
-    tags = {"mcl.method": cfg.method.name, "mcl.stream": cfg.stream.name, "mcl.kind": "stream_run"}
+    tags = {
+        "mcl.method": cfg.method.name,
+        "mcl.stream": cfg.stream.name,
+        "mcl.seed": str(cfg.train.seed),
+        **(tags or {}),
+        "mcl.kind": "stream_run",
+    }
+    open_runs: list[str] = []
     if progress.run_id:
         run_id = progress.run_id
         done = len(progress.tasks_done)
-        if done < len(names):
+        # A run killed after its last task but before it was closed is finished (and closed) now.
+        if done < len(names) or tracker.run_status(run_id) != "FINISHED":
             tracker.reopen_run(run_id)
+            open_runs.append(run_id)
         log(f"resuming MLflow run {run_id} in {uri}: {done}/{len(names)} tasks already done")
     else:
-        run_id = tracker.start_run(run_name, tags=tags)
+        run_id = tracker.start_run(run_name, parent_run_id=parent_run_id, tags=tags)
         progress.run_id = run_id
         progress.save()
+        open_runs.append(run_id)
         log(f"MLflow run {run_id} in {uri} (experiment {cfg.tracking.experiment!r})")
-    open_runs = [run_id] if len(progress.tasks_done) < len(names) else []
     try:
         if not existing:
             resolved = {
@@ -427,6 +451,8 @@ def run_experiment(
                             baseline = [result.baseline_accuracy[n] for n in names]
                     previous = str(ckpt / STATE_DIR)
                 state_dirs.append(previous)
+                if on_task is not None:
+                    on_task(t, names, matrix)
                 continue
             log(f"=== task {t + 1}/{len(names)}: {name} ({cfg.method.name}) ===")
             stale = progress.task_runs.get(str(t))
@@ -471,6 +497,7 @@ def run_experiment(
                 baseline = [evaluated.baseline_accuracy[n] for n in names]
             task_wall = time.perf_counter() - t_task
             _log_task(tracker, task_run, run_id, evaluated, names, task_wall, last_memory, Path(previous))
+            tracker.log_metrics(task_run, _resource_hours(cfg, task_wall))
             state_dirs.append(previous)
             tracker.end_run(task_run)
             open_runs.remove(task_run)
@@ -480,12 +507,15 @@ def run_experiment(
                 f"task {name} done in {task_wall:.1f}s: "
                 + ", ".join(f"{n} {a:.1f}" for n, a in zip(names, row, strict=True))
             )
+            if on_task is not None:
+                on_task(t, names, matrix)
         metrics = cl_metrics(matrix, baseline)
-        if open_runs:  # something was trained in this attempt
+        if open_runs:  # something was trained (or left open) in this attempt
             _log_final(
                 tracker, run_id, names, matrix, baseline, metrics, run_dir, cfg.tracking.heatmap, previous
             )
-            tracker.log_metrics(run_id, {"wall_time_s": time.perf_counter() - t_start})
+            wall = time.perf_counter() - t_start
+            tracker.log_metrics(run_id, {"wall_time_s": wall, **_resource_hours(cfg, wall)})
             tracker.end_run(run_id)
             open_runs.remove(run_id)
     except BaseException:
@@ -497,6 +527,15 @@ def run_experiment(
         raise
     wall = time.perf_counter() - t_start
     return RunSummary(run_id, uri, names, matrix, baseline, metrics, str(run_dir), results, state_dirs, wall)
+
+
+def _resource_hours(cfg: ExperimentConfig, wall_s: float) -> dict[str, float]:
+    """CPU and GPU hours reserved by the Ray Train workers over ``wall_s`` seconds (what a cluster bills)."""
+    workers = cfg.scaling.num_workers
+    return {
+        "cpu_hours": wall_s * workers * cfg.scaling.cpus_per_worker / 3600.0,
+        "gpu_hours": wall_s * workers / 3600.0 if cfg.scaling.use_gpu else 0.0,
+    }
 
 
 def phase_job(
