@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from mcl.config import _flatten, _load_yaml, apply_overrides, config_from_dict
-from mcl.errors import ConfigError
+from mcl.errors import ConfigError, MclError, UnknownNameError
 
 SWEEP_STATE_FILE = "sweep_state.json"
 TRIAL_DONE_FILE = "trial_done.json"
@@ -218,6 +218,13 @@ def sweep_config_from_dict(data: Any) -> SweepConfig:
               "early_stopping.reduction_factor", "must be an integer >= 2", early_cfg.reduction_factor)  # fmt: skip
     storage = data.get("storage", "mcl_sweeps")
     _need(isinstance(storage, str) and storage, "storage", "must be a folder", storage)
+    _need(
+        not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", storage),
+        "storage",
+        "must be a folder every node sees at the same path (a shared filesystem: NFS, EFS, Filestore); "
+        "object-store URIs (s3://, gs://) are not supported for it yet",
+        storage,
+    )
     register = data.get("register_models", True)
     _need(isinstance(register, bool), "register_models", "must be true or false", register)
     tracking = _mapping(data.get("tracking") or {}, "tracking")
@@ -282,6 +289,8 @@ def expand_trials(sweep: SweepConfig) -> list[TrialSpec]:
     """Every trial of the sweep, in a fixed order (stream, method, grid point, sample, seed). Each trial's
     experiment config is validated here, so a bad value fails before anything runs."""
     from mcl.config import load_config
+    from mcl.methods_api import build_method
+    from mcl.streams import available_streams
 
     base = load_config(sweep.base).to_dict()
     for dotted, value in sweep.overrides.items():
@@ -325,7 +334,13 @@ def expand_trials(sweep: SweepConfig) -> list[TrialSpec]:
                         tree["tracking"]["experiment"] = sweep.tracking.experiment
                         try:
                             cfg = config_from_dict(tree)
-                        except ConfigError as exc:
+                            build_method(cfg.method.name, cfg.method.params)  # names and params
+                            if cfg.stream.name not in available_streams():
+                                raise UnknownNameError(
+                                    f"stream.name: unknown stream {cfg.stream.name!r}; valid streams: "
+                                    + ", ".join(available_streams())
+                                )
+                        except MclError as exc:
                             raise ConfigError(f"trial {key}: {exc}") from None
                         trials.append(
                             TrialSpec(key, label, method.name, stream.name, seed, values, cfg.to_dict())
@@ -334,10 +349,12 @@ def expand_trials(sweep: SweepConfig) -> list[TrialSpec]:
 
 
 def trial_resources(trial: TrialSpec) -> dict[str, float]:
-    """What one running trial holds: 1 CPU for the trial itself plus its Ray Train workers."""
+    """What one running trial needs: its Ray Train workers plus 1 CPU for the Ray Data tasks that feed them.
+    (The trial's own actor only waits on its Train jobs and reserves no CPU: with every CPU held by workers
+    and trial actors, Ray Data could never run and the trials would hang.)"""
     scaling = trial.config["scaling"]
     return {
-        "CPU": 1 + scaling["num_workers"] * scaling["cpus_per_worker"],
+        "CPU": scaling["num_workers"] * scaling["cpus_per_worker"] + 1,
         "GPU": scaling["num_workers"] if scaling["use_gpu"] else 0,
     }
 
@@ -482,9 +499,12 @@ def _trial_function(config: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------- progress
 
 
-def _progress_callback(total: int, finished_before: int, tasks: dict[str, int], log: Callable[[str], None]):
-    """A Tune callback that prints trials done/running, each running trial's task and an ETA."""
+def _progress_callback(total: int, finished_before: int, tasks: dict[str, int]) -> Any:
+    """A Tune callback that prints trials done/running, each running trial's task and an ETA. (Tune pickles
+    its callbacks: this one prints through :func:`_say`, never a captured logger.)"""
     from ray.tune import Callback
+
+    log = _say
 
     class SweepProgress(Callback):
         def __init__(self) -> None:
@@ -553,6 +573,10 @@ def _progress_callback(total: int, finished_before: int, tasks: dict[str, int], 
     return SweepProgress()
 
 
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 60}m{seconds % 60:02d}s"
@@ -611,10 +635,10 @@ def run_sweep(sweep: SweepConfig, log: Callable[[str], None] = print) -> SweepSu
                     init_ray(address, 0, use_gpu)
                 else:
                     # A local instance: as many trials as the machine's cores hold at once.
-                    need = max(trial_resources(t)["CPU"] - 1 for t in pending)
-                    fit = max(1, (os.cpu_count() or 1) // need)
+                    workers = max(trial_resources(t)["CPU"] - 1 for t in pending)
+                    fit = max(1, (os.cpu_count() or 1) // workers)
                     n = sweep.max_concurrent_trials or fit
-                    init_ray("", n * (need + 1) + 2, use_gpu)
+                    init_ray("", n * (workers + 1) + 1, use_gpu)
             cluster = ray.cluster_resources()
             concurrency = sweep.max_concurrent_trials or max_concurrent(pending, cluster)
             log(
@@ -686,7 +710,7 @@ def _run_tune(
     shared = {"name": sweep.name, "run_id": run_id, "register_models": sweep.register_models}
     finished_before = 0
     tuner = tune.Tuner(
-        tune.with_resources(_trial_function, {"CPU": 1}),
+        tune.with_resources(_trial_function, {"CPU": 0}),
         param_space={"trial": tune.grid_search([asdict(t) for t in trials]), "sweep": shared},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=concurrency, scheduler=scheduler, reuse_actors=False
@@ -694,7 +718,7 @@ def _run_tune(
         run_config=tune.RunConfig(
             name=name,
             storage_path=str(sweep_dir / "tune"),
-            callbacks=[_progress_callback(len(trials), finished_before, tasks, log)],
+            callbacks=[_progress_callback(len(trials), finished_before, tasks)],
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=0),
         ),

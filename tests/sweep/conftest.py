@@ -1,0 +1,139 @@
+"""Real infrastructure for the sweep tests: a two-node Ray cluster and an MLflow server, on free loopback
+ports, started once per module and stopped without touching other Ray instances on the machine."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Cluster:
+    env: dict[str, str]  # environment for clients: token auth, this venv first on PATH
+    gcs_address: str  # for drivers (RAY_ADDRESS) and `ray start --address`
+    dashboard: str  # for `ray job submit --address`
+    temp_dirs: list[str]
+
+
+def _start_node(args: list[str], env: dict[str, str], cwd: Path) -> None:
+    started = subprocess.run(
+        [str(BIN / "ray"), "start", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory) -> Cluster:
+    """``ray start --head`` plus a second node (``ray start --address``), 3 logical CPUs each, token auth."""
+    cwd = tmp_path_factory.mktemp("ray_cwd")
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # the job's `python` is this venv's
+    env["RAY_AUTH_MODE"] = "token"
+    env.pop("RAY_ADDRESS", None)
+    gcs, dashboard = free_port(), free_port()
+    # Short: Ray's unix sockets live under it and socket paths are limited to ~107 characters.
+    temps = [tempfile.mkdtemp(prefix="mclray-", dir="/tmp") for _ in range(2)]
+    ports = lambda: [  # noqa: E731
+        f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}", f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}", "--disable-usage-stats", "--num-cpus=3",
+    ]  # fmt: skip
+    cluster = Cluster(env, f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", temps)
+    try:
+        _start_node(
+            ["--head", f"--port={gcs}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+             f"--temp-dir={temps[0]}", f"--ray-client-server-port={free_port()}", *ports()],
+            env, cwd,
+        )  # fmt: skip
+        # A second node joins the head's session (its temp dir is the head's); own ports.
+        _start_node([f"--address={cluster.gcs_address}", *ports()], env, cwd)
+        yield cluster
+    finally:
+        stop_cluster(temps, cluster.gcs_address)
+        for t in temps:
+            shutil.rmtree(t, ignore_errors=True)
+
+
+def stop_cluster(temp_dirs: list[str], gcs_address: str) -> None:
+    """Stop only this cluster's processes (`ray stop` would kill every Ray instance on the machine)."""
+    import psutil
+
+    roots = []
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            args = " ".join(proc.info["cmdline"] or [])
+            if any(t in args for t in temp_dirs) or gcs_address in args:
+                roots.append(proc)
+    victims = {}
+    for root in roots:
+        victims[root.pid] = root
+        with contextlib.suppress(psutil.Error):
+            for child in root.children(recursive=True):
+                victims[child.pid] = child
+    for proc in victims.values():
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(list(victims.values()), timeout=15)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+
+
+@dataclass
+class MlflowServer:
+    uri: str
+    root: Path
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory) -> MlflowServer:
+    """A real ``mlflow server`` (sqlite backend, served artifacts) on a free loopback port."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    log = open(root / "server.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
+         "--workers", "1"],
+        cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, (root / "server.log").read_text()[-3000:]
+            assert time.time() < deadline, (
+                "mlflow server did not start: " + (root / "server.log").read_text()[-3000:]
+            )
+            time.sleep(1)
+        yield MlflowServer(uri, root)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+        log.close()

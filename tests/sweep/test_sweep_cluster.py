@@ -1,0 +1,360 @@
+"""The sweep on real infrastructure: a two-node Ray cluster (`ray start`, token auth), a real MLflow server,
+a real browser.
+
+One small sweep (2 methods x 1 seed, 2 tasks) runs against the MLflow server; its driver is killed with
+SIGKILL after the first task of a trial and the same command is run again. Everything after that checks the
+resumed sweep: MLflow through its REST API (one run per sweep, trial and task, nothing left RUNNING, metrics,
+artifacts, registered versions), the registry download, the MLflow UI in headless Chromium, the analysis
+notebook and the cross-sweep leaderboard. Then a Train worker is killed mid-task (retried by Ray Train, same
+matrix as the sweep's trial), and `ray job submit` runs an edited copy of the working dir over both nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+SWEEP = "e2e"
+EXPERIMENT = "mcl-e2e"
+METHODS = ["sequential_lora", "mr_lora"]
+TASKS = ["aerial", "underwater"]
+
+
+def _sweep_yaml(path: Path, root: Path, storage: Path, uri: str, **changes) -> Path:
+    data = {
+        "name": SWEEP,
+        "base": str(REPO / "jobs" / "configs" / "default.yaml"),
+        "overrides": {
+            "stream.root": str(root),
+            "stream.options": {"seed": 0, "train_per_task": 32, "test_per_task": 8, "tasks": TASKS},
+            "train.epochs": 1,
+            "eval.max_new_tokens": 2,
+            "method.params": {},
+        },
+        "methods": METHODS,
+        "streams": ["generated"],
+        "seeds": [0],
+        "storage": str(storage),
+        "max_concurrent_trials": 2,
+        "tracking": {"uri": uri, "experiment": EXPERIMENT},
+        **changes,
+    }
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@dataclass
+class ResumedSweep:
+    uri: str
+    config: Path
+    storage: Path
+    first: str  # the killed attempt's output
+    second: str  # the resumed attempt's output
+
+
+@pytest.fixture(scope="module")
+def resumed_sweep(ray_cluster, mlflow_server, tmp_path_factory) -> ResumedSweep:
+    tmp = tmp_path_factory.mktemp("sweep")
+    config = _sweep_yaml(tmp / "sweep.yaml", tmp / "data", tmp / "storage", mlflow_server.uri)
+    env = {**ray_cluster.env, "RAY_ADDRESS": ray_cluster.gcs_address}
+    cmd = [sys.executable, str(REPO / "jobs" / "sweep.py"), "--config", str(config)]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    first: list[str] = []
+    deadline = time.time() + 900
+    killed = False
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        first.append(line)
+        if re.search(r"\[sweep\] \S+: task 1/2 aerial done", line):
+            os.kill(proc.pid, signal.SIGKILL)  # the driver only: the cluster lives on
+            killed = True
+            break
+        if time.time() > deadline:
+            break
+    if not killed:
+        proc.kill()
+    proc.wait(timeout=60)
+    assert killed, "".join(first)[-5000:]
+    time.sleep(5)  # Ray reaps the dead driver's actors
+    second = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=1200)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-6000:]
+    return ResumedSweep(mlflow_server.uri, config, tmp / "storage", "".join(first), out)
+
+
+def _api(uri: str, endpoint: str, body: dict | None = None, **query) -> dict:
+    url = f"{uri}/api/2.0/mlflow/{endpoint}"
+    if query:
+        url += "?" + urllib.parse.urlencode(query)
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _runs(uri: str) -> list[dict]:
+    exp = _api(uri, "experiments/get-by-name", experiment_name=EXPERIMENT)["experiment"]
+    out, token = [], None
+    while True:
+        body = {"experiment_ids": [exp["experiment_id"]], "max_results": 500, "run_view_type": "ALL"}
+        if token:
+            body["page_token"] = token
+        page = _api(uri, "runs/search", body)
+        out += page.get("runs", [])
+        token = page.get("next_page_token")
+        if not token:
+            return out
+
+
+def _tags(run: dict) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+
+def _artifacts(uri: str, run_id: str, path: str = "") -> set[str]:
+    listing = _api(uri, "artifacts/list", run_id=run_id, path=path)
+    return {f["path"] for f in listing.get("files", [])}
+
+
+def test_killed_sweep_resumes_with_one_run_per_trial_and_task(resumed_sweep):
+    uri = resumed_sweep.uri
+    assert "resuming sweep" in resumed_sweep.second
+    # The trial that had finished task 1 continued from it instead of training it again.
+    assert "1/2 tasks already done" in resumed_sweep.second
+    runs = _runs(uri)
+    active = [r for r in runs if r["info"]["lifecycle_stage"] == "active"]
+    assert not [r for r in active if r["info"]["status"] == "RUNNING"]
+    sweeps = [r for r in active if _tags(r).get("mcl.kind") == "sweep"]
+    assert len(sweeps) == 1 and sweeps[0]["info"]["status"] == "FINISHED"
+    sweep_id = sweeps[0]["info"]["run_id"]
+    trials = [r for r in active if _tags(r).get("mcl.kind") == "stream_run"]
+    assert sorted(_tags(r)["mcl.method"] for r in trials) == sorted(METHODS)
+    for trial in trials:
+        tags = _tags(trial)
+        assert tags["mlflow.parentRunId"] == sweep_id and trial["info"]["status"] == "FINISHED"
+        assert tags["mcl.sweep"] == SWEEP
+        tasks = [r for r in active if _tags(r).get("mlflow.parentRunId") == trial["info"]["run_id"]]
+        assert sorted(_tags(r)["mcl.task"] for r in tasks) == TASKS  # exactly one run per task
+        assert all(r["info"]["status"] == "FINISHED" for r in tasks)
+        params = {p["key"]: p["value"] for p in trial["data"]["params"]}
+        assert params["method.name"] == tags["mcl.method"] and params["train.seed"] == "0"
+        metrics = {m["key"] for m in trial["data"]["metrics"]}
+        assert {"mft", "mfn", "maa", "bwt", "fwt", "wall_time_s", "cpu_hours", "gpu_hours"} <= metrics
+        history = _api(uri, "metrics/get-history", run_id=trial["info"]["run_id"], metric_key="acc_aerial")
+        assert sorted(int(m["step"]) for m in history["metrics"]) == [0, 1]
+        loss = _api(uri, "metrics/get-history", run_id=trial["info"]["run_id"], metric_key="train_loss")
+        assert len(loss["metrics"]) >= 2
+        if tags["mcl.method"] == "mr_lora":
+            assert any(k.startswith("router_acc") for k in metrics)
+        assert {"accuracy_matrix.json", "accuracy_matrix.png", "final_state"} <= _artifacts(
+            uri, trial["info"]["run_id"]
+        )
+        for task in tasks:
+            task_metrics = {m["key"] for m in task["data"]["metrics"]}
+            assert {"wall_time_s", "cpu_hours", "gpu_hours", "acc_current"} <= task_metrics
+            assert "state" in _artifacts(uri, task["info"]["run_id"])
+    assert {
+        "leaderboard.csv",
+        "leaderboard.md",
+        "leaderboard.png",
+        "sweep.yaml",
+        "trials.json",
+    } <= _artifacts(uri, sweep_id)
+
+
+def test_final_states_are_registered_once_and_reload(resumed_sweep, tmp_path):
+    from mcl.config import load_config
+    from mcl.registry import download_model_version
+
+    uri = resumed_sweep.uri
+    for method in METHODS:
+        name = f"mcl-generated-{method}"
+        versions = _api(uri, "model-versions/search", filter=f"name='{name}'")["model_versions"]
+        assert len(versions) == 1, versions  # the resumed sweep did not register a second copy
+        tags = {t["key"]: t["value"] for t in versions[0].get("tags", [])}
+        assert tags["method"] == method and tags["stream"] == "generated"
+        assert tags["task"] == TASKS[-1] and tags["sweep"] == SWEEP
+        folder = download_model_version(uri, name, versions[0]["version"], tmp_path / method)
+        trial_dir = resumed_sweep.storage / SWEEP / "trials" / tags["trial"]
+        assert load_config(folder / "config.yaml") == load_config(trial_dir / "config.yaml")
+        final = json.loads((trial_dir / "progress.json").read_text())["phases"]
+        last_phase = Path(final[sorted(final)[-1]]) / "state"
+        saved = sorted(p.relative_to(last_phase) for p in last_phase.rglob("*") if p.is_file())
+        got = sorted(p.relative_to(folder / "state") for p in (folder / "state").rglob("*") if p.is_file())
+        assert saved and saved == got
+        for rel in saved:
+            assert (folder / "state" / rel).read_bytes() == (last_phase / rel).read_bytes()
+
+
+def test_sweep_writes_a_leaderboard_and_compares_across_sweeps(resumed_sweep):
+    board = resumed_sweep.storage / SWEEP / "leaderboard.md"
+    text = board.read_text()
+    for method in METHODS:
+        assert f"| {method} | generated | 1 |" in text
+    assert "| method | stream | seeds | MFT | MFN | MAA | BWT | FWT |" in text
+    assert (resumed_sweep.storage / SWEEP / "leaderboard.png").stat().st_size > 5000
+    cmd = [
+        sys.executable,
+        str(REPO / "jobs" / "sweep.py"),
+        "--config",
+        str(resumed_sweep.config),
+        "--leaderboard",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert SWEEP in out.stdout and all(m in out.stdout for m in METHODS)
+
+
+def test_mlflow_ui_lists_the_sweep_runs(resumed_sweep):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "chromium is not installed (.ci/run installs the Debian package)"
+    uri = resumed_sweep.uri
+    exp = _api(uri, "experiments/get-by-name", experiment_name=EXPERIMENT)["experiment"]
+    page = f"{uri}/#/experiments/{exp['experiment_id']}"
+    artifacts = Path(os.environ.get("MCL_TEST_ARTIFACTS", REPO / "test-artifacts"))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    shot = artifacts / "mlflow_ui_experiment.png"
+    base = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            "--window-size=1600,1000", "--virtual-time-budget=20000"]  # fmt: skip
+    dom = subprocess.run([*base, "--dump-dom", page], capture_output=True, text=True, timeout=180)
+    assert dom.returncode == 0, dom.stderr[-3000:]
+    assert SWEEP in dom.stdout, dom.stdout[-3000:]  # the sweep run is listed
+    trial_names = [f"{m}-generated-s0" for m in METHODS]
+    shown = [n for n in trial_names if n in dom.stdout]
+    subprocess.run([*base, f"--screenshot={shot}", page], capture_output=True, text=True, timeout=180)
+    assert shot.exists() and shot.stat().st_size > 10000
+    assert shown or "mlflow" in dom.stdout.lower()
+
+
+def test_analysis_notebook_runs_on_the_sweep(resumed_sweep, tmp_path):
+    sys.path.insert(0, str(REPO / "tests" / "notebooks"))
+    try:
+        from test_notebook import execute_notebook
+    finally:
+        sys.path.pop(0)
+    figures = tmp_path / "figures"
+    execute_notebook(resumed_sweep.uri, SWEEP, figures, EXPERIMENT)
+    for name in ("matrices.png", "task_curves.png", "leaderboard.png", "stability_plasticity.png"):
+        assert (figures / name).stat().st_size > 5000, name
+
+
+def test_killed_train_worker_is_retried_and_gives_the_same_matrix(
+    resumed_sweep, ray_cluster, tmp_path, monkeypatch
+):
+    import ray
+    from ray.util.state import list_actors
+
+    from mcl.config import load_config
+    from mcl.runner import run_experiment
+
+    trial_dir = resumed_sweep.storage / SWEEP / "trials" / "sequential_lora-generated-s0"
+    reference = json.loads((trial_dir / "trial_done.json").read_text())["matrix"]
+    cfg = load_config(
+        trial_dir / "config.yaml",
+        [
+            "tracking.run_name=worker-kill", f"tracking.output_dir={tmp_path}", f"tracking.uri=sqlite:///{tmp_path}/m.db",
+            "scaling.max_failures=1", f"scaling.ray_address={ray_cluster.gcs_address}",
+        ],
+    )  # fmt: skip
+    for key, value in ray_cluster.env.items():
+        if key.startswith("RAY_"):
+            monkeypatch.setenv(key, value)
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def killer() -> None:
+        progress = tmp_path / "worker-kill" / "progress.json"
+        while not stop.is_set():  # during task 2: task 1 done, task 2's workers are up
+            if progress.exists() and json.loads(progress.read_text())["tasks_done"] == [0]:
+                try:
+                    workers = list_actors(
+                        address=ray_cluster.dashboard,
+                        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+                    )
+                except Exception:
+                    workers = []
+                if len(workers) == 2:
+                    time.sleep(3)  # mid-task: model loaded, training under way
+                    os.kill(workers[0]["pid"], signal.SIGKILL)
+                    killed.append(workers[0]["pid"])
+                    return
+            time.sleep(0.5)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        summary = run_experiment(cfg, resume=False)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        ray.shutdown()
+    assert killed, "no Train worker was killed"
+    assert summary.matrix == reference
+
+
+def test_job_submit_runs_the_edited_working_copy_on_both_nodes(ray_cluster, tmp_path):
+    from ray.util.state import list_actors, list_jobs
+
+    copy = tmp_path / "repo"
+    files = subprocess.run(
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for rel in files:
+        if (REPO / rel).is_file():
+            (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, copy / rel)
+    sweep_py = copy / "platform" / "mcl" / "sweep.py"
+    source = sweep_py.read_text()
+    anchor = '    trial = TrialSpec(**config["trial"])\n'
+    assert anchor in source
+    sweep_py.write_text(source.replace(anchor, anchor + '    print("EDITED-WORKING-COPY", flush=True)\n'))
+    config = _sweep_yaml(
+        copy / "submit.yaml", tmp_path / "data", tmp_path / "storage", f"sqlite:///{tmp_path}/mlflow.db",
+        name="submit", methods=["sequential_lora"], seeds=[0, 1], register_models=False,
+    )  # fmt: skip
+    data = yaml.safe_load(config.read_text())
+    data["overrides"]["stream.options"]["tasks"] = ["aerial"]
+    config.write_text(yaml.safe_dump(data))
+    cmd = [
+        str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_cluster.dashboard,
+        "--submission-id", "mcl-two-nodes", "--working-dir", ".", "--", "python", "jobs/sweep.py", "--config",
+        "submit.yaml",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=copy, env=ray_cluster.env, capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert "succeeded" in out
+    engine = next(line for line in out.splitlines() if line.startswith("mcl engine: "))
+    assert "working_dir_files" in engine, engine  # the uploaded copy, not the checkout
+    assert "EDITED-WORKING-COPY" in out  # the trials ran the edited code
+    assert "2/2 trials done" in out
+    for key, value in ray_cluster.env.items():
+        if key.startswith("RAY_"):
+            os.environ.setdefault(key, value)
+    job = next(j for j in list_jobs(address=ray_cluster.dashboard) if j.submission_id == "mcl-two-nodes")
+    actors = list_actors(address=ray_cluster.dashboard, filters=[("job_id", "=", job.job_id)], limit=1000)
+    nodes = {a["node_id"] for a in actors if a["class_name"] in ("RayTrainWorker", "ImplicitFunc")}
+    assert len(nodes) == 2, actors  # the two trials ran on both nodes
