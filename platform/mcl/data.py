@@ -211,6 +211,9 @@ def local_batches(
         yield preprocess(rows_to_batch(rows[start : start + batch_size]))
 
 
+DATA_TASK_CPUS = 0.25
+
+
 def ray_dataset(rows: Sequence[dict[str, Any]], preprocess: Preprocessor, batch_size: int) -> Any:
     """A Ray Dataset that decodes and preprocesses ``rows`` lazily, in order, in Ray Data tasks."""
     import ray.data
@@ -219,7 +222,11 @@ def ray_dataset(rows: Sequence[dict[str, Any]], preprocess: Preprocessor, batch_
     # Data's per-task overhead stays small next to decoding. The consumer re-batches to ``batch_size``.
     blocks = max(1, min(math.ceil(len(rows) / 128), 64))
     ds = ray.data.from_items(list(rows), override_num_blocks=blocks)
-    return ds.map_batches(preprocess, batch_size=max(batch_size, 64), batch_format="numpy")
+    # A quarter CPU per preprocessing task: light work, and it must fit beside Train workers that hold
+    # whole CPUs on nodes where fractional reservations (e.g. a sweep's trial actors) leave < 1 CPU free.
+    return ds.map_batches(
+        preprocess, batch_size=max(batch_size, 64), batch_format="numpy", num_cpus=DATA_TASK_CPUS
+    )
 
 
 def collate(batch: dict[str, np.ndarray], pad_id: int, *, left_pad: bool) -> dict[str, Any]:

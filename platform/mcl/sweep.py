@@ -36,7 +36,10 @@ from mcl.errors import ConfigError, MclError, UnknownNameError
 
 SWEEP_STATE_FILE = "sweep_state.json"
 TRIAL_DONE_FILE = "trial_done.json"
+TRIAL_STOPPED_FILE = "trial_stopped.json"  # stopped early by the scheduler: not resumed by a re-run
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform")
+# A trial's own actor only waits on its Train jobs; Tune needs a non-empty request, so a sliver of a CPU.
+TRIAL_ACTOR_CPU = 0.01
 # Sweep fields that may change between an interrupted sweep and its resumption (where and how it runs).
 _RESUMABLE_CHANGES = ("tracking.uri", "ray_address", "max_concurrent_trials")
 
@@ -350,7 +353,7 @@ def expand_trials(sweep: SweepConfig) -> list[TrialSpec]:
 
 def trial_resources(trial: TrialSpec) -> dict[str, float]:
     """What one running trial needs: its Ray Train workers plus 1 CPU for the Ray Data tasks that feed them.
-    (The trial's own actor only waits on its Train jobs and reserves no CPU: with every CPU held by workers
+    (The trial's own actor only waits on its Train jobs and reserves a sliver of a CPU: with every CPU held by workers
     and trial actors, Ray Data could never run and the trials would hang.)"""
     scaling = trial.config["scaling"]
     return {
@@ -620,7 +623,8 @@ def run_sweep(sweep: SweepConfig, log: Callable[[str], None] = print) -> SweepSu
 
     finished = {t.key: _read_done(trials_dir / t.key) for t in trials}
     finished = {k: v for k, v in finished.items() if v is not None}
-    pending = [t for t in trials if t.key not in finished]
+    stopped = {t.key for t in trials if (trials_dir / t.key / TRIAL_STOPPED_FILE).exists()}
+    pending = [t for t in trials if t.key not in finished and t.key not in stopped]
     log(
         f"sweep {sweep.name!r}: {len(trials)} trials ({len(finished)} already finished, {len(pending)} to run)"
         + "".join(f"\n  {t.key}" for t in pending)
@@ -658,6 +662,7 @@ def run_sweep(sweep: SweepConfig, log: Callable[[str], None] = print) -> SweepSu
                 done = _read_done(trials_dir / t.key)
                 if done is not None:
                     finished[t.key] = done
+        stopped = {t.key for t in trials if (trials_dir / t.key / TRIAL_STOPPED_FILE).exists()}
         records = [trial_record(t, finished[t.key]) for t in trials if t.key in finished]
         md = _write_leaderboard(tracker, run_id, records, sweep_dir)
         tracker.log_metrics(
@@ -668,12 +673,12 @@ def run_sweep(sweep: SweepConfig, log: Callable[[str], None] = print) -> SweepSu
                 "wall_time_s": time.perf_counter() - t_start,
             },
         )
-        status = "FINISHED" if len(finished) == len(trials) else "FAILED"
+        status = "FINISHED" if len(finished) + len(stopped) == len(trials) else "FAILED"
         tracker.end_run(run_id, status)
     except BaseException:
         tracker.end_run(run_id, "FAILED")
         raise
-    missing = [t.key for t in trials if t.key not in finished]
+    missing = [t.key for t in trials if t.key not in finished and t.key not in stopped]
     return SweepSummary(run_id, uri, str(sweep_dir), records, missing, md, time.perf_counter() - t_start)
 
 
@@ -710,7 +715,7 @@ def _run_tune(
     shared = {"name": sweep.name, "run_id": run_id, "register_models": sweep.register_models}
     finished_before = 0
     tuner = tune.Tuner(
-        tune.with_resources(_trial_function, {"CPU": 0}),
+        tune.with_resources(_trial_function, {"CPU": TRIAL_ACTOR_CPU}),
         param_space={"trial": tune.grid_search([asdict(t) for t in trials]), "sweep": shared},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=concurrency, scheduler=scheduler, reuse_actors=False
@@ -730,7 +735,28 @@ def _run_tune(
         if result.error is not None:
             failed.append(key)
             log(f"[sweep] trial {key} failed: {type(result.error).__name__}: {str(result.error)[-2000:]}")
+        elif _read_done(sweep_dir / "trials" / key) is None:  # stopped early by the scheduler
+            _close_stopped_trial(sweep_dir / "trials" / key, trials[0].config["tracking"]["uri"], log)
     return failed
+
+
+def _close_stopped_trial(run_dir: Path, uri: str, log: Callable[[str], None]) -> None:
+    """Mark an early-stopped trial's MLflow runs KILLED (Tune ended its process mid-task)."""
+    from mlflow import MlflowClient
+
+    from mcl.runner import PROGRESS_FILE
+
+    path = run_dir / PROGRESS_FILE
+    if not path.exists():
+        return
+    progress = json.loads(path.read_text())
+    client = MlflowClient(tracking_uri=uri)
+    for run_id in [progress["run_id"], *progress["task_runs"].values()]:
+        if run_id and client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, "mcl.early_stopped", "true")
+            client.set_terminated(run_id, "KILLED")
+    (run_dir / TRIAL_STOPPED_FILE).write_text(json.dumps({"tasks_done": progress["tasks_done"]}))
+    log(f"[sweep] trial {run_dir.name} stopped early after {len(progress['tasks_done'])} tasks")
 
 
 def _task_names(trial: TrialSpec) -> list[str]:

@@ -1,6 +1,7 @@
 """The cluster files in ``clusters/``: Ray's own launcher validation, the layout they promise (a CPU head that
-trains nothing, 8-GPU workers, MLflow on the head), the KubeRay manifest, and that the files agree with each
-other and with the README. Pure file checks: no cluster, no cloud, no network.
+trains nothing, 8-GPU workers, MLflow on the head, a shared filesystem at the same path on every node that
+holds the sweep's ``storage``), the KubeRay manifest, and that the files agree with each other and with the
+README. Pure file checks: no cluster, no cloud, no network.
 
 Every check is a function returning a list of problems, run on the shipped files (no problems) and on broken
 copies (problems found), so a check that could never fail is caught too.
@@ -12,7 +13,7 @@ import ast
 import copy
 import re
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
@@ -24,6 +25,8 @@ README = CLUSTERS / "README.md"
 SWEEP = CLUSTERS / "sweep_llava7b.yaml"
 KUBERAY = CLUSTERS / "kuberay-rayjob.yaml"
 LAUNCHERS = {"aws": ("p5.48xlarge", "s3://"), "gcp": ("a3-highgpu-8g", "gs://")}
+# Where every node (VM or pod) sees the shared filesystem; the sweep's `storage` must lie under it.
+SHARED_MOUNT = "/mnt/mcl"
 
 Problems = list[str]
 
@@ -169,20 +172,153 @@ def stream_setup_problems(sweep: dict[str, Any], text: str, where: str) -> Probl
     return problems
 
 
+def storage_problems(value: Any, where: str) -> Problems:
+    """``storage`` is an absolute folder under the shared mount, the one path every node sees. An object-store
+    URI (mcl does not take one for ``storage``) or a folder off the mount (each node would have its own) is
+    a problem."""
+    if not isinstance(value, str) or not value:
+        return [f"{where}: storage must be a folder, got {value!r}"]
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value):
+        return [
+            f"{where}: storage {value!r} is a URI; it must be a folder under {SHARED_MOUNT} (shared by all nodes)"
+        ]
+    path, mount = PurePosixPath(value), PurePosixPath(SHARED_MOUNT)
+    if not path.is_absolute() or ".." in path.parts or mount not in path.parents:
+        return [
+            f"{where}: storage {value!r} must be an absolute folder under {SHARED_MOUNT} (shared by all nodes)"
+        ]
+    return []
+
+
+def _storage_overrides(text: str) -> list[str]:
+    """The values of every ``storage=...`` override written in ``text`` (commands, entrypoints, prose)."""
+    return re.findall(r"\bstorage=([^\s`'\"]+)", text)
+
+
+def _node_setup(config: dict[str, Any], node_type: str) -> list[str]:
+    """The setup commands Ray runs on a node of ``node_type``: the shared ones, then the head's or the
+    workers' (a node type's own ``worker_setup_commands`` replace the global ones)."""
+    types = config.get("available_node_types", {})
+    if node_type == config.get("head_node_type"):
+        own = _commands(config, "head_setup_commands")
+    elif "worker_setup_commands" in types.get(node_type, {}):
+        own = _commands(types[node_type], "worker_setup_commands")
+    else:
+        own = _commands(config, "worker_setup_commands")
+    return _commands(config, "setup_commands") + own
+
+
+def _first(commands: list[str], pattern: str) -> int | None:
+    return next((i for i, c in enumerate(commands) if re.search(pattern, c)), None)
+
+
+# `mountpoint -q /mnt/mcl || ... mount ... /mnt/mcl`: mounts once, a no-op when the filesystem is there.
+_GUARDED_MOUNT = rf"mountpoint -q {SHARED_MOUNT}\s*\|\|[^;&]*\bmount\b[^;&]*\s{SHARED_MOUNT}(\s|$)"
+_FSTAB_ENTRY = rf"([^\s'\"]+):(/\S*)\s+{SHARED_MOUNT}\s+(nfs4?)\s+(\S+)\s+0\s+0"
+
+
+def _fstab_problems(config: dict[str, Any], cloud: str) -> Problems:
+    """The NFS entry for the shared mount in /etc/fstab, appended once; on AWS an EFS of the cluster's region
+    mounted with NFS 4.1."""
+    setup = _commands(config, "setup_commands")
+    at = _first(setup, r"/etc/fstab")
+    entry = re.search(_FSTAB_ENTRY, setup[at]) if at is not None else None
+    if entry is None:
+        return [
+            f"setup_commands must add an NFS entry for {SHARED_MOUNT} to /etc/fstab (so a restarted node "
+            "mounts it again)"
+        ]
+    server, fs_type, options = entry.group(1), entry.group(3), entry.group(4).split(",")
+    problems = []
+    if not re.search(r"grep -q[^|;&]*/etc/fstab\s*\|\|", setup[at]):
+        problems.append("the /etc/fstab entry must be guarded (`grep -q ... /etc/fstab ||`): appended once")
+    if "_netdev" not in options:
+        problems.append(f"the /etc/fstab entry needs _netdev (mount after the network), got {options}")
+    if cloud == "aws":
+        region = config.get("provider", {}).get("region")
+        if not server.endswith(f".efs.{region}.amazonaws.com"):
+            problems.append(f"the EFS server {server!r} must be an EFS of provider.region {region!r}")
+        if fs_type != "nfs4" or "nfsvers=4.1" not in options:
+            problems.append(f"EFS is mounted as nfs4 with nfsvers=4.1, got {fs_type} {options}")
+    return problems
+
+
+def shared_mount_problems(config: dict[str, Any], cloud: str, storage: str) -> Problems:
+    """Every node type mounts the shared filesystem at SHARED_MOUNT in its setup (from /etc/fstab, once), the
+    start commands mount it again before `ray start` (a restarted stopped node skips the setup commands), and
+    the sweep's ``storage`` folder is created there, owned by the user Ray runs as."""
+    problems = _fstab_problems(config, cloud)
+    fstab_at = _first(_commands(config, "setup_commands"), r"/etc/fstab")
+    for node_type in config.get("available_node_types", {}):
+        setup = _node_setup(config, node_type)
+        mount_at = _first(setup, _GUARDED_MOUNT)
+        if mount_at is None:
+            unguarded = _first(setup, rf"\bmount\b[^;&|]*\s{SHARED_MOUNT}(\s|$)")
+            why = "guarded by `mountpoint -q`" if unguarded is not None else "missing"
+            problems.append(f"{node_type}: the setup must mount {SHARED_MOUNT} ({why})")
+            continue
+        if fstab_at is not None and mount_at < fstab_at:
+            problems.append(f"{node_type}: {SHARED_MOUNT} is mounted before its /etc/fstab entry exists")
+        store = re.escape(storage)
+        if _first(setup[mount_at:], rf"mkdir -p {store}(\s|$).*chown [^;&|]*\s{store}(\s|$)") is None:
+            problems.append(f"{node_type}: the setup must create {storage} after the mount and chown it")
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = _commands(config, key)
+        mount_at, ray_at = _first(start, _GUARDED_MOUNT), _first(start, r"\bray start\b")
+        if mount_at is None or ray_at is None or mount_at > ray_at:
+            problems.append(f"{key}: must mount {SHARED_MOUNT} (guarded) before `ray start`")
+    return problems
+
+
+def _ray_pods(job: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(where, pod template) for the head group and every worker group of a RayJob."""
+    cluster = job["spec"].get("rayClusterSpec", {})
+    pods = [("headGroupSpec", cluster.get("headGroupSpec", {}).get("template", {}))]
+    pods += [
+        (f"workerGroupSpecs[{g.get('groupName')}]", g.get("template", {}))
+        for g in cluster.get("workerGroupSpecs", [])
+    ]
+    return pods
+
+
 def _containers(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """(where, container) for every container of a Deployment or RayJob."""
     if doc.get("kind") == "Deployment":
         pods = [("Deployment", doc["spec"]["template"])]
     elif doc.get("kind") == "RayJob":
-        cluster = doc["spec"].get("rayClusterSpec", {})
-        pods = [("headGroupSpec", cluster.get("headGroupSpec", {}).get("template", {}))]
-        pods += [
-            (f"workerGroupSpecs[{g.get('groupName')}]", g.get("template", {}))
-            for g in cluster.get("workerGroupSpecs", [])
-        ]
+        pods = _ray_pods(doc)
     else:
         return []
     return [(where, c) for where, pod in pods for c in pod.get("spec", {}).get("containers", [])]
+
+
+def shared_volume_problems(job: dict[str, Any], by_kind: dict[str, list[dict[str, Any]]]) -> Problems:
+    """Every Ray container mounts one ReadWriteMany PersistentVolumeClaim of the manifest at SHARED_MOUNT, and
+    the entrypoint's ``storage`` lies under it."""
+    stores = _storage_overrides(str(job["spec"].get("entrypoint", "")))
+    problems = [] if stores else ["the entrypoint must pass storage=<folder under the shared mount>"]
+    problems += [p for value in stores for p in storage_problems(value, "RayJob entrypoint")]
+    claims = {c["metadata"]["name"]: c for c in by_kind.get("PersistentVolumeClaim", [])}
+    for where, pod in _ray_pods(job):
+        spec = pod.get("spec", {})
+        volumes = {
+            v.get("name"): v.get("persistentVolumeClaim", {}).get("claimName")
+            for v in spec.get("volumes", [])
+        }
+        for container in spec.get("containers", []):
+            mounted = [
+                m["name"] for m in container.get("volumeMounts", []) if m.get("mountPath") == SHARED_MOUNT
+            ]
+            claim = volumes.get(mounted[0]) if mounted else None
+            if claim is None:
+                problems.append(
+                    f"{where}: container {container.get('name')!r} mounts no claim at {SHARED_MOUNT}"
+                )
+            elif claim not in claims:
+                problems.append(f"{where}: claim {claim!r} is not a PersistentVolumeClaim of the manifest")
+            elif "ReadWriteMany" not in claims[claim]["spec"].get("accessModes", []):
+                problems.append(f"{where}: claim {claim!r} must be ReadWriteMany (every Ray pod mounts it)")
+    return problems
 
 
 def _rayjob_problems(job: dict[str, Any]) -> Problems:
@@ -253,6 +389,7 @@ def kuberay_problems(docs: list[dict[str, Any]]) -> Problems:
             f"expected one RayJob of apiVersion ray.io/v1, got {[j.get('apiVersion') for j in jobs]}"
         ]
     problems += _rayjob_problems(jobs[0]) + _tracking_problems(jobs[0], by_kind)
+    problems += shared_volume_problems(jobs[0], by_kind)
     for doc in docs:
         for where, container in _containers(doc):
             name = f"{doc['kind']} {where} container {container.get('name')!r}"
@@ -293,6 +430,24 @@ def test_launcher_starts_mlflow_on_the_head_and_points_every_node_at_it(cloud):
 @pytest.mark.parametrize("cloud", sorted(LAUNCHERS))
 def test_launcher_installs_mcl_on_every_node(cloud):
     assert install_problems(_launcher(cloud)) == []
+
+
+@pytest.mark.parametrize("cloud", sorted(LAUNCHERS))
+def test_launcher_mounts_the_shared_filesystem_on_every_node(cloud):
+    assert shared_mount_problems(_launcher(cloud), cloud, _load(SWEEP)["storage"]) == []
+
+
+def test_every_storage_is_a_folder_on_the_shared_mount():
+    """The sweep file's ``storage`` and every ``storage=`` override in the commands of the cluster files and
+    the README: each file spells at least one, so the check cannot pass by finding none."""
+    problems = storage_problems(_load(SWEEP)["storage"], "sweep_llava7b.yaml")
+    texts = {path.name: path.read_text() for path in [README, KUBERAY, SWEEP]}
+    texts.update({f"{cloud}.yaml": (CLUSTERS / f"{cloud}.yaml").read_text() for cloud in LAUNCHERS})
+    for name, text in texts.items():
+        values = _storage_overrides(text)
+        assert values, f"{name} passes no storage= override"
+        problems += [p for value in values for p in storage_problems(value, name)]
+    assert problems == []
 
 
 def test_tracking_uris_in_readme_and_commands_use_the_mlflow_port():
@@ -427,6 +582,84 @@ def test_install_check_rejects_broken_setup(broken):
     assert install_problems(_break("gcp", INSTALL_BREAKS[broken]))
 
 
+@pytest.mark.parametrize(
+    "storage", ["s3://my-bucket/mcl-sweeps", "gs://my-bucket/x", "mcl_sweeps", "/tmp/mcl-sweeps",
+                "/mnt/mclx/sweeps", "/mnt/mcl/../tmp/sweeps", "", None],
+)  # fmt: skip
+def test_storage_check_rejects_uris_and_folders_off_the_mount(storage):
+    assert storage_problems(storage, "x")
+
+
+def test_storage_check_finds_a_uri_in_a_command():
+    text = README.read_text().replace("storage=/mnt/mcl/sweeps", "storage=s3://my-bucket/mcl-sweeps", 1)
+    problems = [p for value in _storage_overrides(text) for p in storage_problems(value, "README.md")]
+    assert len(problems) == 1 and "s3://my-bucket/mcl-sweeps" in problems[0]
+
+
+def _drop(key: str, pattern: str) -> Callable[[dict[str, Any]], None]:
+    return lambda c: c.update({key: [x for x in _commands(c, key) if not re.search(pattern, x)]})
+
+
+_MOUNT_AND_STORAGE = r"sudo mount|mkdir -p /mnt/mcl/sweeps"
+
+
+def _move_mount(config: dict[str, Any], to: tuple[str, ...]) -> None:
+    """Move the mount and the storage folder's creation from setup_commands to the start of each of ``to``."""
+    moved = [c for c in _commands(config, "setup_commands") if re.search(_MOUNT_AND_STORAGE, c)]
+    _drop("setup_commands", _MOUNT_AND_STORAGE)(config)
+    for key in to:
+        config[key] = moved + _commands(config, key)
+
+
+def _own_worker_setup_without_mount(config: dict[str, Any]) -> None:
+    _move_mount(config, ("head_setup_commands", "worker_setup_commands"))
+    _gpu(config)["worker_setup_commands"] = ["true"]  # replaces the global worker_setup_commands for it
+
+
+def test_shared_mount_check_follows_ray_per_node_type_setup():
+    """Mounting in head_setup_commands and worker_setup_commands instead of setup_commands is as good."""
+    config = _break("gcp", lambda c: _move_mount(c, ("head_setup_commands", "worker_setup_commands")))
+    assert shared_mount_problems(config, "gcp", "/mnt/mcl/sweeps") == []
+
+
+SHARED_BREAKS = {
+    "no mount": _drop("setup_commands", r"sudo mount"),
+    "mount only on the head": lambda c: _move_mount(c, ("head_setup_commands",)),
+    "worker type's own setup without the mount": _own_worker_setup_without_mount,
+    "unguarded mount": _replace_in("setup_commands", "mountpoint -q /mnt/mcl || ", ""),
+    "no fstab entry": _drop("setup_commands", r"/etc/fstab"),
+    "fstab appended on every run": _replace_in("setup_commands", "grep -q ' /mnt/mcl ' /etc/fstab ||", ""),
+    "fstab entry for another folder": _replace_in("setup_commands", " /mnt/mcl nfs", " /mnt/shared nfs"),
+    "fstab entry without _netdev": _replace_in("setup_commands", ",_netdev", ""),
+    "storage folder not created": _drop("setup_commands", r"mkdir -p /mnt/mcl/sweeps"),
+    "not mounted again at worker start": _drop("worker_start_ray_commands", r"mountpoint"),
+    "not mounted again at head start": _drop("head_start_ray_commands", r"mountpoint"),
+}
+AWS_SHARED_BREAKS = {
+    "EFS of another region": _replace_in("setup_commands", ".efs.us-east-1.", ".efs.us-west-2."),
+    "EFS without NFS 4.1": _replace_in("setup_commands", "nfsvers=4.1,", ""),
+}
+
+
+@pytest.mark.parametrize("cloud", sorted(LAUNCHERS))
+@pytest.mark.parametrize("broken", sorted(SHARED_BREAKS))
+def test_shared_mount_check_rejects_broken_setup(cloud, broken):
+    config = _break(cloud, SHARED_BREAKS[broken])
+    assert config != _launcher(cloud), "the break changed nothing"
+    assert shared_mount_problems(config, cloud, "/mnt/mcl/sweeps")
+
+
+@pytest.mark.parametrize("broken", sorted(AWS_SHARED_BREAKS))
+def test_shared_mount_check_rejects_broken_efs_entry(broken):
+    config = _break("aws", AWS_SHARED_BREAKS[broken])
+    assert config != _launcher("aws"), "the break changed nothing"
+    assert shared_mount_problems(config, "aws", "/mnt/mcl/sweeps")
+
+
+def test_shared_mount_check_wants_the_sweeps_storage_folder():
+    assert shared_mount_problems(_launcher("aws"), "aws", "/mnt/mcl/other-sweeps")
+
+
 def test_stream_check_rejects_other_options_or_root():
     sweep = _load(SWEEP)
     text = (CLUSTERS / "aws.yaml").read_text()
@@ -445,6 +678,16 @@ def _worker(docs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _entrypoint(old: str, new: str) -> Callable[[list[dict[str, Any]]], None]:
     return lambda docs: _job(docs).update(entrypoint=_job(docs)["entrypoint"].replace(old, new))
+
+
+def _claim(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(
+        d for d in docs if d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == "mcl-shared"
+    )
+
+
+def _head_pod(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return _job(docs)["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
 
 
 KUBERAY_BREAKS = {
@@ -467,6 +710,17 @@ KUBERAY_BREAKS = {
     "old api": lambda docs: next(d for d in docs if d["kind"] == "RayJob").update(
         apiVersion="ray.io/v1alpha1"
     ),
+    "storage on s3": _entrypoint("storage=/mnt/mcl/sweeps", "storage=s3://my-bucket/mcl-sweeps"),
+    "storage off the shared volume": _entrypoint("storage=/mnt/mcl/sweeps", "storage=/tmp/mcl-sweeps"),
+    "no storage": _entrypoint("storage=/mnt/mcl/sweeps", ""),
+    "workers without the shared volume": lambda docs: _worker(docs).update(
+        volumeMounts=[m for m in _worker(docs)["volumeMounts"] if m["mountPath"] != "/mnt/mcl"]
+    ),
+    "shared volume mounted elsewhere on the head": lambda docs: _head_pod(docs)["containers"][0].update(
+        volumeMounts=[{"name": "shared", "mountPath": "/data"}]
+    ),
+    "shared claim not in the manifest": lambda docs: _claim(docs)["metadata"].update(name="other"),
+    "shared claim ReadWriteOnce": lambda docs: _claim(docs)["spec"].update(accessModes=["ReadWriteOnce"]),
 }
 
 
