@@ -488,6 +488,7 @@ def _trial_function(config: dict[str, Any]) -> None:
         "tasks": summary.task_names,
         "matrix": summary.matrix,
         "versions": versions,
+        "final_state": summary.state_dirs[-1] if summary.state_dirs else None,
         "node_id": node,
         "wall_s": time.perf_counter() - started,
     }
@@ -603,6 +604,9 @@ def run_sweep(sweep: SweepConfig, log: Callable[[str], None] = print) -> SweepSu
     for t in trials:  # every trial logs to the same store and writes under the sweep's folder
         t.config["tracking"]["uri"] = uri
         t.config["tracking"]["output_dir"] = str(trials_dir)
+        # Tune runs each trial in its own working directory: relative data paths are resolved here.
+        t.config["stream"]["root"] = str(Path(t.config["stream"]["root"]).resolve())
+    _build_streams(trials, log)
     state_path = sweep_dir / SWEEP_STATE_FILE
     tracker = Tracker(uri, sweep.tracking.experiment)  # creates the store and experiment once, here
     if state_path.exists():
@@ -682,6 +686,21 @@ def run_sweep(sweep: SweepConfig, log: Callable[[str], None] = print) -> SweepSu
     return SweepSummary(run_id, uri, str(sweep_dir), records, missing, md, time.perf_counter() - t_start)
 
 
+def _build_streams(trials: list[TrialSpec], log: Callable[[str], None]) -> None:
+    """Read (and for generated streams, generate) every stream once in the driver, before any trial starts:
+    problems with the data show up here, and concurrent trials never race to generate the same folder."""
+    from mcl.streams import build_stream
+
+    seen: set[str] = set()
+    for t in trials:
+        stream = t.config["stream"]
+        key = json.dumps(stream, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            built = build_stream(stream["name"], stream["root"], stream["options"])
+            log(f"stream {stream['name']!r} at {stream['root']}: tasks {', '.join(built.task_names)}")
+
+
 def _read_done(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / TRIAL_DONE_FILE
     return json.loads(path.read_text()) if path.exists() else None
@@ -728,7 +747,18 @@ def _run_tune(
             failure_config=tune.FailureConfig(max_failures=0),
         ),
     )
-    results = tuner.fit()
+    try:
+        cwd: str | None = os.getcwd()
+    except FileNotFoundError:
+        cwd = None
+    # Tune resolves its experiment folder against the working directory at the end of fit(); under
+    # `ray job submit` the driver's working directory (Ray's unpacked copy) can be gone by then.
+    os.chdir(sweep_dir)
+    try:
+        results = tuner.fit()
+    finally:
+        if cwd and os.path.isdir(cwd):
+            os.chdir(cwd)
     failed = []
     for result in results:
         key = result.config["trial"]["key"]

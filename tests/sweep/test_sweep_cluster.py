@@ -200,8 +200,7 @@ def test_final_states_are_registered_once_and_reload(resumed_sweep, tmp_path):
         folder = download_model_version(uri, name, versions[0]["version"], tmp_path / method)
         trial_dir = resumed_sweep.storage / SWEEP / "trials" / tags["trial"]
         assert load_config(folder / "config.yaml") == load_config(trial_dir / "config.yaml")
-        final = json.loads((trial_dir / "progress.json").read_text())["phases"]
-        last_phase = Path(final[sorted(final)[-1]]) / "state"
+        last_phase = Path(json.loads((trial_dir / "trial_done.json").read_text())["final_state"])
         saved = sorted(p.relative_to(last_phase) for p in last_phase.rglob("*") if p.is_file())
         got = sorted(p.relative_to(folder / "state") for p in (folder / "state").rglob("*") if p.is_file())
         assert saved and saved == got
@@ -261,41 +260,41 @@ def test_analysis_notebook_runs_on_the_sweep(resumed_sweep, tmp_path):
         assert (figures / name).stat().st_size > 5000, name
 
 
-def test_killed_train_worker_is_retried_and_gives_the_same_matrix(
-    resumed_sweep, ray_cluster, tmp_path, monkeypatch
-):
-    import ray
-    from ray.util.state import list_actors
+def _alive_train_workers(cluster) -> list[dict]:
+    """This cluster's live Ray Train workers, through the state API (`ray list actors`)."""
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "list", "actors", "--address", cluster.dashboard,
+         "-f", "class_name=RayTrainWorker", "-f", "state=ALIVE", "--format", "json"],
+        env=cluster.env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    try:
+        return json.loads(out.stdout) if out.returncode == 0 else []
+    except json.JSONDecodeError:
+        return []
 
-    from mcl.config import load_config
-    from mcl.runner import run_experiment
 
+def test_killed_train_worker_is_retried_and_gives_the_same_matrix(resumed_sweep, ray_cluster, tmp_path):
+    """SIGKILL one of the two Train workers in the middle of task 2; Ray Train restarts the task's worker
+    group (scaling.max_failures=1) and the run ends with the same matrix as the sweep's uninterrupted trial
+    with the same config and seed."""
     trial_dir = resumed_sweep.storage / SWEEP / "trials" / "sequential_lora-generated-s0"
     reference = json.loads((trial_dir / "trial_done.json").read_text())["matrix"]
-    cfg = load_config(
-        trial_dir / "config.yaml",
-        [
-            "tracking.run_name=worker-kill", f"tracking.output_dir={tmp_path}", f"tracking.uri=sqlite:///{tmp_path}/m.db",
-            "scaling.max_failures=1", f"scaling.ray_address={ray_cluster.gcs_address}",
-        ],
-    )  # fmt: skip
-    for key, value in ray_cluster.env.items():
-        if key.startswith("RAY_"):
-            monkeypatch.setenv(key, value)
+    cmd = [
+        sys.executable, str(REPO / "jobs" / "run_stream.py"), "--config", str(trial_dir / "config.yaml"),
+        "tracking.run_name=worker-kill", f"tracking.output_dir={tmp_path}", f"tracking.uri=sqlite:///{tmp_path}/m.db",
+        "scaling.max_failures=1",
+    ]  # fmt: skip
+    env = {**ray_cluster.env, "RAY_ADDRESS": ray_cluster.gcs_address}
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     killed: list[int] = []
-    stop = threading.Event()
 
     def killer() -> None:
         progress = tmp_path / "worker-kill" / "progress.json"
-        while not stop.is_set():  # during task 2: task 1 done, task 2's workers are up
+        while proc.poll() is None:  # during task 2: task 1 done and task 2's workers up
             if progress.exists() and json.loads(progress.read_text())["tasks_done"] == [0]:
-                try:
-                    workers = list_actors(
-                        address=ray_cluster.dashboard,
-                        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
-                    )
-                except Exception:
-                    workers = []
+                workers = _alive_train_workers(ray_cluster)
                 if len(workers) == 2:
                     time.sleep(3)  # mid-task: model loaded, training under way
                     os.kill(workers[0]["pid"], signal.SIGKILL)
@@ -305,19 +304,15 @@ def test_killed_train_worker_is_retried_and_gives_the_same_matrix(
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    try:
-        summary = run_experiment(cfg, resume=False)
-    finally:
-        stop.set()
-        thread.join(timeout=10)
-        ray.shutdown()
+    out, _ = proc.communicate(timeout=900)
+    thread.join(timeout=10)
+    assert proc.returncode == 0, out[-5000:]
     assert killed, "no Train worker was killed"
-    assert summary.matrix == reference
+    matrix = json.loads((tmp_path / "worker-kill" / "accuracy_matrix.json").read_text())["matrix"]
+    assert matrix == reference
 
 
 def test_job_submit_runs_the_edited_working_copy_on_both_nodes(ray_cluster, tmp_path):
-    from ray.util.state import list_actors, list_jobs
-
     copy = tmp_path / "repo"
     files = subprocess.run(
         ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
@@ -351,10 +346,19 @@ def test_job_submit_runs_the_edited_working_copy_on_both_nodes(ray_cluster, tmp_
     assert "working_dir_files" in engine, engine  # the uploaded copy, not the checkout
     assert "EDITED-WORKING-COPY" in out  # the trials ran the edited code
     assert "2/2 trials done" in out
-    for key, value in ray_cluster.env.items():
-        if key.startswith("RAY_"):
-            os.environ.setdefault(key, value)
-    job = next(j for j in list_jobs(address=ray_cluster.dashboard) if j.submission_id == "mcl-two-nodes")
-    actors = list_actors(address=ray_cluster.dashboard, filters=[("job_id", "=", job.job_id)], limit=1000)
-    nodes = {a["node_id"] for a in actors if a["class_name"] in ("RayTrainWorker", "ImplicitFunc")}
-    assert len(nodes) == 2, actors  # the two trials ran on both nodes
+    listing = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "list", "actors", "--address", ray_cluster.dashboard,
+         "--limit", "1000", "--format", "json", "--detail"],
+        env=ray_cluster.env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert listing.returncode == 0, listing.stderr[-3000:]
+    jobs = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "job", "list", "--address", ray_cluster.dashboard],
+        env=ray_cluster.env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    listed = jobs.stdout + jobs.stderr  # `ray job list` logs its answer
+    job_id = re.search(r"job_id='([0-9a-f]+)', submission_id='mcl-two-nodes'", listed)
+    assert job_id, listed[-3000:]
+    actors = [a for a in json.loads(listing.stdout) if a.get("job_id") == job_id.group(1)]
+    nodes = {a["node_id"] for a in actors if a["class_name"] == "RayTrainWorker"}
+    assert len(nodes) == 2, actors  # the two trials' Train workers ran on both nodes
