@@ -289,25 +289,35 @@ def test_killed_train_worker_is_retried_and_gives_the_same_matrix(resumed_sweep,
         cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     killed: list[int] = []
+    lines: list[str] = []
+    latest: list[list[dict]] = [[]]
 
-    def killer() -> None:
+    def watch() -> None:  # keeps the live Train workers' pids at hand once task 1 is done
         progress = tmp_path / "worker-kill" / "progress.json"
-        while proc.poll() is None:  # during task 2: task 1 done and task 2's workers up
+        while proc.poll() is None and not killed:
             if progress.exists() and json.loads(progress.read_text())["tasks_done"] == [0]:
-                workers = _alive_train_workers(ray_cluster)
-                if len(workers) == 2:
-                    time.sleep(3)  # mid-task: model loaded, training under way
-                    os.kill(workers[0]["pid"], signal.SIGKILL)
-                    killed.append(workers[0]["pid"])
-                    return
+                latest[0] = _alive_train_workers(ray_cluster)
             time.sleep(0.5)
 
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
-    out, _ = proc.communicate(timeout=900)
-    thread.join(timeout=10)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        # Task 2 has taken its last optimiser step and is evaluating: kill a worker in the middle of it
+        # (a kill while the worker group is still starting is a controller error, not a worker failure).
+        if not killed and re.search(r"\[task 2/2 underwater\] step 2/2", line):
+            pids = [w["pid"] for w in latest[0]]
+            assert len(pids) == 2, latest[0]
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+    proc.wait(timeout=900)
+    watcher.join(timeout=30)
+    out = "".join(lines)
     assert proc.returncode == 0, out[-5000:]
-    assert killed, "no Train worker was killed"
+    assert killed, "no Train worker was killed: " + out[-3000:]
+    # The task ran again: its last step is logged once per attempt.
+    assert len(re.findall(r"\[task 2/2 underwater\] step 2/2", out)) == 2, out[-5000:]
     matrix = json.loads((tmp_path / "worker-kill" / "accuracy_matrix.json").read_text())["matrix"]
     assert matrix == reference
 
