@@ -316,17 +316,26 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
+def read_yaml_file(path: str | Path, what: str = "config") -> Any:
+    """Parse a YAML file (``{}`` when empty); ConfigError naming the file when missing or invalid."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} file {str(p)!r} does not exist")
+    try:
+        return _load_yaml(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} file {str(p)!r} is not valid YAML: {exc}") from None
+
+
+def changed_fields(saved: dict[str, Any], now: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """Dotted keys whose values differ between two flat configs, as ``key: old -> new`` (sorted)."""
+    keys = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in ignore)
+    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys]
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read a YAML experiment config (or the defaults when ``path`` is None) and apply overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            data = _load_yaml(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+    data: dict[str, Any] = read_yaml_file(path) if path is not None else {}
     return config_from_dict(apply_overrides(data, overrides or []))
 
 

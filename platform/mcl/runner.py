@@ -342,15 +342,11 @@ class _Progress:
 
 
 def _check_resumable(cfg: ExperimentConfig, run_dir: Path) -> None:
-    from mcl.config import load_config
+    from mcl.config import changed_fields, load_config
 
-    saved = load_config(run_dir / "config.yaml").flat()
-    now = cfg.flat()
-    changed = sorted(
-        k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in _RESUMABLE_CHANGES
-    )
+    changed = changed_fields(load_config(run_dir / "config.yaml").flat(), cfg.flat(), _RESUMABLE_CHANGES)
     if changed:
-        diff = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:8])
+        diff = "; ".join(changed[:8])
         raise ConfigError(
             f"tracking.run_name: {run_dir} holds a run with a different config ({diff}); "
             "resume it with the same config or pick another run_name"

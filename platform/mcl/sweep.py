@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from mcl.config import _flatten, _load_yaml, apply_overrides, config_from_dict
+from mcl.config import _flatten, apply_overrides, changed_fields, config_from_dict, read_yaml_file
 from mcl.errors import ConfigError, MclError, UnknownNameError
 
 SWEEP_STATE_FILE = "sweep_state.json"
@@ -150,6 +150,21 @@ def _only(data: dict[str, Any], allowed: tuple[str, ...], name: str) -> None:
             raise ConfigError(f"{name}.{key}: unknown key; allowed keys here: {', '.join(allowed)}")
 
 
+def _entries(
+    data: dict[str, Any], key: str, allowed: tuple[str, ...], what: str
+) -> list[tuple[str, dict[str, Any]]]:
+    """The items of list field ``key`` as ``(where, mapping)``; a bare string is ``{"name": it}``."""
+    _need(isinstance(data[key], list) and data[key], key, "must be a non-empty list", data[key])
+    out = []
+    for i, item in enumerate(data[key]):
+        where = f"{key}[{i}]"
+        item = _mapping({"name": item} if isinstance(item, str) else item, where)
+        _only(item, allowed, where)
+        _need(isinstance(item.get("name"), str), f"{where}.name", f"must be {what}", item.get("name"))
+        out.append((where, item))
+    return out
+
+
 def sweep_config_from_dict(data: Any) -> SweepConfig:
     """Validate a sweep mapping; errors name the field."""
     data = _mapping(data, "sweep")
@@ -162,29 +177,16 @@ def sweep_config_from_dict(data: Any) -> SweepConfig:
           "must be a non-empty name of letters, digits, '_', '.', '-'", name)  # fmt: skip
     _need(isinstance(data["base"], str) and data["base"], "base", "must be a path to an experiment YAML",
           data["base"])  # fmt: skip
-    methods = []
-    _need(isinstance(data["methods"], list) and data["methods"], "methods", "must be a non-empty list",
-          data["methods"])  # fmt: skip
-    for i, item in enumerate(data["methods"]):
-        where = f"methods[{i}]"
-        if isinstance(item, str):
-            item = {"name": item}
-        item = _mapping(item, where)
-        _only(item, ("name", "params", "search"), where)
-        _need(isinstance(item.get("name"), str), f"{where}.name", "must be a method name", item.get("name"))
-        params = _mapping(item.get("params") or {}, f"{where}.params")
-        search = {k: _check_space(f"{where}.search.{k}", v) for k, v in (item.get("search") or {}).items()}
-        methods.append(MethodEntry(item["name"], dict(params), search))
+    methods = [
+        MethodEntry(
+            item["name"],
+            dict(_mapping(item.get("params") or {}, f"{where}.params")),
+            {k: _check_space(f"{where}.search.{k}", v) for k, v in (item.get("search") or {}).items()},
+        )
+        for where, item in _entries(data, "methods", ("name", "params", "search"), "a method name")
+    ]
     streams = []
-    _need(isinstance(data["streams"], list) and data["streams"], "streams", "must be a non-empty list",
-          data["streams"])  # fmt: skip
-    for i, item in enumerate(data["streams"]):
-        where = f"streams[{i}]"
-        if isinstance(item, str):
-            item = {"name": item}
-        item = _mapping(item, where)
-        _only(item, ("name", "root", "options"), where)
-        _need(isinstance(item.get("name"), str), f"{where}.name", "must be a stream name", item.get("name"))
+    for where, item in _entries(data, "streams", ("name", "root", "options"), "a stream name"):
         _need(isinstance(item.get("root", ""), str), f"{where}.root", "must be a path", item.get("root"))
         options = _mapping(item.get("options") or {}, f"{where}.options")
         streams.append(StreamEntry(item["name"], item.get("root", ""), dict(options)))
@@ -247,12 +249,7 @@ def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> S
     """Read a sweep YAML, apply ``key=value`` overrides (``tracking.uri=http://...``) and validate. A
     relative ``base`` is resolved against the YAML's folder."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"sweep file {str(p)!r} does not exist")
-    try:
-        data = _load_yaml(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"sweep file {str(p)!r} is not valid YAML: {exc}") from None
+    data = read_yaml_file(p, "sweep")
     data = apply_overrides(_mapping(data, "sweep"), overrides or [])
     if isinstance(data.get("base"), str) and data["base"] and not Path(data["base"]).is_absolute():
         data["base"] = str((p.parent / data["base"]).resolve())
@@ -393,12 +390,9 @@ def _sweep_dir(sweep: SweepConfig) -> Path:
 
 
 def _check_resumable(sweep: SweepConfig, saved: dict[str, Any]) -> None:
-    now = sweep.flat()
-    changed = sorted(
-        k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in _RESUMABLE_CHANGES
-    )
+    changed = changed_fields(saved, sweep.flat(), _RESUMABLE_CHANGES)
     if changed:
-        diff = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:8])
+        diff = "; ".join(changed[:8])
         raise ConfigError(
             f"name: {_sweep_dir(sweep)} holds sweep {sweep.name!r} with a different config ({diff}); "
             "re-run it with the same config or give the sweep another name"
