@@ -12,6 +12,9 @@ from mcl.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 JOB_YAMLS = sorted(p for pattern in ("*.yaml", "*.yml") for p in (REPO / "jobs").rglob(pattern))
+# Sweep YAMLs (``sweep*.yaml``) are sweeps over experiment configs, not experiment configs themselves.
+SWEEP_YAMLS = [p for p in JOB_YAMLS if p.name.startswith("sweep")]
+EXPERIMENT_YAMLS = [p for p in JOB_YAMLS if p not in SWEEP_YAMLS]
 
 
 def test_platform_is_not_a_package() -> None:
@@ -42,6 +45,13 @@ def test_jobs_have_yaml_configs() -> None:
     assert JOB_YAMLS, "expected at least jobs/configs/default.yaml"
 
 
-@pytest.mark.parametrize("path", JOB_YAMLS, ids=lambda p: str(p.relative_to(REPO)))
+@pytest.mark.parametrize("path", EXPERIMENT_YAMLS, ids=lambda p: str(p.relative_to(REPO)))
 def test_job_yaml_loads(path: Path) -> None:
     load_config(path)
+
+
+@pytest.mark.parametrize("path", SWEEP_YAMLS, ids=lambda p: str(p.relative_to(REPO)))
+def test_sweep_yaml_loads(path: Path) -> None:
+    from mcl.sweep import expand_trials, load_sweep_config
+
+    assert expand_trials(load_sweep_config(path))
