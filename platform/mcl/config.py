@@ -306,14 +306,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     out = copy.deepcopy(data)
     for text in overrides:
         path, value = parse_override(text)
-        node = out
-        for i, part in enumerate(path[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"{'.'.join(path[: i + 1])}: is a value, cannot set {'.'.join(path)}")
-            node = child
-        node[path[-1]] = value
+        set_dotted(out, path, value)
     return out
+
+
+def set_dotted(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set ``tree[a][b]...[z] = value`` for ``path`` ``[a, b, ..., z]``, creating nested mappings."""
+    node = tree
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(path[: i + 1])}: is a value, cannot set {'.'.join(path)}")
+        node = child
+    node[path[-1]] = value
 
 
 def read_yaml_file(path: str | Path, what: str = "config") -> Any:

@@ -31,7 +31,14 @@ from typing import Any
 
 import yaml
 
-from mcl.config import _flatten, apply_overrides, changed_fields, config_from_dict, read_yaml_file
+from mcl.config import (
+    _flatten,
+    apply_overrides,
+    changed_fields,
+    config_from_dict,
+    read_yaml_file,
+    set_dotted,
+)
 from mcl.errors import ConfigError, MclError, UnknownNameError
 
 SWEEP_STATE_FILE = "sweep_state.json"
@@ -274,17 +281,6 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    node = tree
-    parts = dotted.split(".")
-    for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, cannot set {dotted}")
-        node = child
-    node[parts[-1]] = value
-
-
 def expand_trials(sweep: SweepConfig) -> list[TrialSpec]:
     """Every trial of the sweep, in a fixed order (stream, method, grid point, sample, seed). Each trial's
     experiment config is validated here, so a bad value fails before anything runs."""
@@ -294,7 +290,7 @@ def expand_trials(sweep: SweepConfig) -> list[TrialSpec]:
 
     base = load_config(sweep.base).to_dict()
     for dotted, value in sweep.overrides.items():
-        _set_dotted(base, dotted, value)
+        set_dotted(base, dotted.split("."), value)
     rng = random.Random(f"mcl-sweep-{sweep.name}")
     trials: list[TrialSpec] = []
     keys: set[str] = set()
@@ -324,7 +320,7 @@ def expand_trials(sweep: SweepConfig) -> list[TrialSpec]:
                             tree["stream"]["options"] = dict(stream.options)
                         tree["train"]["seed"] = seed
                         for dotted, value in values.items():
-                            _set_dotted(tree, dotted, value)
+                            set_dotted(tree, dotted.split("."), value)
                         slug = re.sub(r"[^A-Za-z0-9_.=-]+", "-", label.replace(" ", "-"))
                         key = f"{slug}-{stream_tag}-s{seed}"
                         if key in keys:
@@ -497,7 +493,7 @@ def _trial_function(config: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------- progress
 
 
-def _progress_callback(total: int, finished_before: int, tasks: dict[str, int]) -> Any:
+def _progress_callback(total: int, tasks: dict[str, int]) -> Any:
     """A Tune callback that prints trials done/running, each running trial's task and an ETA. (Tune pickles
     its callbacks: this one prints through :func:`_say`, never a captured logger.)"""
     from ray.tune import Callback
@@ -510,7 +506,7 @@ def _progress_callback(total: int, finished_before: int, tasks: dict[str, int]) 
             self.last_print = 0.0
             self.tasks_done: dict[str, int] = {}
             self.units_this_attempt = 0
-            self.finished = finished_before
+            self.finished = 0
             self.failed = 0
             self.running: dict[str, str] = {}
 
@@ -726,7 +722,6 @@ def _run_tune(
             reduction_factor=sweep.early_stopping.reduction_factor,
         )
     shared = {"name": sweep.name, "run_id": run_id, "register_models": sweep.register_models}
-    finished_before = 0
     tuner = tune.Tuner(
         tune.with_resources(_trial_function, {"CPU": TRIAL_ACTOR_CPU}),
         param_space={"trial": tune.grid_search([asdict(t) for t in trials]), "sweep": shared},
@@ -736,7 +731,7 @@ def _run_tune(
         run_config=tune.RunConfig(
             name=name,
             storage_path=str(sweep_dir / "tune"),
-            callbacks=[_progress_callback(len(trials), finished_before, tasks)],
+            callbacks=[_progress_callback(len(trials), tasks)],
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=0),
         ),
