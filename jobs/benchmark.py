@@ -167,7 +167,7 @@ def full_path(prep: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train task 0 exactly as mcl.runner does (one TorchTrainer); return its figures."""
     import ray
 
-    from mcl.runner import _fit_name, _fit_task, _init_ray, _task_datasets, phase_job
+    from mcl.runner import PlannedPhase, _fit_name, _fit_phases, _init_ray, phase_job
     from mcl.training import TaskResult
 
     cfg = prep.config
@@ -184,16 +184,17 @@ def full_path(prep: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
         job, rows = phase_job(prep, 0, phase, None)
         job.evaluate_before = False
         steps = job.steps
-        datasets = _task_datasets(prep, rows, phase.evaluate)
+        fit_name = _fit_name(0, prep.stream.task_names[0], phase)
+        planned = PlannedPhase(f"0:{phase.name}", fit_name, job, rows)
         datasets_s = time.perf_counter() - t0
         log(
             f"full: training {steps} steps of {cfg.train.batch_size} samples on {cfg.scaling.num_workers} "
             f"Ray Train worker(s) x {cfg.scaling.cpus_per_worker} CPUs"
         )
         t0 = time.perf_counter()
-        ckpt = _fit_task(prep, job, storage, datasets, _fit_name(0, prep.stream.task_names[0], phase))
+        _fit_phases(prep, [planned], storage)
         fit_wall_s = time.perf_counter() - t0
-        result = TaskResult.load(ckpt)
+        result = TaskResult.load(storage / fit_name)
     finally:
         if started:
             ray.shutdown()

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from mcl.models import resolve_model_path
 from mcl.streams import Stream, build_stream
 from mcl.streams.formats import check_images
 from mcl.tracking import Tracker, resolve_tracking_uri
-from mcl.training import STATE_DIR, TaskJob, TaskResult, train_and_evaluate_task
+from mcl.training import RESULT_FILE, STATE_DIR, TaskJob, TaskResult, train_and_evaluate_task
 
 
 @dataclass
@@ -107,43 +108,72 @@ def check_image_text_model(model_path: str, trust_remote_code: bool) -> None:
         )
 
 
-def _ray_train_loop(loop_config: dict[str, Any]) -> None:
-    """Ray Train worker: this rank's shards in, one task trained and evaluated, a checkpoint out."""
+def _ray_stream_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train worker: every remaining phase of the run, one after another, in one worker group.
+
+    Phase ``k`` streams this rank's shard ``p<k>_train_<rank>`` (and ``eval_<rank>`` if it evaluates), trains
+    from the state the previous phase left, and rank 0 publishes its folder atomically as
+    ``<run_dir>/<fit name>`` (``task_result.json`` inside marks it finished; the driver watches for it). After a
+    worker failure Ray Train restarts the group and this function again: phases already published are skipped,
+    so the run continues from the last finished phase with the same seeds.
+    """
     import logging
 
     import ray.train
     import ray.train.torch
+    import torch.distributed as td
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # one line per dataset execution otherwise
-    job = TaskJob(**loop_config["job"])
-    if not job.config["scaling"]["use_gpu"]:
+    jobs = [TaskJob(**j) for j in loop_config["jobs"]]
+    names: list[str] = loop_config["fit_names"]
+    run_dir = Path(loop_config["run_dir"])
+    if not jobs[0].config["scaling"]["use_gpu"]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # also when Ray was started without our runtime env
     rank = ray.train.get_context().get_world_rank()
     micro, eval_bs = loop_config["micro_batch"], loop_config["eval_batch"]
-    train_shard = ray.train.get_dataset_shard(f"train_{rank}")
-    # Phases that do not evaluate get no evaluation datasets.
-    eval_shard = ray.train.get_dataset_shard(f"eval_{rank}") if job.evaluate else None
-    out_dir = Path(tempfile.mkdtemp(prefix="mcl-task-"))
-    metrics = {"task_index": job.task_index}
-    try:
-        result = train_and_evaluate_task(
-            job,
-            train_shard.iter_batches(batch_size=micro, batch_format="numpy", prefetch_batches=2),
-            lambda: (
-                eval_shard.iter_batches(batch_size=eval_bs, batch_format="numpy", prefetch_batches=1)
-                if eval_shard is not None
-                else []
-            ),
-            out_dir,
-            device=ray.train.torch.get_device(),
-        )
-        if result is not None:
-            # Reporting copies the folder into the run's storage; the local copy can go afterwards.
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(out_dir)))
-        else:
-            ray.train.report(metrics)
-    finally:
-        shutil.rmtree(out_dir, ignore_errors=True)
+    # Where to start: rank 0 decides (one view of the shared folder), every rank follows.
+    start = [next((k for k, n in enumerate(names) if not (run_dir / n / RESULT_FILE).exists()), len(names))]
+    if td.is_available() and td.is_initialized():
+        td.broadcast_object_list(start, src=0)
+    for k in range(start[0], len(jobs)):
+        job = jobs[k]
+        train_shard = ray.train.get_dataset_shard(f"p{k}_train_{rank}")
+        # Phases that do not evaluate read no evaluation data.
+        eval_shard = ray.train.get_dataset_shard(f"eval_{rank}") if job.evaluate else None
+        partial = run_dir / f"{names[k]}.partial" if rank == 0 else Path(tempfile.mkdtemp(prefix="mcl-task-"))
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)  # left by a worker group that died mid-phase
+        try:
+            train_and_evaluate_task(
+                job,
+                train_shard.iter_batches(batch_size=micro, batch_format="numpy", prefetch_batches=2),
+                lambda eval_shard=eval_shard: (
+                    eval_shard.iter_batches(batch_size=eval_bs, batch_format="numpy", prefetch_batches=1)
+                    if eval_shard is not None
+                    else []
+                ),
+                partial,
+                device=ray.train.torch.get_device(),
+            )
+            if rank == 0:
+                partial.replace(run_dir / names[k])  # atomic: the driver sees a whole phase or none
+        finally:
+            if rank != 0:
+                shutil.rmtree(partial, ignore_errors=True)
+        _release_memory()
+        # A barrier as well: no rank starts phase k+1 before rank 0 has published the state it starts from.
+        ray.train.report({"phase": k, "task_index": job.task_index})
+
+
+def _release_memory() -> None:
+    """Free what the finished phase held before the next one loads its model (one process, many phases)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _init_ray(cfg: ExperimentConfig) -> None:
@@ -227,7 +257,10 @@ def task_training_rows(prep: PreparedRun, task_index: int) -> list[dict[str, Any
     return phase_training_data(prep, task_index, prep.method.phases(task_index)[0], None).rows
 
 
-def _task_datasets(prep: PreparedRun, rows: list[dict[str, Any]], evaluate: bool) -> dict[str, Any]:
+def _phase_datasets(prep: PreparedRun, phases: list[PlannedPhase]) -> dict[str, Any]:
+    """Ray Datasets of a worker group's phases: ``p<k>_train_<rank>`` per phase and rank, and one
+    ``eval_<rank>`` per rank (every task's test samples) if any phase evaluates. Lazy: a phase's data is
+    read and preprocessed while that phase streams it."""
     import ray.data
 
     cfg = prep.config
@@ -235,18 +268,18 @@ def _task_datasets(prep: PreparedRun, rows: list[dict[str, Any]], evaluate: bool
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False
     world = cfg.scaling.num_workers
-    eval_rows = _eval_rows(prep) if evaluate else []
     micro = cfg.train.batch_size // world
     trust = cfg.model.trust_remote_code
     train_pre = Preprocessor(prep.model_path, train=True, trust_remote_code=trust)
-    eval_pre = Preprocessor(prep.model_path, train=False, trust_remote_code=trust)
     datasets = {}
-    for rank in range(world):
-        datasets[f"train_{rank}"] = ray_dataset(shard(rows, rank, world), train_pre, micro)
-        if evaluate:
-            datasets[f"eval_{rank}"] = ray_dataset(
-                shard(eval_rows, rank, world), eval_pre, cfg.eval.batch_size
-            )
+    for k, item in enumerate(phases):
+        for rank in range(world):
+            datasets[f"p{k}_train_{rank}"] = ray_dataset(shard(item.rows, rank, world), train_pre, micro)
+    if any(item.job.evaluate for item in phases):
+        eval_rows = _eval_rows(prep)
+        eval_pre = Preprocessor(prep.model_path, train=False, trust_remote_code=trust)
+        for rank in range(world):
+            datasets[f"eval_{rank}"] = ray_dataset(shard(eval_rows, rank, world), eval_pre, cfg.eval.batch_size)
     return datasets
 
 
@@ -268,19 +301,24 @@ def _fit_name(task_index: int, task_name: str, phase: Phase) -> str:
     return f"task{task_index:02d}-{task_name}{suffix}"
 
 
-def _fit_task(prep: PreparedRun, job: TaskJob, storage: Path, datasets: dict[str, Any], name: str) -> Path:
+def _fit_phases(prep: PreparedRun, phases: list[PlannedPhase], run_dir: Path) -> None:
+    """Train ``phases`` in order in one Ray Train worker group (one ``TorchTrainer.fit``); each phase's
+    folder appears in ``run_dir`` as it finishes. Worker start-up, imports and DeepSpeed's set-up are paid
+    once per run instead of once per phase."""
     from ray.train import DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     cfg = prep.config
-    shutil.rmtree(storage / name, ignore_errors=True)  # an interrupted attempt's folder would be restored
+    shutil.rmtree(run_dir / _RAY_RUN_NAME, ignore_errors=True)  # Ray Train would restore an earlier attempt
     # Ray Train gives workers 60 s to start (imports, runtime env); a busy small host can need more. Ray
     # propagates this variable from the driver to the controller; an explicit setting wins.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
     trainer = TorchTrainer(
-        _ray_train_loop,
+        _ray_stream_loop,
         train_loop_config={
-            "job": job.__dict__,
+            "jobs": [item.job.__dict__ for item in phases],
+            "fit_names": [item.fit_name for item in phases],
+            "run_dir": str(run_dir),
             "micro_batch": cfg.train.batch_size // cfg.scaling.num_workers,
             "eval_batch": cfg.eval.batch_size,
         },
@@ -290,20 +328,111 @@ def _fit_task(prep: PreparedRun, job: TaskJob, storage: Path, datasets: dict[str
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
         ),
         run_config=RunConfig(
-            name=name,
-            storage_path=str(storage),
+            name=_RAY_RUN_NAME,
+            storage_path=str(run_dir),
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
             # Ray Train's per-report INFO lines drown mcl's own progress; warnings and errors still show.
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
-        datasets=datasets,
-        # Per-rank datasets (sharded by position in _task_datasets), each read in order.
+        datasets=_phase_datasets(prep, phases),
+        # Per-rank datasets (sharded by position in _phase_datasets), each read in order.
         dataset_config=DataConfig(datasets_to_split=[], execution_options=_ordered_execution()),
     )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"{name} finished without a checkpoint")
-    return Path(result.checkpoint.path)
+    trainer.fit()
+
+
+_RAY_RUN_NAME = "ray-train"
+
+
+@dataclass
+class PlannedPhase:
+    """One phase of a run's remaining plan: the job its workers run, their training rows, and the folder
+    (``<run_dir>/<fit_name>``) its state and ``task_result.json`` land in."""
+
+    key: str  # "<task>:<phase>"
+    fit_name: str
+    job: TaskJob
+    rows: list[dict[str, Any]]
+
+
+def plan_phases(
+    prep: PreparedRun, t: int, phase: Phase, previous: str | None, run_dir: Path
+) -> list[PlannedPhase]:
+    """Every phase from ``phase`` of task ``t`` to the end of the stream, starting from the state folder
+    ``previous``. The chain is known up front: a method's training rows depend only on its JSON driver state
+    (never on trained weights), and each phase starts from the folder the previous one will write."""
+    names = prep.stream.task_names
+    driver_state = load_driver_state(previous)
+    plan: list[PlannedPhase] = []
+    for task in range(t, len(names)):
+        phases = prep.method.phases(task)
+        first = [p.name for p in phases].index(phase.name) if task == t else 0
+        for ph in phases[first:]:
+            job, rows = _phase_job(prep, task, ph, previous, driver_state)
+            fit_name = _fit_name(task, names[task], ph)
+            plan.append(PlannedPhase(f"{task}:{ph.name}", fit_name, job, rows))
+            driver_state = job.driver_state
+            previous = str(run_dir / fit_name / STATE_DIR)
+    return plan
+
+
+class _PhaseRunner:
+    """Runs a run's remaining phases in one Ray Train job on a background thread and hands the driver each
+    phase's folder as soon as it is published, so the driver logs task by task while training goes on."""
+
+    def __init__(self, prep: PreparedRun, run_dir: Path) -> None:
+        self.prep, self.run_dir = prep, run_dir
+        self.plan: dict[str, PlannedPhase] = {}
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def run(self, t: int, phase: Phase, previous: str | None) -> Path:
+        key = f"{t}:{phase.name}"
+        if key not in self.plan:
+            self._launch(t, phase, previous)
+        item = self.plan[key]
+        if item.job.previous_state_dir != previous:
+            raise RuntimeError(f"phase {key} was planned from {item.job.previous_state_dir}, not {previous}")
+        return self._wait(item)
+
+    def _launch(self, t: int, phase: Phase, previous: str | None) -> None:
+        if self.thread is not None:
+            raise RuntimeError(f"phase {t}:{phase.name} is not in the running plan")
+        _init_ray(self.prep.config)
+        plan = plan_phases(self.prep, t, phase, previous, self.run_dir)
+        for item in plan:  # an interrupted attempt's folders of these phases: trained again
+            shutil.rmtree(self.run_dir / item.fit_name, ignore_errors=True)
+            shutil.rmtree(self.run_dir / f"{item.fit_name}.partial", ignore_errors=True)
+        self.plan = {item.key: item for item in plan}
+
+        def fit() -> None:
+            try:
+                _fit_phases(self.prep, plan, self.run_dir)
+            except BaseException as exc:  # handed to the driver thread
+                self.error = exc
+
+        self.thread = threading.Thread(target=fit, name="mcl-ray-train", daemon=True)
+        self.thread.start()
+
+    def _wait(self, item: PlannedPhase) -> Path:
+        folder = self.run_dir / item.fit_name
+        assert self.thread is not None
+        while not (folder / RESULT_FILE).exists():
+            if not self.thread.is_alive():
+                if (folder / RESULT_FILE).exists():
+                    break
+                if self.error is not None:
+                    raise self.error
+                raise RuntimeError(f"the Ray Train job ended without finishing phase {item.key}")
+            self.thread.join(timeout=0.2)
+        return folder
+
+    def close(self) -> None:
+        """Wait for the Train job to end (after its last phase) and raise its error, if any."""
+        if self.thread is not None:
+            self.thread.join()
+            if self.error is not None:
+                raise self.error
 
 
 PROGRESS_FILE = "progress.json"
@@ -402,6 +531,7 @@ def run_experiment(
         "mcl.kind": "stream_run",
     }
     open_runs: list[str] = []
+    phase_runner = _PhaseRunner(prep, run_dir)
     if progress.run_id:
         run_id = progress.run_id
         done = len(progress.tasks_done)
@@ -474,7 +604,7 @@ def run_experiment(
                     ckpt = Path(progress.phases[key])
                     log(f"{fit_name}: reusing the checkpoint of an earlier attempt")
                 else:
-                    ckpt = _run_phase(prep, t, phase, previous, run_dir)
+                    ckpt = _run_phase(prep, t, phase, previous, run_dir, phase_runner)
                     progress.phases[key] = str(ckpt)
                     progress.save()
                 result = TaskResult.load(ckpt)
@@ -505,6 +635,7 @@ def run_experiment(
             )
             if on_task is not None:
                 on_task(t, names, matrix)
+        phase_runner.close()
         metrics = cl_metrics(matrix, baseline)
         if open_runs:  # something was trained (or left open) in this attempt
             _log_final(
@@ -539,8 +670,17 @@ def phase_job(
 ) -> tuple[TaskJob, list[dict[str, Any]]]:
     """The job and the global training rows of phase ``phase`` of task ``t``, starting from the state
     folder ``previous`` (None at the start of the stream): what a Ray Train job or a local run trains."""
+    return _phase_job(prep, t, phase, previous, load_driver_state(previous))
+
+
+def _phase_job(
+    prep: PreparedRun,
+    t: int,
+    phase: Phase,
+    previous: str | None,
+    previous_driver_state: dict[str, Any] | None,
+) -> tuple[TaskJob, list[dict[str, Any]]]:
     cfg = phase_config(prep.config, phase)
-    previous_driver_state = load_driver_state(previous)
     data = phase_training_data(prep, t, phase, previous_driver_state)
     job = TaskJob(
         cfg.to_dict(),
@@ -558,12 +698,12 @@ def phase_job(
     return job, data.rows
 
 
-def _run_phase(prep: PreparedRun, t: int, phase: Phase, previous: str | None, run_dir: Path) -> Path:
-    """Train one phase of task ``t`` as one Ray Train job; returns its checkpoint folder."""
-    _init_ray(prep.config)
-    job, rows = phase_job(prep, t, phase, previous)
-    datasets = _task_datasets(prep, rows, phase.evaluate)
-    return _fit_task(prep, job, run_dir, datasets, _fit_name(t, prep.stream.task_names[t], phase))
+def _run_phase(
+    prep: PreparedRun, t: int, phase: Phase, previous: str | None, run_dir: Path, runner: _PhaseRunner
+) -> Path:
+    """The folder of phase ``phase`` of task ``t`` once trained (the first call starts one Ray Train job for
+    every remaining phase of the run; later calls wait for theirs)."""
+    return runner.run(t, phase, previous)
 
 
 @dataclass

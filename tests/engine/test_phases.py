@@ -94,11 +94,11 @@ def _cfg(tmp_path: Path, root: Path, *extra: str):
 
 
 def _local_run_phase(calls):
-    def run_phase(prep, t, phase, previous, run_dir):
+    def run_phase(prep, t, phase, previous, run_dir, _runner):
         calls.append((t, phase.name))
         job, rows = runner.phase_job(prep, t, phase, previous)
         eval_rows = runner._eval_rows(prep) if phase.evaluate else []
-        out = run_dir / runner._fit_name(t, prep.stream.task_names[t], phase) / "checkpoint"
+        out = run_dir / runner._fit_name(t, prep.stream.task_names[t], phase)
         run_task_locally(job, rows, eval_rows, out, log=lambda _m: None)
         return out
 

@@ -34,9 +34,8 @@ def test_failed_run_is_marked_failed_not_finished(tmp_path, monkeypatch, generat
     def broken_fit(*_args, **_kwargs):
         raise RuntimeError("worker died")
 
-    monkeypatch.setattr(runner, "_fit_task", broken_fit)
+    monkeypatch.setattr(runner, "_fit_phases", broken_fit)
     monkeypatch.setattr(runner, "_init_ray", lambda _cfg: None)
-    monkeypatch.setattr(runner, "_task_datasets", lambda _prep, _rows, _evaluate: {})
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = load_config(
         None, [f"stream.root={generated_root}", f"tracking.uri={uri}", f"tracking.output_dir={tmp_path}/runs"]
