@@ -163,8 +163,8 @@ def test_scores_are_in_unit_interval():
 
 
 def test_registry_lists_all_types():
-    assert answer_types() == ["choice", "contains", "exact", "list"]
-    assert set(SCORERS) == set(answer_types())
+    assert {"choice", "contains", "exact", "list"} <= set(answer_types())  # benchmark types: their own tests
+    assert answer_types() == sorted(SCORERS)
 
 
 def test_unknown_type_lists_valid_types():

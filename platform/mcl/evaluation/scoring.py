@@ -1,4 +1,9 @@
-"""Per-sample answer scorers: ``scorer(prediction, answer) -> float`` in ``[0, 1]``, keyed by answer type."""
+"""Per-sample answer scorers: ``scorer(prediction, answer) -> float`` in ``[0, 1]``, keyed by answer type.
+
+The generic types live here; the published benchmarks' scorers (MLLM-CL, OCRBench, VQAv2, MSVQA) live in
+:mod:`mcl.evaluation.benchmark_scorers`, which this module imports at its end so that :data:`SCORERS`
+always holds both.
+"""
 
 from __future__ import annotations
 
@@ -126,6 +131,17 @@ SCORERS: dict[str, Scorer] = {
 }
 
 
+def register_scorer(answer_type: str, scorer: Scorer) -> None:
+    """Register ``scorer`` under the answer type ``answer_type``.
+
+    Raises:
+        ValueError: If ``answer_type`` is already registered.
+    """
+    if answer_type in SCORERS:
+        raise ValueError(f"answer type {answer_type!r} is already registered")
+    SCORERS[answer_type] = scorer
+
+
 def answer_types() -> list[str]:
     """Names of the registered answer types."""
     return sorted(SCORERS)
@@ -143,3 +159,7 @@ def score(prediction: str, answer: str, answer_type: str) -> float:
             f"unknown answer type {answer_type!r}; valid types: {', '.join(answer_types())}"
         )
     return scorer(prediction, answer)
+
+
+# Registers the benchmark scorers. Imported last: that module imports the helpers defined above.
+import mcl.evaluation.benchmark_scorers  # noqa: E402, F401
