@@ -2,9 +2,16 @@
 
 Two formats are read:
 
-* LLaVA conversations (training files): a JSON list of ``{"id", "image", "conversations": [...]}``.
+* LLaVA conversations (training files): a JSON list of ``{"id", "image", "conversations": [...]}``
+  (``question_id`` is accepted where ``id`` is missing, as the MLLM-CL training code does).
 * MLLM-CL test files: a JSON list or JSON Lines of ``{"question_id", "image", "text", "answer"}`` plus
   an optional ``answer_type`` and any further keys (kept in ``Sample.extra``).
+
+The published benchmarks differ in details, so both readers take keyword options (defaults: the strict
+behaviour above): an ``image_resolver`` (e.g. tile a list of camera views into one image), a per-row
+``answer_type`` rule, ``row_answer_type="extra"`` (the row's ``answer_type`` is a category, not a scorer),
+``flexible_answers`` (numbers and lists of reference answers) and ``answer_fields`` (e.g. CoIN's
+``answer_bbox``).
 
 Parsing is pure (no Ray, no torch). Every problem raises :class:`~mcl.errors.DataError` naming the file and,
 where it applies, the row, field, sample id and image path. Image paths must be relative and stay inside the
@@ -15,10 +22,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any
+from typing import Any, Literal
 
 from PIL import Image
 
@@ -26,27 +33,39 @@ from mcl.errors import DataError
 from mcl.streams.samples import Sample
 
 _PLACEHOLDER = re.compile(r"\s*<image>\s*")
-_TEST_FIELDS = ("question_id", "image", "text", "answer", "answer_type")
 _MAX_REPORTED = 5
 
 # One parsed row with the label used in error messages ("row 3", or "row 3 (line 5)" for JSON Lines).
 _Row = tuple[str, Any]
 
+ImageResolver = Callable[[Any, Path, str, str], str]
+"""``(raw image value, annotation file, where, sample id) -> absolute image path``; raises DataError."""
+
+AnswerTypeRule = Callable[[dict[str, Any], str], str]
+"""``(raw row, question) -> scorer name``, for benchmarks whose scorer depends on the row."""
+
 
 def read_llava_conversations(
-    path: str | Path, image_root: str | Path, task: str, answer_type: str = "exact"
+    path: str | Path,
+    image_root: str | Path,
+    task: str,
+    answer_type: str | AnswerTypeRule = "exact",
+    *,
+    image_resolver: ImageResolver | None = None,
 ) -> list[Sample]:
     """Read a LLaVA conversation file (a JSON list) into samples.
 
     The question is the first ``human`` turn with the ``<image>`` placeholder and the whitespace around it
     removed; the answer is the ``gpt`` turn right after it. Further turns are ignored for now (one sample
-    per conversation).
+    per conversation). The id is ``id``, or ``question_id`` where ``id`` is missing.
 
     Args:
         path: The JSON file.
         image_root: Directory the ``image`` fields are relative to.
         task: Task name stored in every sample.
-        answer_type: Scorer name stored in every sample.
+        answer_type: Scorer name stored in every sample, or a rule ``(row, question) -> name``.
+        image_resolver: Turns the raw ``image`` value into a path (default: a relative path string, checked
+            to stay inside ``image_root``).
 
     Returns:
         The samples, in file order.
@@ -62,17 +81,18 @@ def read_llava_conversations(
     for label, row in rows:
         where = f"{path}: {label}"
         obj = _require_object(row, where)
-        sample_id = _require_id(obj, "id", where)
+        id_field = "question_id" if "id" not in obj and "question_id" in obj else "id"
+        sample_id = _require_id(obj, id_field, where)
         _check_unique(sample_id, seen, path)
-        image = _require_str(obj, "image", where)
+        image = _resolve_image(obj, root, path, where, sample_id, image_resolver)
         question, answer = _first_exchange(obj, where)
         samples.append(
             Sample(
                 id=sample_id,
-                image=_safe_image_path(root, image, path, sample_id),
+                image=image,
                 question=question,
                 answer=answer,
-                answer_type=answer_type,
+                answer_type=answer_type if isinstance(answer_type, str) else answer_type(obj, question),
                 task=task,
             )
         )
@@ -80,19 +100,36 @@ def read_llava_conversations(
 
 
 def read_mllmcl_test(
-    path: str | Path, image_root: str | Path, task: str, answer_type: str = "exact"
+    path: str | Path,
+    image_root: str | Path,
+    task: str,
+    answer_type: str | AnswerTypeRule = "exact",
+    *,
+    image_resolver: ImageResolver | None = None,
+    row_answer_type: Literal["scorer", "extra"] = "scorer",
+    flexible_answers: bool = False,
+    answer_fields: tuple[str, ...] = ("answer",),
 ) -> list[Sample]:
     """Read an MLLM-CL test file (JSON list, or JSON Lines) into samples.
 
     The file is a JSON list if its first non-blank character is ``[``, else JSON Lines (one object per
     non-blank line). A row's ``answer_type`` overrides the default; keys other than ``question_id``,
-    ``image``, ``text``, ``answer`` and ``answer_type`` go into ``Sample.extra``.
+    ``image``, ``text``, the answer field used and ``answer_type`` go into ``Sample.extra``.
 
     Args:
         path: The JSON or JSON Lines file.
         image_root: Directory the ``image`` fields are relative to.
         task: Task name stored in every sample.
-        answer_type: Scorer name for rows without their own ``answer_type``.
+        answer_type: Scorer name for rows without their own ``answer_type``, or a rule
+            ``(row, question) -> name``.
+        image_resolver: Turns the raw ``image`` value into a path (default: a relative path string, checked
+            to stay inside ``image_root``).
+        row_answer_type: ``"scorer"``: a row's ``answer_type`` names its scorer; ``"extra"``: it is a
+            category of the benchmark (e.g. MLLM-CL OCR), kept in ``Sample.extra["answer_type"]``.
+        flexible_answers: Also accept numbers (stored as text) and lists of reference answers (strings,
+            numbers or ``{"answer": ...}`` objects, stored as a compact JSON list, e.g. ``["yes","no"]``).
+        answer_fields: Fields holding the answer; the first one present is used (e.g.
+            ``("answer", "answer_bbox")``).
 
     Returns:
         The samples, in file order.
@@ -111,22 +148,77 @@ def read_mllmcl_test(
         obj = _require_object(row, where)
         sample_id = _require_id(obj, "question_id", where)
         _check_unique(sample_id, seen, path)
-        image = _require_str(obj, "image", where)
+        image = _resolve_image(obj, root, path, where, sample_id, image_resolver)
         question = _strip_placeholder(_require_str(obj, "text", where))
-        answer = _require_str(obj, "answer", where, allow_empty=True)
-        row_type = _require_str(obj, "answer_type", where) if "answer_type" in obj else answer_type
+        answer_field = next((field for field in answer_fields if field in obj), answer_fields[0])
+        if flexible_answers:
+            answer = answer_text(obj.get(answer_field), where, answer_field, present=answer_field in obj)
+        else:
+            answer = _require_str(obj, answer_field, where, allow_empty=True)
+        default_type = answer_type if isinstance(answer_type, str) else answer_type(obj, question)
+        if row_answer_type == "scorer" and "answer_type" in obj:
+            row_type = _require_str(obj, "answer_type", where)
+        else:
+            row_type = default_type
+        consumed = {"question_id", "image", "text", answer_field}
+        if row_answer_type == "scorer":
+            consumed.add("answer_type")
         samples.append(
             Sample(
                 id=sample_id,
-                image=_safe_image_path(root, image, path, sample_id),
+                image=image,
                 question=question,
                 answer=answer,
                 answer_type=row_type,
                 task=task,
-                extra={key: value for key, value in obj.items() if key not in _TEST_FIELDS},
+                extra={key: value for key, value in obj.items() if key not in consumed},
             )
         )
     return samples
+
+
+def answer_text(value: Any, where: str, field: str = "answer", present: bool = True) -> str:
+    """A reference answer as text: strings as they are, numbers as text, lists as a compact JSON list.
+
+    List items may be strings, numbers or ``{"answer": ...}`` objects (VQA annotator answers). Raises
+    DataError naming ``where`` and ``field`` for anything else.
+    """
+    if not present:
+        raise DataError(f"{where}: missing required field {field!r}")
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, list) and value:
+        items = [item.get("answer") if isinstance(item, dict) else item for item in value]
+        if all(
+            isinstance(item, str) or (isinstance(item, int | float) and not isinstance(item, bool))
+            for item in items
+        ):
+            return json.dumps(items, ensure_ascii=False, separators=(",", ":"))
+    raise DataError(
+        f"{where}: field {field!r} must be a string, a number or a non-empty list of answers, "
+        f"got {_type_name(value)}"
+    )
+
+
+def safe_image_path(root: Path, image: str, path: Path, sample_id: str) -> str:
+    """Absolute resolved path of the relative ``image`` under ``root``; raise DataError if it escapes ``root``.
+
+    ``path`` (the annotation file) and ``sample_id`` only name the problem in the error message.
+    """
+    return _safe_image_path(root.resolve(), image, path, sample_id)
+
+
+def _resolve_image(
+    obj: dict[str, Any], root: Path, path: Path, where: str, sample_id: str, resolver: ImageResolver | None
+) -> str:
+    """The row's image as an absolute path, through ``resolver`` if one is given."""
+    if resolver is None:
+        return _safe_image_path(root, _require_str(obj, "image", where), path, sample_id)
+    if "image" not in obj:
+        raise DataError(f"{where}: missing required field 'image'")
+    return resolver(obj["image"], path, where, sample_id)
 
 
 def check_images(samples: Iterable[Sample], workers: int = 8) -> None:

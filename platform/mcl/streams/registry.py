@@ -63,7 +63,11 @@ def register_stream(name: str) -> Callable[[StreamFactory], StreamFactory]:
 
 def _load_builtin_streams() -> None:
     # Importing registers them; kept lazy so `import mcl.streams` stays light.
+    import mcl.streams.coin  # noqa: F401
     import mcl.streams.generated  # noqa: F401
+    import mcl.streams.mllm_cl  # noqa: F401
+    import mcl.streams.msvqa  # noqa: F401
+    import mcl.streams.ucit  # noqa: F401
 
 
 def available_streams() -> list[str]:
