@@ -6,8 +6,8 @@ what a hook needs as arguments (:class:`TaskContext`), never by reaching into th
 only this module (and :mod:`mcl.adapters`); the engine never imports a specific method.
 
 A task is trained in one or more *phases* (:meth:`Method.phases`; e.g. MR-LoRA trains its expert, then its
-router). Each phase is one training job (one ``TorchTrainer``) that starts from the state the previous phase
-or task saved. Driver-side hooks (:meth:`Method.phases`, :meth:`Method.training_tasks`,
+router). Each phase is one training pass (in the run's ``TorchTrainer`` worker group) that starts from the
+state the previous phase or task saved. Driver-side hooks (:meth:`Method.phases`, :meth:`Method.training_tasks`,
 :meth:`Method.training_data`) choose the data; worker-side hooks run on every Ray Train worker (rank 0 alone
 saves).
 """

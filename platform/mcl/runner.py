@@ -1,10 +1,12 @@
-"""One continual-learning run: a method trained through a stream, one Ray Train job per task.
+"""One continual-learning run: a method trained through a stream, task after task, in one Ray Train job.
 
 :func:`prepare_run` checks everything that can be checked before any compute is spent (method, model,
-stream, annotations, images). :func:`run_experiment` then trains task after task: each task is one
-``TorchTrainer`` whose workers stream their shard of the task from Ray Data, train under DeepSpeed ZeRO,
-evaluate all tasks and leave the method's state as a checkpoint that the next task starts from. The driver
-turns the results into the accuracy matrix and CL metrics and records everything in MLflow.
+stream, annotations, images). :func:`run_experiment` then trains task after task. The phases a run still has
+to train are planned up front (a method's training rows depend only on its JSON driver state) and run in one
+``TorchTrainer`` worker group: for each phase the workers stream their shard from Ray Data, train under
+DeepSpeed ZeRO, evaluate all tasks and leave the method's state in a phase folder that the next phase starts
+from. The driver picks up each folder as it appears, turns the results into the accuracy matrix and CL
+metrics and records everything in MLflow, task by task.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ A sweep YAML (:func:`load_sweep_config`) names a base experiment config, the met
 the seeds and the search spaces. :func:`expand_trials` turns it into a fixed, ordered list of trials
 (random spaces are drawn with a seeded RNG, so a re-run sees the same trials). :func:`run_sweep` runs the
 trials that are not finished yet as a Ray Tune experiment: every trial is a function trainable that runs
-its stream with :func:`mcl.runner.run_experiment` (one Ray Train job per task and phase) and reports after
-every task. Concurrency is bounded from the cluster's resources, since Tune does not count the Train
+its stream with :func:`mcl.runner.run_experiment` (one Ray Train job per trial, its tasks and phases in
+turn) and reports after every task. Concurrency is bounded from the cluster's resources, since Tune does not count the Train
 workers a trial starts. FIFO by default; an early-stopping scheduler only when asked, and then one Tune
 experiment per stream so trials of different streams are never compared.
 
