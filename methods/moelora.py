@@ -15,10 +15,11 @@ stream one task after the other, as CoIN's baseline does: nothing protects earli
 give the model room to route different inputs to different low-rank updates. It forgets; it is a baseline.
 
 How it is implemented here: our own module wrapper, :class:`MoELoRALinear`, replaces every ``nn.Linear``
-whose name fully matches the experiment's ``model.lora.target_modules`` regex. It holds the frozen base
-layer, the experts' ``A`` matrices stacked as one ``(E*r, in)`` parameter and their ``B`` matrices as one
-``(out, E*r)`` parameter (one matmul each for all experts), and the gate ``nn.Linear(in, E)``. ``B`` starts
-at zero, so the wrapped model equals the base model at the start. ``A`` uses peft's LoRA initialisation
+whose name fully matches the LoRA target regex (``model.lora.target_modules``, by default the model
+family's language-model projections). It holds the frozen base layer, the experts' ``A`` matrices stacked
+as one ``(E*r, in)`` parameter and their ``B`` matrices as one ``(out, E*r)`` parameter (one matmul each
+for all experts), and the gate ``nn.Linear(in, E)``. ``B`` starts at zero, so the wrapped model equals the
+base model at the start. ``A`` uses peft's LoRA initialisation
 (Kaiming-uniform, bound ``1/sqrt(in)``; CoIN draws ``N(0, 0.01)``, the same scale at LLaVA-7B's width
 4096); the gate gets ``nn.Linear``'s default initialisation, as in CoIN. Both are drawn from a generator
 seeded by the experiment seed and task index, so the init is the same however the model was loaded. The
@@ -52,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mcl.adapters import projector_module_names
+from mcl.adapters import lora_target_modules, projector_module_names
 from mcl.methods_api import Method, TaskContext, register_method
 
 if TYPE_CHECKING:
@@ -153,20 +154,19 @@ class MoELoRALinear(nn.Module):
 def wrap_linear_layers(
     model: nn.Module, lora: LoraConfig, num_experts: int, expert_rank: int, top_k: int, seed: int = 0
 ) -> list[str]:
-    """Replace every ``nn.Linear`` whose full name matches ``lora.target_modules`` by a
-    :class:`MoELoRALinear` initialised from a generator seeded by ``seed`` (the same init however the model
-    was loaded: ZeRO-3's partitioned loading draws from the global generator differently); returns the
-    wrapped names."""
-    pattern = re.compile(lora.target_modules)
+    """Replace every ``nn.Linear`` whose full name matches the LoRA targets
+    (:func:`mcl.adapters.lora_target_modules`) by a :class:`MoELoRALinear` initialised from a generator
+    seeded by ``seed`` (the same init however the model was loaded: ZeRO-3's partitioned loading draws from
+    the global generator differently); returns the wrapped names."""
+    targets = lora_target_modules(model, lora)
+    pattern = re.compile(targets)
     names = [
         name
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and pattern.fullmatch(name) and not isinstance(module, MoELoRALinear)
     ]
     if not names:
-        raise ValueError(
-            f"model.lora.target_modules: {lora.target_modules!r} matches no linear layer of the model"
-        )
+        raise ValueError(f"model.lora.target_modules: {targets!r} matches no linear layer of the model")
     generator = torch.Generator().manual_seed(seed)
     scaling = lora.alpha / lora.r
     for name in names:

@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mcl.adapters import projector_module_names
+from mcl.adapters import lora_target_modules, projector_module_names
 from mcl.data import build_prompt, training_order
 from mcl.methods_api import Method, Phase, TaskContext, TrainingData, register_method
 
@@ -288,7 +288,7 @@ def _peft_config(model: torch.nn.Module, ctx: TaskContext) -> Any:
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
+        target_modules=lora_target_modules(model, lora),
         modules_to_save=projector_layers(model) if lora.train_projector else None,
         bias="none",
     )

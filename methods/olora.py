@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mcl.adapters import projector_module_names
+from mcl.adapters import lora_target_modules, projector_module_names
 from mcl.methods_api import Method, TaskContext, register_method
 
 if TYPE_CHECKING:
@@ -102,12 +102,13 @@ def projector_linear_names(model: torch.nn.Module) -> list[str]:
 def target_regex(model: torch.nn.Module, lora: LoraConfig) -> str:
     """The experiment's LoRA target regex, extended by the projector's linear layers when the projector is
     trained (see the module docstring)."""
+    targets = lora_target_modules(model, lora)
     if not lora.train_projector:
-        return lora.target_modules
+        return targets
     names = projector_linear_names(model)
     if not names:
-        return lora.target_modules
-    return f"(?:{lora.target_modules})|(?:{'|'.join(re.escape(n) for n in names)})"
+        return targets
+    return f"(?:{targets})|(?:{'|'.join(re.escape(n) for n in names)})"
 
 
 def _seeded_init(model: torch.nn.Module, adapter: str, seed: int) -> None:

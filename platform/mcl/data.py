@@ -118,13 +118,12 @@ def build_prompt(processor: Any, question: str) -> str:
 
 @functools.lru_cache(maxsize=4)
 def _cached_processor(model_path: str, trust_remote_code: bool) -> Any:
-    from transformers import AutoProcessor
     from transformers.utils import logging as hf_logging
 
+    from mcl.models import load_processor
+
     hf_logging.set_verbosity_error()
-    processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    processor.tokenizer.padding_side = "left"
-    return processor
+    return load_processor(model_path, trust_remote_code=trust_remote_code)
 
 
 def _open_image(path: str, sample_id: str) -> Any:
@@ -144,7 +143,7 @@ class Preprocessor:
         model_path: Folder or hub id of the model whose processor to use.
         train: Build ``labels`` (answer tokens + EOS supervised, prompt masked) when True; prompts only
             otherwise.
-        trust_remote_code: Passed to ``AutoProcessor``.
+        trust_remote_code: Passed to :func:`mcl.models.load_processor`.
     """
 
     def __init__(self, model_path: str, train: bool, trust_remote_code: bool = False) -> None:
