@@ -38,12 +38,13 @@ def _load_yaml(text: str) -> Any:
 
 @dataclass
 class LoraConfig:
-    """LoRA adapter shape. ``target_modules`` is a regex over module names (scoped to the language model)."""
+    """LoRA adapter shape. ``target_modules`` is a regex over module names; empty means the model family's
+    default, the language model's attention and MLP projections (see ``mcl.models.MODEL_FAMILIES``)."""
 
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
-    target_modules: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    target_modules: str = ""
     train_projector: bool = True
 
     def __post_init__(self) -> None:
@@ -54,7 +55,8 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    """Which model to load: a built-in name (``tiny-llava``), a local folder or a hub id."""
+    """Which model to load: a built-in name (``tiny-llava``, ``tiny-qwen2.5-vl``, ``tiny-internvl``), a local
+    folder or a hub id."""
 
     name: str = "tiny-llava"
     trust_remote_code: bool = False
@@ -64,12 +66,18 @@ class ModelConfig:
 
 @dataclass
 class StreamConfig:
-    """Which stream to run, where its data lives and its stream-specific options."""
+    """Which stream to run, where its data lives and its stream-specific options.
+
+    ``check_images``: every image must exist and decode before anything trains. ``skip_bad_samples``: leave
+    out the samples a data check finds bad (see ``mcl.streams.check``) instead of stopping; the run records
+    how many in MLflow (``data_skipped_*``).
+    """
 
     name: str = "generated"
     root: str = ".mcl_cache/data/generated"
     options: dict[str, Any] = field(default_factory=dict)
     check_images: bool = True
+    skip_bad_samples: bool = False
 
 
 @dataclass

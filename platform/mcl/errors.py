@@ -13,6 +13,41 @@ class DataError(MclError, ValueError):
     """A data file or sample is malformed, missing or unsafe."""
 
 
+class SampleError(DataError):
+    """A problem confined to one sample (row) of a data file, which a data check can skip.
+
+    Attributes:
+        kind: One of :data:`SAMPLE_PROBLEMS` (``malformed_row`` unless the raiser knows better).
+        sample_id: The sample's id where it is known.
+        image: The image path concerned (as written in the row, or resolved), where there is one.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        kind: str = "malformed_row",
+        sample_id: str | None = None,
+        image: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.sample_id = sample_id
+        self.image = image
+
+
+SAMPLE_PROBLEMS = (
+    "malformed_row",
+    "duplicate_id",
+    "escaping_path",
+    "missing_image",
+    "undecodable_image",
+    "unknown_answer_type",
+)
+"""Kinds of :class:`SampleError`: a row missing a field or holding a wrong type; an id seen before in the same
+task and split; an image path that is absolute or resolves outside the image root; an image file that is
+missing or does not decode; a test sample whose ``answer_type`` names no registered scorer."""
+
+
 class UnknownNameError(MclError, KeyError):
     """A method, stream or model name is not registered."""
 

@@ -30,6 +30,7 @@ from mcl.evaluation.metrics import accuracy_matrix_json, cl_metrics, heatmap_png
 from mcl.methods_api import Method, Phase, TrainingData, build_method, load_driver_state
 from mcl.models import resolve_model_path
 from mcl.streams import Stream, build_stream
+from mcl.streams.check import DataReport, read_clean_stream
 from mcl.streams.formats import check_images
 from mcl.tracking import Tracker, resolve_tracking_uri
 from mcl.training import RESULT_FILE, STATE_DIR, TaskJob, TaskResult, train_and_evaluate_task
@@ -43,6 +44,7 @@ class PreparedRun:
     method: Method
     model_path: str
     stream: Stream
+    data_report: DataReport | None = None  # with stream.skip_bad_samples: the samples left out
 
 
 @dataclass
@@ -62,11 +64,27 @@ class RunSummary:
 
 
 def prepare_run(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> PreparedRun:
-    """Validate names, data and images; build the tiny model if asked. Raises on any problem."""
+    """Validate names, data and images; build the tiny model if asked. Raises on any problem.
+
+    With ``stream.skip_bad_samples``, bad samples (see :mod:`mcl.streams.check`) are left out instead, with a
+    count per task and split printed; only problems of whole files or folders still raise.
+    """
     method = build_method(cfg.method.name, cfg.method.params)
     model_path = resolve_model_path(cfg.model.name)
     check_image_text_model(model_path, cfg.model.trust_remote_code)
-    stream = build_stream(cfg.stream.name, cfg.stream.root, cfg.stream.options)
+    report = None
+    if cfg.stream.skip_bad_samples:
+        stream, report = read_clean_stream(
+            cfg.stream.name, cfg.stream.root, cfg.stream.options, images=cfg.stream.check_images
+        )
+        skipped = [
+            f"{s.task}/{s.split} {s.skipped} ({', '.join(f'{k} {n}' for k, n in s.problems.items())})"
+            for s in report.splits
+            if s.skipped
+        ]
+        log(f"stream.skip_bad_samples: left out {report.skipped} bad samples {'; '.join(skipped)}".rstrip())
+    else:
+        stream = build_stream(cfg.stream.name, cfg.stream.root, cfg.stream.options)
     _check_answer_types(stream)
     for task in stream.tasks:
         n_eval = min(len(task.test), cfg.eval.max_samples_per_task or len(task.test))
@@ -75,11 +93,11 @@ def prepare_run(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Pr
                 f"task {task.name!r} has {n_eval} test samples for {cfg.scaling.num_workers} workers; "
                 "every worker needs at least one"
             )
-    if cfg.stream.check_images:
+    if cfg.stream.check_images and report is None:
         check_images([s for t in stream.tasks for s in (*t.train, *t.test)])
     counts = ", ".join(f"{t.name} {len(t.train)}/{len(t.test)}" for t in stream.tasks)
     log(f"stream {stream.name!r}: {len(stream.tasks)} tasks (train/test: {counts})")
-    return PreparedRun(cfg, method, model_path, stream)
+    return PreparedRun(cfg, method, model_path, stream, report)
 
 
 def _check_answer_types(stream: Stream) -> None:
@@ -126,6 +144,7 @@ def _ray_stream_loop(loop_config: dict[str, Any]) -> None:
     import torch.distributed as td
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # one line per dataset execution otherwise
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "Reporting training result" per phase
     jobs = [TaskJob(**j) for j in loop_config["jobs"]]
     names: list[str] = loop_config["fit_names"]
     run_dir = Path(loop_config["run_dir"])
@@ -557,6 +576,9 @@ def run_experiment(
             }
             tracker.log_params(run_id, {**cfg.flat(), **resolved})
             tracker.log_artifact(run_id, config_path)
+            if prep.data_report is not None:
+                tracker.log_metrics(run_id, prep.data_report.skipped_metrics())
+                tracker.log_dict(run_id, prep.data_report.to_dict(), "data_report.json")
         matrix: list[list[float]] = []
         baseline: list[float] | None = None
         results: list[TaskResult] = []

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from mcl.errors import DataError
+from mcl.errors import DataError, SampleError
 from mcl.streams.formats import check_images, read_llava_conversations, read_mllmcl_test
 from mcl.streams.samples import Sample
 
@@ -233,6 +233,39 @@ def test_duplicate_id(root: Path) -> None:
     path = _write_json(root / "test.json", [_test_row(5), _test_row("5")])
     with pytest.raises(DataError, match=r"duplicate id '5'"):
         read_mllmcl_test(path, root, task="t")
+
+
+def test_on_problem_collects_row_problems_and_keeps_the_good_rows(root: Path) -> None:
+    rows = [
+        _test_row("q1"),
+        _test_row("q1"),  # duplicate
+        {"question_id": "q2", "image": "images/a.png", "answer": "car"},  # no text
+        _test_row("q3", "../outside.png"),
+        [1, 2],  # not an object
+        _test_row("q4", "images/b.png"),
+    ]
+    path = _write_json(root / "test.json", rows)
+    problems: list[SampleError] = []
+    samples = read_mllmcl_test(path, root, task="t", on_problem=problems.append)
+    assert [s.id for s in samples] == ["q1", "q4"]
+    assert [(p.kind, p.sample_id) for p in problems] == [
+        ("duplicate_id", "q1"),
+        ("malformed_row", "q2"),
+        ("escaping_path", "q3"),
+        ("malformed_row", None),
+    ]
+    assert problems[1].image == "images/a.png" and "missing required field 'text'" in str(problems[1])
+    with pytest.raises(SampleError, match="duplicate id 'q1'"):  # without on_problem: the first one raises
+        read_mllmcl_test(path, root, task="t")
+    conversations = _write_json(root / "train.json", [_conv("a1"), {"id": "a2", "image": "images/a.png"}])
+    problems.clear()
+    assert [s.id for s in read_llava_conversations(conversations, root, "t", on_problem=problems.append)] == [
+        "a1"
+    ]
+    assert [(p.kind, p.sample_id) for p in problems] == [("malformed_row", "a2")]
+    (root / "broken.json").write_text("[{")
+    with pytest.raises(DataError, match="malformed JSON"):  # a file-level problem still raises
+        read_llava_conversations(root / "broken.json", root, "t", on_problem=problems.append)
 
 
 # --- unsafe image paths -----------------------------------------------------------------------------------

@@ -15,7 +15,9 @@ behaviour above): an ``image_resolver`` (e.g. tile a list of camera views into o
 
 Parsing is pure (no Ray, no torch). Every problem raises :class:`~mcl.errors.DataError` naming the file and,
 where it applies, the row, field, sample id and image path. Image paths must be relative and stay inside the
-image root after resolving ``..`` and symlinks.
+image root after resolving ``..`` and symlinks. A problem confined to one row is a
+:class:`~mcl.errors.SampleError` (with its kind); given ``on_problem``, the readers hand such problems to it
+and go on without the row instead of raising (what ``mcl.streams.check`` uses to report every problem).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from mcl.errors import DataError
+from mcl.errors import DataError, SampleError
 from mcl.streams.samples import Sample
 
 _PLACEHOLDER = re.compile(r"\s*<image>\s*")
@@ -44,6 +46,9 @@ ImageResolver = Callable[[Any, Path, str, str], str]
 AnswerTypeRule = Callable[[dict[str, Any], str], str]
 """``(raw row, question) -> scorer name``, for benchmarks whose scorer depends on the row."""
 
+ProblemHandler = Callable[[SampleError], None]
+"""Receives a row's problem instead of it being raised; the row is left out."""
+
 
 def read_llava_conversations(
     path: str | Path,
@@ -52,6 +57,7 @@ def read_llava_conversations(
     answer_type: str | AnswerTypeRule = "exact",
     *,
     image_resolver: ImageResolver | None = None,
+    on_problem: ProblemHandler | None = None,
 ) -> list[Sample]:
     """Read a LLaVA conversation file (a JSON list) into samples.
 
@@ -66,6 +72,8 @@ def read_llava_conversations(
         answer_type: Scorer name stored in every sample, or a rule ``(row, question) -> name``.
         image_resolver: Turns the raw ``image`` value into a path (default: a relative path string, checked
             to stay inside ``image_root``).
+        on_problem: Receives each row's problem (a :class:`~mcl.errors.SampleError`) instead of it being
+            raised; the row is left out. File-level problems still raise.
 
     Returns:
         The samples, in file order.
@@ -78,24 +86,30 @@ def read_llava_conversations(
     rows = _parse_json_list(path, _read_text(path))
     samples: list[Sample] = []
     seen: set[str] = set()
-    for label, row in rows:
-        where = f"{path}: {label}"
+
+    def parse(row: Any, where: str) -> Sample:
         obj = _require_object(row, where)
         id_field = "question_id" if "id" not in obj and "question_id" in obj else "id"
         sample_id = _require_id(obj, id_field, where)
         _check_unique(sample_id, seen, path)
         image = _resolve_image(obj, root, path, where, sample_id, image_resolver)
         question, answer = _first_exchange(obj, where)
-        samples.append(
-            Sample(
-                id=sample_id,
-                image=image,
-                question=question,
-                answer=answer,
-                answer_type=answer_type if isinstance(answer_type, str) else answer_type(obj, question),
-                task=task,
-            )
+        return Sample(
+            id=sample_id,
+            image=image,
+            question=question,
+            answer=answer,
+            answer_type=answer_type if isinstance(answer_type, str) else answer_type(obj, question),
+            task=task,
         )
+
+    for label, row in rows:
+        try:
+            samples.append(parse(row, f"{path}: {label}"))
+        except SampleError as exc:
+            if on_problem is None:
+                raise
+            on_problem(_in_context(exc, row, ("id", "question_id")))
     return samples
 
 
@@ -109,6 +123,7 @@ def read_mllmcl_test(
     row_answer_type: Literal["scorer", "extra"] = "scorer",
     flexible_answers: bool = False,
     answer_fields: tuple[str, ...] = ("answer",),
+    on_problem: ProblemHandler | None = None,
 ) -> list[Sample]:
     """Read an MLLM-CL test file (JSON list, or JSON Lines) into samples.
 
@@ -130,6 +145,8 @@ def read_mllmcl_test(
             numbers or ``{"answer": ...}`` objects, stored as a compact JSON list, e.g. ``["yes","no"]``).
         answer_fields: Fields holding the answer; the first one present is used (e.g.
             ``("answer", "answer_bbox")``).
+        on_problem: Receives each row's problem (a :class:`~mcl.errors.SampleError`) instead of it being
+            raised; the row is left out. File-level problems still raise.
 
     Returns:
         The samples, in file order.
@@ -143,8 +160,8 @@ def read_mllmcl_test(
     rows = _parse_json_list(path, text) if text.lstrip().startswith("[") else _parse_json_lines(path, text)
     samples: list[Sample] = []
     seen: set[str] = set()
-    for label, row in rows:
-        where = f"{path}: {label}"
+
+    def parse(row: Any, where: str) -> Sample:
         obj = _require_object(row, where)
         sample_id = _require_id(obj, "question_id", where)
         _check_unique(sample_id, seen, path)
@@ -163,18 +180,36 @@ def read_mllmcl_test(
         consumed = {"question_id", "image", "text", answer_field}
         if row_answer_type == "scorer":
             consumed.add("answer_type")
-        samples.append(
-            Sample(
-                id=sample_id,
-                image=image,
-                question=question,
-                answer=answer,
-                answer_type=row_type,
-                task=task,
-                extra={key: value for key, value in obj.items() if key not in consumed},
-            )
+        return Sample(
+            id=sample_id,
+            image=image,
+            question=question,
+            answer=answer,
+            answer_type=row_type,
+            task=task,
+            extra={key: value for key, value in obj.items() if key not in consumed},
         )
+
+    for label, row in rows:
+        try:
+            samples.append(parse(row, f"{path}: {label}"))
+        except SampleError as exc:
+            if on_problem is None:
+                raise
+            on_problem(_in_context(exc, row, ("question_id",)))
     return samples
+
+
+def _in_context(exc: SampleError, row: Any, id_fields: tuple[str, ...]) -> SampleError:
+    """``exc`` naming the row's id and image where the raiser could not (e.g. a row missing its text)."""
+    if isinstance(row, dict):
+        if exc.sample_id is None:
+            value = next((row[f] for f in id_fields if isinstance(row.get(f), str | int)), None)
+            exc.sample_id = None if value is None or isinstance(value, bool) else str(value)
+        if exc.image is None and row.get("image") is not None:
+            image = row["image"]
+            exc.image = image if isinstance(image, str) else json.dumps(image, ensure_ascii=False)
+    return exc
 
 
 def answer_text(value: Any, where: str, field: str = "answer", present: bool = True) -> str:
@@ -184,7 +219,7 @@ def answer_text(value: Any, where: str, field: str = "answer", present: bool = T
     DataError naming ``where`` and ``field`` for anything else.
     """
     if not present:
-        raise DataError(f"{where}: missing required field {field!r}")
+        raise SampleError(f"{where}: missing required field {field!r}")
     if isinstance(value, str):
         return value
     if isinstance(value, int | float) and not isinstance(value, bool):
@@ -196,7 +231,7 @@ def answer_text(value: Any, where: str, field: str = "answer", present: bool = T
             for item in items
         ):
             return json.dumps(items, ensure_ascii=False, separators=(",", ":"))
-    raise DataError(
+    raise SampleError(
         f"{where}: field {field!r} must be a string, a number or a non-empty list of answers, "
         f"got {_type_name(value)}"
     )
@@ -217,7 +252,7 @@ def _resolve_image(
     if resolver is None:
         return _safe_image_path(root, _require_str(obj, "image", where), path, sample_id)
     if "image" not in obj:
-        raise DataError(f"{where}: missing required field 'image'")
+        raise SampleError(f"{where}: missing required field 'image'", sample_id=sample_id)
     return resolver(obj["image"], path, where, sample_id)
 
 
@@ -232,25 +267,36 @@ def check_images(samples: Iterable[Sample], workers: int = 8) -> None:
         DataError: Naming the first few bad samples (id, path, missing or undecodable) and the total count.
     """
     samples = list(samples)
-    paths = sorted({sample.image for sample in samples})
-    if not paths:
-        return
-    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(paths)))) as pool:
-        problems = dict(zip(paths, pool.map(_image_problem, paths), strict=True))
-    bad = [sample for sample in samples if problems[sample.image]]
+    problems = image_problems((sample.image for sample in samples), workers)
+    bad = [sample for sample in samples if sample.image in problems]
     if not bad:
         return
     details = "; ".join(
-        f"sample {s.id!r} (task {s.task!r}): image {s.image} {problems[s.image]}" for s in bad[:_MAX_REPORTED]
+        f"sample {s.id!r} (task {s.task!r}): image {s.image} {problems[s.image][1]}"
+        for s in bad[:_MAX_REPORTED]
     )
     more = f"; ... and {len(bad) - _MAX_REPORTED} more" if len(bad) > _MAX_REPORTED else ""
     raise DataError(f"{len(bad)} of {len(samples)} samples have bad images: {details}{more}")
 
 
-def _image_problem(path: str) -> str | None:
-    """Why the image at ``path`` is unusable ("is missing" / "does not decode (...)"), or None if it is fine."""
+def image_problems(paths: Iterable[str], workers: int = 8) -> dict[str, tuple[str, str]]:
+    """The unusable images among ``paths``: ``path -> (kind, reason)``, each distinct path decoded once.
+
+    ``kind`` is ``missing_image`` or ``undecodable_image``; ``reason`` reads after the path ("is missing",
+    "does not decode (...)"). Paths that are fine are left out.
+    """
+    unique = sorted(set(paths))
+    if not unique:
+        return {}
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(unique)))) as pool:
+        found = dict(zip(unique, pool.map(_image_problem, unique), strict=True))
+    return {path: problem for path, problem in found.items() if problem is not None}
+
+
+def _image_problem(path: str) -> tuple[str, str] | None:
+    """(kind, reason) if the image at ``path`` is missing or does not decode, else None."""
     if not Path(path).is_file():
-        return "is missing"
+        return "missing_image", "is missing"
     try:
         with Image.open(path) as image:
             image.verify()
@@ -259,7 +305,7 @@ def _image_problem(path: str) -> str | None:
     except (
         Exception
     ) as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError).
-        return f"does not decode ({type(exc).__name__}: {exc})"
+        return "undecodable_image", f"does not decode ({type(exc).__name__}: {exc})"
     return None
 
 
@@ -308,26 +354,26 @@ def _type_name(value: Any) -> str:
 
 def _require_object(row: Any, where: str) -> dict[str, Any]:
     if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object, got {_type_name(row)}")
+        raise SampleError(f"{where}: expected a JSON object, got {_type_name(row)}")
     return row
 
 
 def _require_str(obj: dict[str, Any], field: str, where: str, allow_empty: bool = False) -> str:
     """The string field ``field`` of ``obj``; raise if it is missing, not a string or (by default) empty."""
     if field not in obj:
-        raise DataError(f"{where}: missing required field {field!r}")
+        raise SampleError(f"{where}: missing required field {field!r}")
     value = obj[field]
     if not isinstance(value, str):
-        raise DataError(f"{where}: field {field!r} must be a string, got {_type_name(value)}")
+        raise SampleError(f"{where}: field {field!r} must be a string, got {_type_name(value)}")
     if not allow_empty and not value.strip():
-        raise DataError(f"{where}: field {field!r} is empty")
+        raise SampleError(f"{where}: field {field!r} is empty")
     return value
 
 
 def _require_id(obj: dict[str, Any], field: str, where: str) -> str:
     """The id field as a string; integer ids (common in published test files) are converted."""
     if field not in obj:
-        raise DataError(f"{where}: missing required field {field!r}")
+        raise SampleError(f"{where}: missing required field {field!r}")
     value = obj[field]
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
@@ -336,7 +382,7 @@ def _require_id(obj: dict[str, Any], field: str, where: str) -> str:
 
 def _check_unique(sample_id: str, seen: set[str], path: Path) -> None:
     if sample_id in seen:
-        raise DataError(f"{path}: duplicate id {sample_id!r}")
+        raise SampleError(f"{path}: duplicate id {sample_id!r}", "duplicate_id", sample_id)
     seen.add(sample_id)
 
 
@@ -348,24 +394,26 @@ def _strip_placeholder(text: str) -> str:
 def _first_exchange(obj: dict[str, Any], where: str) -> tuple[str, str]:
     """(question, answer) from the first human turn and the gpt turn right after it."""
     if "conversations" not in obj:
-        raise DataError(f"{where}: missing required field 'conversations'")
+        raise SampleError(f"{where}: missing required field 'conversations'")
     turns = obj["conversations"]
     if not isinstance(turns, list):
-        raise DataError(f"{where}: field 'conversations' must be a list, got {_type_name(turns)}")
+        raise SampleError(f"{where}: field 'conversations' must be a list, got {_type_name(turns)}")
     for index, turn in enumerate(turns):
         if _turn_role(turn, index, where) != "human":
             continue
         question = _strip_placeholder(_require_str(turn, "value", f"{where}: conversations[{index}]"))
         if index + 1 >= len(turns):
-            raise DataError(f"{where}: field 'conversations' has no 'gpt' turn after the first 'human' turn")
+            raise SampleError(
+                f"{where}: field 'conversations' has no 'gpt' turn after the first 'human' turn"
+            )
         reply = turns[index + 1]
         if _turn_role(reply, index + 1, where) != "gpt":
-            raise DataError(
+            raise SampleError(
                 f"{where}: field 'conversations[{index + 1}].from' must be 'gpt' after the first 'human' turn"
             )
         answer = _require_str(reply, "value", f"{where}: conversations[{index + 1}]", allow_empty=True)
         return question, answer
-    raise DataError(f"{where}: field 'conversations' has no 'human' turn")
+    raise SampleError(f"{where}: field 'conversations' has no 'human' turn")
 
 
 def _turn_role(turn: Any, index: int, where: str) -> str:
@@ -377,18 +425,26 @@ def _turn_role(turn: Any, index: int, where: str) -> str:
 def _safe_image_path(root: Path, image: str, path: Path, sample_id: str) -> str:
     """Absolute resolved path of ``image`` under ``root``; raise if it is absolute or escapes ``root``."""
     if PurePosixPath(image).is_absolute() or PureWindowsPath(image).is_absolute():
-        raise DataError(
-            f"{path}: sample {sample_id!r}: image path {image!r} is absolute; it must be relative"
+        raise SampleError(
+            f"{path}: sample {sample_id!r}: image path {image!r} is absolute; it must be relative",
+            "escaping_path",
+            sample_id,
+            image,
         )
     try:
         resolved = (root / image).resolve()
     except (OSError, ValueError, RuntimeError) as exc:
-        raise DataError(
-            f"{path}: sample {sample_id!r}: image path {image!r} cannot be resolved: {exc}"
+        raise SampleError(
+            f"{path}: sample {sample_id!r}: image path {image!r} cannot be resolved: {exc}",
+            sample_id=sample_id,
+            image=image,
         ) from exc
     if not resolved.is_relative_to(root):
-        raise DataError(
+        raise SampleError(
             f"{path}: sample {sample_id!r}: image path {image!r} escapes the image root {root} "
-            f"(resolves to {resolved})"
+            f"(resolves to {resolved})",
+            "escaping_path",
+            sample_id,
+            image,
         )
     return str(resolved)

@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 
 from mcl.errors import DataError, UnknownNameError
 from mcl.streams.formats import read_llava_conversations, read_mllmcl_test
-from mcl.streams.registry import Stream, TaskData, register_stream
+from mcl.streams.registry import Stream, TaskData, problem_handler, register_stream
 
 GENERATOR_VERSION = 1
 IMAGE_SIZE = 64
@@ -141,8 +141,16 @@ def generated_stream(root: Path, options: dict[str, Any]) -> Stream:
     tasks = [
         TaskData(
             name=task,
-            train=read_llava_conversations(root / task / "train.json", root / task, task),
-            test=read_mllmcl_test(root / task / "test.json", root / task, task, answer_type="exact"),
+            train=read_llava_conversations(
+                root / task / "train.json", root / task, task, on_problem=problem_handler(task, "train")
+            ),
+            test=read_mllmcl_test(
+                root / task / "test.json",
+                root / task,
+                task,
+                answer_type="exact",
+                on_problem=problem_handler(task, "test"),
+            ),
         )
         for task in task_names
     ]

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mcl.errors import DataError, UnknownNameError
+from mcl.errors import DataError, SampleError, UnknownNameError
 from mcl.streams.samples import Sample
+
+StreamProblemHandler = Callable[[SampleError, str, str], None]
+"""``(problem, task, split)``: receives a row's problem while a stream is read, instead of it being raised."""
+
+# The handler of the read in progress (see read_stream). A context variable, because factories have a fixed
+# signature ``(root, options)``: the readers they call get the handler through problem_handler().
+_PROBLEM_HANDLER: ContextVar[StreamProblemHandler | None] = ContextVar("mcl_problem_handler", default=None)
 
 
 @dataclass(frozen=True)
@@ -77,9 +86,42 @@ def available_streams() -> list[str]:
 
 def build_stream(name: str, root: str | Path, options: dict[str, Any] | None = None) -> Stream:
     """Build a registered stream from its data root; raise if the name is unknown or the stream is empty."""
+    stream = read_stream(name, root, options)
+    stream.validate()
+    return stream
+
+
+def read_stream(
+    name: str,
+    root: str | Path,
+    options: dict[str, Any] | None = None,
+    on_problem: StreamProblemHandler | None = None,
+) -> Stream:
+    """Read a registered stream without validating it (tasks may be empty).
+
+    With ``on_problem``, the readers of the published formats hand every problem confined to one row (a
+    :class:`~mcl.errors.SampleError`) to it and leave the row out, instead of raising. Problems of whole
+    files, folders and options still raise.
+    """
     _load_builtin_streams()
     if name not in _FACTORIES:
         raise UnknownNameError(f"unknown stream {name!r}; valid streams: {', '.join(sorted(_FACTORIES))}")
-    stream = _FACTORIES[name](Path(root), dict(options or {}))
-    stream.validate()
-    return stream
+    with _handling_problems(on_problem):
+        return _FACTORIES[name](Path(root), dict(options or {}))
+
+
+def problem_handler(task: str, split: str) -> Callable[[SampleError], None] | None:
+    """For a stream factory: the ``on_problem`` to give the readers of ``task``'s ``split`` (None = raise)."""
+    handler = _PROBLEM_HANDLER.get()
+    if handler is None:
+        return None
+    return lambda problem: handler(problem, task, split)
+
+
+@contextmanager
+def _handling_problems(handler: StreamProblemHandler | None) -> Iterator[None]:
+    token = _PROBLEM_HANDLER.set(handler)
+    try:
+        yield
+    finally:
+        _PROBLEM_HANDLER.reset(token)

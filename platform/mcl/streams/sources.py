@@ -30,8 +30,9 @@ import io
 import json
 import math
 import os
+import re
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mcl.errors import ConfigError, DataError
+from mcl.errors import ConfigError, DataError, SampleError
 from mcl.streams.formats import (
     AnswerTypeRule,
     ImageResolver,
@@ -51,7 +52,7 @@ from mcl.streams.formats import (
     read_mllmcl_test,
     safe_image_path,
 )
-from mcl.streams.registry import Stream, TaskData
+from mcl.streams.registry import Stream, TaskData, problem_handler
 from mcl.streams.samples import Sample
 
 SOURCES = ("published", "hf", "parquet", "jsonl")
@@ -339,9 +340,10 @@ class ImageCache:
             if isinstance(value, list) and value and all(isinstance(v, str) and v.strip() for v in value):
                 paths = [safe_image_path(root, v, path, sample_id) for v in value]
                 return paths[0] if len(paths) == 1 else self.tile(paths, where, sample_id)
-            raise DataError(
+            raise SampleError(
                 f"{where}: field 'image' must be a relative path or a non-empty list of them, "
-                f"got {type(value).__name__}"
+                f"got {type(value).__name__}",
+                sample_id=sample_id,
             )
 
         return resolve
@@ -353,7 +355,12 @@ class ImageCache:
             try:
                 stat = os.stat(path)
             except OSError:
-                raise DataError(f"{where}: sample {sample_id!r}: image {path} to tile is missing") from None
+                raise SampleError(
+                    f"{where}: sample {sample_id!r}: image {path} to tile is missing",
+                    "missing_image",
+                    sample_id,
+                    path,
+                ) from None
             stats.append([path, stat.st_size, stat.st_mtime_ns])
         key = hashlib.sha256(json.dumps([TILE_VERSION, stats]).encode("utf-8")).hexdigest()[:32]
         target = self.cache_dir / "tiles" / f"{key}.png"
@@ -397,9 +404,12 @@ def tile_images(paths: Sequence[str], where: str = "", sample_id: str = "") -> I
             with Image.open(path) as image:
                 images.append(image.convert("RGB"))
         except Exception as exc:  # PIL raises many types.
-            raise DataError(
+            raise SampleError(
                 f"{where}: sample {sample_id!r}: image {path} to tile does not decode "
-                f"({type(exc).__name__}: {exc})"
+                f"({type(exc).__name__}: {exc})",
+                "undecodable_image",
+                sample_id,
+                path,
             ) from exc
     cols = math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
@@ -436,9 +446,10 @@ def _published_task(stream: str, task: TaskSpec, root: Path, cache: ImageCache) 
             )
         answer_type = task.answer_rule or task.answer_type
         resolver = cache.resolver(image_root)
+        on_problem = problem_handler(task.name, split)
         if split == "train":
             split_data[split] = read_llava_conversations(
-                annotation, image_root, task.name, answer_type, image_resolver=resolver
+                annotation, image_root, task.name, answer_type, image_resolver=resolver, on_problem=on_problem
             )
         else:
             split_data[split] = read_mllmcl_test(
@@ -450,6 +461,7 @@ def _published_task(stream: str, task: TaskSpec, root: Path, cache: ImageCache) 
                 row_answer_type="extra",
                 flexible_answers=True,
                 answer_fields=task.answer_fields,
+                on_problem=on_problem,
             )
     return TaskData(task.name, split_data["train"], split_data["test"])
 
@@ -543,30 +555,57 @@ def _export_tasks(
     samples: dict[tuple[str, str], list[Sample]] = {(name, split): [] for name in specs for split in SPLITS}
     seen: dict[tuple[str, str], set[str]] = {key: set() for key in samples}
     for label, file, container_split, row in _export_rows(opts, root):
-        task = _column_str(row, "task", label)
-        if task not in specs:
-            if task in spec.task_names:
-                continue  # A task of the stream that option 'tasks' leaves out.
-            raise DataError(f"{label}: unknown task {task!r}; valid tasks: {', '.join(spec.task_names)}")
-        split = row.get("split") or container_split
-        if split not in SPLITS:
-            raise DataError(f"{label}: field 'split' must be 'train' or 'test', got {split!r}")
-        sample = _export_sample(row, label, file, specs[task], resolver, cache)
-        if sample.id in seen[task, split]:
-            raise DataError(f"{label}: duplicate id {sample.id!r} in task {task!r} ({split})")
+        split = (row.get("split") if isinstance(row, Mapping) else None) or container_split
+        try:
+            if not isinstance(row, Mapping):
+                raise SampleError(f"{label}: expected a JSON object, got {type(row).__name__}")
+            task = _column_str(row, "task", label)
+            if task not in specs:
+                if task in spec.task_names:
+                    continue  # A task of the stream that option 'tasks' leaves out.
+                raise SampleError(
+                    f"{label}: unknown task {task!r}; valid tasks: {', '.join(spec.task_names)}"
+                )
+            if split not in SPLITS:
+                raise SampleError(f"{label}: field 'split' must be 'train' or 'test', got {split!r}")
+            sample = _export_sample(row, label, file, specs[task], resolver, cache)
+            if sample.id in seen[task, split]:
+                raise SampleError(
+                    f"{label}: duplicate id {sample.id!r} in task {task!r} ({split})",
+                    "duplicate_id",
+                    sample.id,
+                )
+        except SampleError as exc:
+            fields = row if isinstance(row, Mapping) else {}
+            on_problem = problem_handler(str(fields.get("task") or "?"), str(split or "?"))
+            if on_problem is None:
+                raise
+            on_problem(_export_context(exc, fields))
+            continue
         seen[task, split].add(sample.id)
         samples[task, split].append(sample)
     return [TaskData(name, samples[name, "train"], samples[name, "test"]) for name in specs]
 
 
+def _export_context(exc: SampleError, row: Mapping[str, Any]) -> SampleError:
+    """``exc`` naming the row's id and image path where the raiser could not."""
+    if exc.sample_id is None and isinstance(row.get("id"), str | int) and not isinstance(row["id"], bool):
+        exc.sample_id = str(row["id"])
+    image = row.get("image")
+    if exc.image is None:
+        path = image.get("path") if isinstance(image, Mapping) else image
+        exc.image = path if isinstance(path, str) else None
+    return exc
+
+
 def _column_str(row: Mapping[str, Any], column: str, label: str, allow_empty: bool = False) -> str:
     if column not in row or row[column] is None:
-        raise DataError(f"{label}: missing required column {column!r}")
+        raise SampleError(f"{label}: missing required column {column!r}")
     value = row[column]
     if isinstance(value, int) and not isinstance(value, bool) and column == "id":
         return str(value)
     if not isinstance(value, str) or (not allow_empty and not value.strip()):
-        raise DataError(f"{label}: column {column!r} must be a non-empty string, got {value!r}")
+        raise SampleError(f"{label}: column {column!r} must be a non-empty string, got {value!r}")
     return value
 
 
@@ -578,9 +617,11 @@ def _export_sample(
     answer = answer_text(row.get("answer"), label, "answer", present=row.get("answer") is not None)
     answer_type = row.get("answer_type") or task.answer_type
     if not isinstance(answer_type, str):
-        raise DataError(f"{label}: column 'answer_type' must be a string, got {answer_type!r}")
+        raise SampleError(
+            f"{label}: column 'answer_type' must be a string, got {answer_type!r}", sample_id=sample_id
+        )
     if "image" not in row or row["image"] is None:
-        raise DataError(f"{label}: missing required column 'image'")
+        raise SampleError(f"{label}: missing required column 'image'", sample_id=sample_id)
     image = _export_image(row["image"], label, file, sample_id, resolver, cache)
     extra = _extra_column(row.get("extra"), label)
     extra.update({k: v for k, v in row.items() if k not in EXPORT_COLUMNS and v is not None})
@@ -598,7 +639,11 @@ def _export_image(
             try:
                 data = base64.b64decode(data, validate=True)
             except ValueError as exc:
-                raise DataError(f"{label}: column 'image': 'bytes' is not valid base64 ({exc})") from exc
+                raise SampleError(
+                    f"{label}: column 'image': 'bytes' is not valid base64 ({exc})",
+                    "undecodable_image",
+                    sample_id,
+                ) from exc
         if isinstance(data, bytes | bytearray):
             return cache.materialise(bytes(data))
         value = value.get("path")
@@ -616,9 +661,9 @@ def _extra_column(value: Any, label: str) -> dict[str, Any]:
         try:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{label}: column 'extra' is not a JSON object ({exc.msg})") from None
+            raise SampleError(f"{label}: column 'extra' is not a JSON object ({exc.msg})") from None
     if not isinstance(value, Mapping):
-        raise DataError(f"{label}: column 'extra' must be a JSON object, got {type(value).__name__}")
+        raise SampleError(f"{label}: column 'extra' must be a JSON object, got {type(value).__name__}")
     return {k: v for k, v in value.items() if v is not None}
 
 
@@ -630,32 +675,83 @@ def export_rows(
 ) -> list[dict[str, Any]]:
     """Rows of the export schema for ``tasks`` (image paths relative to ``image_root``, or the bytes)."""
     image_root = Path(image_root).resolve()
-    rows = []
-    for task in tasks:
+    return [
+        _export_row(sample, task.name, split, image_root, embed_images)
+        for task in tasks
+        for split, samples in zip(SPLITS, (task.train, task.test), strict=True)
+        for sample in samples
+    ]
+
+
+def _export_row(
+    sample: Sample, task: str, split: str, image_root: Path, embed_images: bool
+) -> dict[str, Any]:
+    path = Path(sample.image)
+    if embed_images:
+        image: Any = path.read_bytes()
+    elif path.is_relative_to(image_root):
+        image = path.relative_to(image_root).as_posix()
+    else:
+        raise DataError(f"sample {sample.id!r}: image {path} is outside the image root {image_root}")
+    return {
+        "id": sample.id,
+        "image": image,
+        "question": sample.question,
+        "answer": sample.answer,
+        "answer_type": sample.answer_type,
+        "task": task,
+        "split": split,
+        "extra": json.dumps(sample.extra, ensure_ascii=False, sort_keys=True),
+    }
+
+
+def write_parquet_shards(
+    tasks: Sequence[TaskData],
+    dest: str | Path,
+    shard_rows: int = 1000,
+    log: Callable[[str], None] | None = None,
+) -> list[Path]:
+    """Write ``tasks`` as Parquet shards with the image bytes embedded, readable with ``source: parquet``.
+
+    One file per task, split and ``shard_rows`` samples, named ``<NN>-<task>-<split>-<NNNNN>.parquet`` (stream
+    order, then file order), each in the export schema; only one shard's images are in memory at a time.
+    Ray Data reads the folder with ``ray.data.read_parquet``. Each file is written under a temporary name and
+    renamed into place.
+
+    Args:
+        tasks: The tasks (e.g. ``build_stream(...).tasks``).
+        dest: The folder to write (created); it must not hold ``*.parquet`` files already.
+        shard_rows: Samples per file (at least 1).
+        log: Called with a line per file written.
+
+    Returns:
+        The files written, in order.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if shard_rows < 1:
+        raise ConfigError(f"shard_rows must be >= 1, got {shard_rows!r}")
+    dest = Path(dest)
+    if dest.is_dir() and any(dest.glob("*.parquet")):
+        raise DataError(f"{dest} already holds Parquet files; write the shards to an empty folder")
+    dest.mkdir(parents=True, exist_ok=True)
+    written = []
+    for t, task in enumerate(tasks):
+        name = re.sub(r"[^\w.-]", "_", task.name)
         for split, samples in zip(SPLITS, (task.train, task.test), strict=True):
-            for sample in samples:
-                path = Path(sample.image)
-                if embed_images:
-                    image: Any = path.read_bytes()
-                elif path.is_relative_to(image_root):
-                    image = path.relative_to(image_root).as_posix()
-                else:
-                    raise DataError(
-                        f"sample {sample.id!r}: image {path} is outside the image root {image_root}"
-                    )
-                rows.append(
-                    {
-                        "id": sample.id,
-                        "image": image,
-                        "question": sample.question,
-                        "answer": sample.answer,
-                        "answer_type": sample.answer_type,
-                        "task": task.name,
-                        "split": split,
-                        "extra": json.dumps(sample.extra, ensure_ascii=False, sort_keys=True),
-                    }
-                )
-    return rows
+            for shard, start in enumerate(range(0, len(samples), shard_rows)):
+                rows = [
+                    _export_row(s, task.name, split, dest, True) for s in samples[start : start + shard_rows]
+                ]
+                target = dest / f"{t:02d}-{name}-{split}-{shard:05d}.parquet"
+                tmp = target.with_name(f".{target.name}.tmp")
+                pq.write_table(pa.Table.from_pylist(rows), tmp)
+                os.replace(tmp, target)
+                written.append(target)
+                if log is not None:
+                    log(f"wrote {target} ({len(rows)} {split} samples of {task.name})")
+    return written
 
 
 def write_export(
