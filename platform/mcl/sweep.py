@@ -424,6 +424,10 @@ def _trial_function(config: dict[str, Any]) -> None:
     started = time.perf_counter()
 
     def on_task(t: int, names: list[str], matrix: list[list[float]]) -> None:
+        if t + 1 == len(names):
+            # The last task is reported once the trial's results are saved (below): an early-stopping
+            # scheduler stops trials at max_t, and must not stop one before it has recorded them.
+            return
         row = matrix[-1]
         seen = row[: t + 1]
         maa = sum(sum(r[: i + 1]) / (i + 1) for i, r in enumerate(matrix)) / len(matrix)
@@ -535,7 +539,7 @@ def _progress_callback(total: int, tasks: dict[str, int]) -> Any:
         ) -> None:
             key = self._key(trial)
             done = int(result.get("tasks_done", 0))
-            if done > self.tasks_done.get(key, 0) and not result.get("done"):
+            if done > self.tasks_done.get(key, 0):
                 self.units_this_attempt += done - self.tasks_done.get(key, 0)
             self.tasks_done[key] = max(done, self.tasks_done.get(key, 0))
             if not result.get("done"):

@@ -277,9 +277,9 @@ def _alive_train_workers(cluster) -> list[dict]:
 
 
 def test_killed_train_worker_is_retried_and_gives_the_same_matrix(resumed_sweep, ray_cluster, tmp_path):
-    """SIGKILL one of the two Train workers in the middle of task 2; Ray Train restarts the task's worker
-    group (scaling.max_failures=1) and the run ends with the same matrix as the sweep's uninterrupted trial
-    with the same config and seed."""
+    """SIGKILL one of the two Train workers as task 2 starts; Ray Train restarts the run's worker group
+    (scaling.max_failures=1), which skips the published task 1 and trains task 2 again, and the run ends with
+    the same matrix as the sweep's uninterrupted trial with the same config and seed."""
     trial_dir = resumed_sweep.storage / SWEEP / "trials" / "sequential_lora-generated-s0"
     reference = json.loads((trial_dir / "trial_done.json").read_text())["matrix"]
     cmd = [
@@ -293,36 +293,39 @@ def test_killed_train_worker_is_retried_and_gives_the_same_matrix(resumed_sweep,
     )
     killed: list[int] = []
     lines: list[str] = []
-    latest: list[list[dict]] = [[]]
+    group: list[int] = []
 
-    def watch() -> None:  # keeps the live Train workers' pids at hand once task 1 is done
-        progress = tmp_path / "worker-kill" / "progress.json"
+    def watch() -> None:
+        """Note the run's two Train workers while task 1 trains; SIGKILL one of them the moment rank 0
+        publishes task 1's folder, i.e. as the same worker group starts task 2 (one group runs every task)."""
+        published = tmp_path / "worker-kill" / "task00-aerial" / "task_result.json"
         while proc.poll() is None and not killed:
-            if progress.exists() and json.loads(progress.read_text())["tasks_done"] == [0]:
-                latest[0] = _alive_train_workers(ray_cluster)
-            time.sleep(0.5)
+            if not group:
+                alive = _alive_train_workers(ray_cluster)
+                if len(alive) == 2:
+                    group.extend(w["pid"] for w in alive)
+            elif published.exists():
+                os.kill(group[0], signal.SIGKILL)
+                killed.append(group[0])
+            time.sleep(0.05)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     assert proc.stdout is not None
     for line in proc.stdout:
         lines.append(line)
-        # Task 2 has taken its last optimiser step and is evaluating: kill a worker in the middle of it
-        # (a kill while the worker group is still starting is a controller error, not a worker failure).
-        if not killed and re.search(r"\[task 2/2 underwater\] step 2/2", line):
-            pids = [w["pid"] for w in latest[0]]
-            assert len(pids) == 2, latest[0]
-            os.kill(pids[0], signal.SIGKILL)
-            killed.append(pids[0])
     proc.wait(timeout=900)
     watcher.join(timeout=30)
     out = "".join(lines)
     assert proc.returncode == 0, out[-5000:]
     assert killed, "no Train worker was killed: " + out[-3000:]
-    # The task ran again in a new worker group: two different rank-0 processes logged its last step.
+    # Task 1 was trained once, by the first worker group; task 2 by a new group that Ray Train started
+    # after the kill (its rank 0 is none of the first group's processes).
     plain = re.sub(r"\x1b\[[0-9;]*m", "", out)
-    ranks0 = set(re.findall(r"pid=(\d+)\)\s+\[task 2/2 underwater\] step 2/2", plain))
-    assert len(ranks0) == 2, plain[-5000:]
+    first = set(re.findall(r"pid=(\d+)\)\s+\[task 1/2 aerial\] step 2/2", plain))
+    second = set(re.findall(r"pid=(\d+)\)\s+\[task 2/2 underwater\] step 2/2", plain))
+    assert len(first) == 1 and {int(p) for p in first} <= set(group), (first, group, plain[-5000:])
+    assert len(second) == 1 and not {int(p) for p in second} & set(group), (second, group, plain[-5000:])
     matrix = json.loads((tmp_path / "worker-kill" / "accuracy_matrix.json").read_text())["matrix"]
     assert matrix == reference
 
