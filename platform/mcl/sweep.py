@@ -764,7 +764,8 @@ def _run_tune(
 
 
 def _close_stopped_trial(run_dir: Path, uri: str, log: Callable[[str], None]) -> None:
-    """Mark an early-stopped trial's MLflow runs KILLED (Tune ended its process mid-task)."""
+    """Mark an early-stopped trial's MLflow runs KILLED (Tune ended it mid-task, or its own error handler closed
+    them FAILED when the stop reached it first)."""
     from mlflow import MlflowClient
 
     from mcl.runner import PROGRESS_FILE
@@ -775,7 +776,9 @@ def _close_stopped_trial(run_dir: Path, uri: str, log: Callable[[str], None]) ->
     progress = json.loads(path.read_text())
     client = MlflowClient(tracking_uri=uri)
     for run_id in [progress["run_id"], *progress["task_runs"].values()]:
-        if run_id and client.get_run(run_id).info.status == "RUNNING":
+        # RUNNING when Tune ended the process mid-task; FAILED when the stop reached the trial's own code
+        # first (the run's error handler closed it). Either way the scheduler stopped it: KILLED.
+        if run_id and client.get_run(run_id).info.status in ("RUNNING", "FAILED"):
             client.set_tag(run_id, "mcl.early_stopped", "true")
             client.set_terminated(run_id, "KILLED")
     (run_dir / TRIAL_STOPPED_FILE).write_text(json.dumps({"tasks_done": progress["tasks_done"]}))
