@@ -10,8 +10,8 @@ on purpose, so that scores stay comparable with the paper; each docstring says w
 where we deviate. Samples the scripts skip for containing ``Unanswerable`` still count in their
 denominators, so here they score 0.
 
-Importing this module registers its scorers in :data:`mcl.evaluation.scoring.SCORERS`;
-``mcl.evaluation.scoring`` imports it, so importing either module is enough.
+:data:`BENCHMARK_SCORERS` names them by answer type; :mod:`mcl.evaluation.scoring` registers that table in
+:data:`~mcl.evaluation.scoring.SCORERS`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 
 from mcl.errors import DataError
-from mcl.evaluation.scoring import extract_choice, normalize_answer, register_scorer
+from mcl.evaluation.generic_scorers import Scorer, extract_choice, normalize_answer
 
 # --------------------------------------------------------------------------------------------------------
 # Shared parsing
@@ -528,7 +528,7 @@ def score_box_iou(prediction: str, answer: str) -> float:
     return 2 * matched / (len(preds) + len(golds))
 
 
-BENCHMARK_SCORERS: dict[str, Callable[[str, str], float]] = {
+BENCHMARK_SCORERS: dict[str, Scorer] = {
     "mllmcl_rs": score_mllmcl_rs,
     "mllmcl_ad": score_mllmcl_rs,  # the same script (eval_ai2d.py) scores both domains
     "mllmcl_med": score_mllmcl_med,
@@ -547,6 +547,3 @@ BENCHMARK_SCORERS: dict[str, Callable[[str, str], float]] = {
     "token_f1": score_token_f1,
     "box_iou": score_box_iou,
 }
-
-for _name, _scorer in BENCHMARK_SCORERS.items():
-    register_scorer(_name, _scorer)

@@ -26,18 +26,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from mcl.streams.instruction_benchmarks import InstructionBenchmark, InstructionTask
 from mcl.streams.registry import Stream, register_stream
-from mcl.streams.sources import (
-    BenchmarkSpec,
-    TaskLayout,
-    TaskSpec,
-    folder_option,
-    limit_tasks,
-    load_tasks,
-    parse_options,
-)
 
-EXTRA_OPTIONS = {"instructions_dir": "Instructions", "images_dir": "cl_dataset"}
 VQA_ANSWER_FIELDS = ("answers", "answer")
 
 
@@ -49,45 +40,26 @@ def vqa_answer_type(row: dict[str, Any], question: str) -> str:
     return "exact"
 
 
-# (task = its folder name, scorer, per-row rule, answer fields), in the published order.
-TASKS: tuple[tuple[str, str, Any, tuple[str, ...]], ...] = (
-    ("ScienceQA", "choice", None, ("answer",)),
-    ("TextVQA", "exact", vqa_answer_type, VQA_ANSWER_FIELDS),
-    ("ImageNet", "contains", None, ("answer",)),
-    ("GQA", "exact", None, ("answer",)),
-    ("VizWiz", "exact", vqa_answer_type, VQA_ANSWER_FIELDS),
-    ("Grounding", "box_iou", None, ("answer", "answer_bbox")),
-    ("VQAv2", "exact", vqa_answer_type, VQA_ANSWER_FIELDS),
-    ("OCRVQA", "exact", None, ("answer",)),
+def _vqa(name: str) -> InstructionTask:
+    return InstructionTask(name, "exact", answer_rule=vqa_answer_type, answer_fields=VQA_ANSWER_FIELDS)
+
+
+# Each task's folder is its name; in the published order.
+TASKS = (
+    InstructionTask("ScienceQA", "choice"),
+    _vqa("TextVQA"),
+    InstructionTask("ImageNet", "contains"),
+    InstructionTask("GQA", "exact"),
+    _vqa("VizWiz"),
+    InstructionTask("Grounding", "box_iou", answer_fields=("answer", "answer_bbox")),
+    _vqa("VQAv2"),
+    InstructionTask("OCRVQA", "exact"),
 )
-
-
-def coin_spec(instructions_dir: str = "Instructions", images_dir: str = "cl_dataset") -> BenchmarkSpec:
-    """The CoIN benchmark with its instruction and image folders at the given places under the root."""
-    base = Path(instructions_dir)
-    return BenchmarkSpec(
-        "coin",
-        tuple(
-            TaskSpec(
-                name,
-                TaskLayout(
-                    ((base / name / "train.json").as_posix(),),
-                    ((base / name / "test.json").as_posix(),),
-                    images_dir,
-                    images_dir,
-                ),
-                scorer,
-                rule,
-                fields,
-            )
-            for name, scorer, rule, fields in TASKS
-        ),
-    )
+COIN = InstructionBenchmark("coin", TASKS, instructions_dir="Instructions", images_dir="cl_dataset")
+coin_spec = COIN.spec
 
 
 @register_stream("coin")
 def coin_stream(root: Path, options: dict[str, Any]) -> Stream:
     """CoIN's eight tasks; options in :mod:`mcl.streams.sources` plus ``instructions_dir``, ``images_dir``."""
-    opts = parse_options("coin", options, EXTRA_OPTIONS)
-    spec = coin_spec(folder_option(opts, "instructions_dir"), folder_option(opts, "images_dir"))
-    return Stream("coin", limit_tasks(load_tasks(spec, root, opts), opts))
+    return COIN.build(root, options)

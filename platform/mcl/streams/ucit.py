@@ -27,55 +27,30 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from mcl.streams.instruction_benchmarks import InstructionBenchmark, InstructionTask
 from mcl.streams.registry import Stream, register_stream
-from mcl.streams.sources import (
-    BenchmarkSpec,
-    TaskLayout,
-    TaskSpec,
-    folder_option,
-    limit_tasks,
-    load_tasks,
-    parse_options,
-)
 
-EXTRA_OPTIONS = {"instructions_dir": "instructions", "images_dir": "datasets"}
 TEST_FILE = "test_3000.json"
 
+
+def _task(name: str, folders: tuple[str, ...], train_file: str, answer_type: str) -> InstructionTask:
+    return InstructionTask(name, answer_type, folders, train_file, TEST_FILE)
+
+
 # (task, instruction folders (README name first), train file, scorer), in the published order.
-TASKS: tuple[tuple[str, tuple[str, ...], str, str], ...] = (
-    ("ImageNet-R", ("ImageNet-R",), "train.json", "contains"),
-    ("ArxivQA", ("ArxivQA",), "train_4w.json", "choice"),
-    ("VizWiz-caption", ("VizWiz", "VizWiz-caption"), "train.json", "token_f1"),
-    ("IconQA", ("IconQA",), "train.json", "exact"),
-    ("CLEVR-Math", ("CLEVR", "CLEVR-Math"), "train_4w.json", "exact"),
-    ("Flickr30k", ("Flickr30k", "Flickr30k-cap"), "train_brief_4w.json", "token_f1"),
+TASKS = (
+    _task("ImageNet-R", ("ImageNet-R",), "train.json", "contains"),
+    _task("ArxivQA", ("ArxivQA",), "train_4w.json", "choice"),
+    _task("VizWiz-caption", ("VizWiz", "VizWiz-caption"), "train.json", "token_f1"),
+    _task("IconQA", ("IconQA",), "train.json", "exact"),
+    _task("CLEVR-Math", ("CLEVR", "CLEVR-Math"), "train_4w.json", "exact"),
+    _task("Flickr30k", ("Flickr30k", "Flickr30k-cap"), "train_brief_4w.json", "token_f1"),
 )
-
-
-def ucit_spec(instructions_dir: str = "instructions", images_dir: str = "datasets") -> BenchmarkSpec:
-    """The UCIT benchmark with its instruction and image folders at the given places under the root."""
-    base = Path(instructions_dir)
-    return BenchmarkSpec(
-        "ucit",
-        tuple(
-            TaskSpec(
-                name,
-                TaskLayout(
-                    tuple((base / folder / train).as_posix() for folder in folders),
-                    tuple((base / folder / TEST_FILE).as_posix() for folder in folders),
-                    images_dir,
-                    images_dir,
-                ),
-                scorer,
-            )
-            for name, folders, train, scorer in TASKS
-        ),
-    )
+UCIT = InstructionBenchmark("ucit", TASKS, instructions_dir="instructions", images_dir="datasets")
+ucit_spec = UCIT.spec
 
 
 @register_stream("ucit")
 def ucit_stream(root: Path, options: dict[str, Any]) -> Stream:
     """UCIT's six tasks; options in :mod:`mcl.streams.sources` plus ``instructions_dir``, ``images_dir``."""
-    opts = parse_options("ucit", options, EXTRA_OPTIONS)
-    spec = ucit_spec(folder_option(opts, "instructions_dir"), folder_option(opts, "images_dir"))
-    return Stream("ucit", limit_tasks(load_tasks(spec, root, opts), opts))
+    return UCIT.build(root, options)
