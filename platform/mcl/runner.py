@@ -503,6 +503,45 @@ def _check_resumable(cfg: ExperimentConfig, run_dir: Path) -> None:
         )
 
 
+class RunStopped(SystemExit):
+    """Raised (e.g. by ``on_task``) to end a run early because it was stopped, not because it failed.
+
+    :func:`run_experiment` closes the run's open MLflow runs KILLED and adds ``tags`` to them. It is a
+    ``SystemExit`` with code 0, which Python and Ray Tune (for a trial's thread) take as a clean end.
+    """
+
+    def __init__(self, reason: str, tags: dict[str, str] | None = None) -> None:
+        super().__init__(0)
+        self.reason = reason
+        self.tags = dict(tags or {})
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+def _close_interrupted_runs(
+    tracker: Tracker, open_runs: list[str], exc: BaseException, log: Callable[[str], None]
+) -> None:
+    """Close the runs left open when ``exc`` interrupted a run: KILLED (with the stop's tags) if ``exc`` is a
+    stop, i.e. a clean exit (``SystemExit`` with code 0 or None, such as :class:`RunStopped`); FAILED otherwise.
+    A run already KILLED (a sweep's driver closes those of a trial its scheduler stopped) is never made FAILED."""
+    stopped = isinstance(exc, SystemExit) and exc.code in (0, None)
+    status = "KILLED" if stopped else "FAILED"
+    tags = exc.tags if isinstance(exc, RunStopped) else {}
+    if stopped:
+        reason = exc.reason if isinstance(exc, RunStopped) else "clean exit"
+        log(f"run stopped ({reason}): closing its open MLflow runs KILLED")
+    for rid in reversed(open_runs):
+        try:
+            for key, value in tags.items():
+                tracker.client.set_tag(rid, key, value)
+            if not stopped and tracker.run_status(rid) == "KILLED":
+                continue
+            tracker.end_run(rid, status)
+        except Exception as err:  # never hide the original error
+            log(f"could not mark MLflow run {rid} {status}: {err}")
+
+
 def run_experiment(
     cfg: ExperimentConfig,
     log: Callable[[str], None] = print,
@@ -521,7 +560,10 @@ def run_experiment(
 
     ``parent_run_id`` nests the run's MLflow run under another (a sweep's); ``tags`` are added to the run.
     ``on_task(t, task_names, matrix)`` is called after every task (also those an earlier attempt finished),
-    with the accuracy matrix so far; a sweep reports progress through it.
+    with the accuracy matrix so far; a sweep reports progress through it. If the run is stopped (``on_task``
+    raises :class:`RunStopped`, or anything in the run exits cleanly: ``SystemExit`` with code 0), its open
+    MLflow runs are closed KILLED; any other exception closes them FAILED. Either way the exception is
+    re-raised.
     """
     t_start = time.perf_counter()
     prep = prepared or prepare_run(cfg, log)
@@ -669,12 +711,8 @@ def run_experiment(
             tracker.log_metrics(run_id, {"wall_time_s": wall, **_resource_hours(cfg, wall)})
             tracker.end_run(run_id)
             open_runs.remove(run_id)
-    except BaseException:
-        for rid in reversed(open_runs):
-            try:
-                tracker.end_run(rid, "FAILED")
-            except Exception as exc:  # never hide the original error
-                log(f"could not mark MLflow run {rid} FAILED: {exc}")
+    except BaseException as exc:
+        _close_interrupted_runs(tracker, open_runs, exc, log)
         raise
     wall = time.perf_counter() - t_start
     return RunSummary(run_id, uri, names, matrix, baseline, metrics, str(run_dir), results, state_dirs, wall)

@@ -44,6 +44,7 @@ from mcl.errors import ConfigError, MclError, UnknownNameError
 SWEEP_STATE_FILE = "sweep_state.json"
 TRIAL_DONE_FILE = "trial_done.json"
 TRIAL_STOPPED_FILE = "trial_stopped.json"  # stopped early by the scheduler: not resumed by a re-run
+EARLY_STOPPED_TAG = "mcl.early_stopped"  # on the KILLED MLflow runs of a trial the scheduler stopped
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform")
 # A trial's own actor only waits on its Train jobs; Tune needs a non-empty request, so a sliver of a CPU.
 TRIAL_ACTOR_CPU = 0.01
@@ -410,6 +411,26 @@ def trial_record(trial: TrialSpec, done: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- trial
 
 
+def _report_or_stop(metrics: dict[str, Any]) -> None:
+    """``tune.report(metrics)``; raises :class:`mcl.runner.RunStopped` if the scheduler stopped the trial.
+
+    Ray Tune stops a function trainable through its actor's ``stop()``: the Tune session sets a stop event and
+    wakes the trial's thread, which waits inside ``tune.report`` (results are reported synchronously), and
+    ``tune.report`` raises ``SystemExit(0)``, which Tune takes as the thread's clean end. ``RunStopped`` is
+    such an exit too, and tells :func:`mcl.runner.run_experiment` to close the trial's runs KILLED, not FAILED.
+    """
+    from ray import tune
+
+    from mcl.runner import RunStopped
+
+    try:
+        tune.report(metrics)
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise
+        raise RunStopped("stopped early by the Tune scheduler", tags={EARLY_STOPPED_TAG: "true"}) from exc
+
+
 def _trial_function(config: dict[str, Any]) -> None:
     """Tune function trainable: one trial = one stream run, reporting after every task."""
     import ray
@@ -431,7 +452,7 @@ def _trial_function(config: dict[str, Any]) -> None:
         row = matrix[-1]
         seen = row[: t + 1]
         maa = sum(sum(r[: i + 1]) / (i + 1) for i, r in enumerate(matrix)) / len(matrix)
-        tune.report(
+        _report_or_stop(
             {
                 "tasks_done": t + 1,
                 "tasks_total": len(names),
@@ -764,8 +785,11 @@ def _run_tune(
 
 
 def _close_stopped_trial(run_dir: Path, uri: str, log: Callable[[str], None]) -> None:
-    """Mark an early-stopped trial's MLflow runs KILLED (Tune ended it mid-task, or its own error handler closed
-    them FAILED when the stop reached it first)."""
+    """Mark an early-stopped trial's MLflow runs KILLED and tagged :data:`EARLY_STOPPED_TAG`.
+
+    The trial itself closes them so once the stop reaches it (see :func:`_report_or_stop`), but Tune may end
+    its process first, or while this runs: both sides then write the same status and tag, whatever the order.
+    """
     from mlflow import MlflowClient
 
     from mcl.runner import PROGRESS_FILE
@@ -776,10 +800,13 @@ def _close_stopped_trial(run_dir: Path, uri: str, log: Callable[[str], None]) ->
     progress = json.loads(path.read_text())
     client = MlflowClient(tracking_uri=uri)
     for run_id in [progress["run_id"], *progress["task_runs"].values()]:
-        # RUNNING when Tune ended the process mid-task; FAILED when the stop reached the trial's own code
-        # first (the run's error handler closed it). Either way the scheduler stopped it: KILLED.
-        if run_id and client.get_run(run_id).info.status in ("RUNNING", "FAILED"):
-            client.set_tag(run_id, "mcl.early_stopped", "true")
+        if not run_id:
+            continue
+        # RUNNING when Tune ended the process before the trial closed it; FAILED if an error raced the stop.
+        status = client.get_run(run_id).info.status
+        if status in ("RUNNING", "FAILED", "KILLED"):
+            client.set_tag(run_id, EARLY_STOPPED_TAG, "true")
+        if status in ("RUNNING", "FAILED"):
             client.set_terminated(run_id, "KILLED")
     (run_dir / TRIAL_STOPPED_FILE).write_text(json.dumps({"tasks_done": progress["tasks_done"]}))
     log(f"[sweep] trial {run_dir.name} stopped early after {len(progress['tasks_done'])} tasks")
