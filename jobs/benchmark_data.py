@@ -10,15 +10,19 @@ Reading a task (goal: memory stays flat as the task grows). For each size n, a t
 published MLLM-CL formats: ``train.json`` (LLaVA conversations, n rows) and ``test.jsonl`` (MLLM-CL test
 rows ``{question_id, image, text, answer}``, n rows), all rows pointing at a small pool of real PNG images
 (IMAGE_POOL images of IMAGE_SIDE x IMAGE_SIDE pixels; many rows share one). Then a fresh Python process per
-size (so ``ru_maxrss`` is that size's own peak) imports mcl, loads the tiny LLaVA's processor and
-preprocesses one row (the baseline), and does what the driver and a worker do with a task, timing each stage
-and recording the resident memory after it:
+size (so ``ru_maxrss`` is that size's own peak) imports mcl, loads the tiny LLaVA's processor, preprocesses one
+row and turns it into an Arrow block (pyarrow and its pandas shim load then, as in every Ray run): that is the
+baseline. Then it does what the driver and a worker do with a task, timing each stage and recording the
+resident memory after it:
 
-  read        ``read_llava_conversations`` and ``read_mllmcl_test`` (every sample of both files)
+  read        ``read_llava_conversations`` and ``read_mllmcl_test`` (every sample of both files, parsed as a
+              stream and kept on disk: ``mcl.streams.store.SampleList``)
   check       ``check_images`` over all samples (each distinct image decoded once)
-  rows        the annotation rows of both splits (``mcl.data.sample_row``, no pixels)
-  order       the training order the driver builds for a task (``mcl.data.training_order``: a row per
-              sample per epoch, the default config's 5 epochs and batch 16)
+  rows        the evaluation rows as the runner builds them (``mcl.data.RowOrder`` over the test samples),
+              turned into Arrow blocks one at a time (``mcl.data.arrow_blocks``, what ``ray_dataset`` hands
+              to Ray's object store block by block; the object store itself is not measured)
+  order       the training order the driver builds for a task (``mcl.data.training_order``: indices of a row
+              per sample per epoch, the default config's 5 epochs and batch 16)
   preprocess  the training rows through ``mcl.data.local_batches`` and ``Preprocessor`` (image decode,
               chat template, tokenisation), one batch at a time, as a worker consumes them without Ray
 
@@ -149,14 +153,24 @@ def measure_reading(
     ``max_batches`` > 0 preprocesses only the first ``max_batches`` training batches; 0 preprocesses all.
     """
     _ensure_paths()
-    from mcl.data import ROW_KEYS, Preprocessor, local_batches, rows_to_batch, sample_row, training_order
+    from mcl.data import (
+        ROW_KEYS,
+        Preprocessor,
+        RowOrder,
+        arrow_blocks,
+        local_batches,
+        rows_to_batch,
+        training_order,
+    )
     from mcl.streams.formats import check_images, read_llava_conversations, read_mllmcl_test
+    from mcl.streams.store import ChainedSamples
 
     preprocess = Preprocessor(model_path, train=True)
     # Baseline: imports done, processor loaded, one image decoded and one prompt tokenised.
     warm = dict.fromkeys(ROW_KEYS, "warm-up")
     warm.update(image=str(image_root / "images" / "pool-0.png"), answer="yes", supervised=True)
     preprocess(rows_to_batch([warm]))
+    list(arrow_blocks([warm]))  # imports pyarrow and its pandas shim, as Ray Data does in every real run
     figures: dict[str, Any] = {"baseline_rss": current_rss(), "baseline_peak_rss": peak_rss(), "stages": {}}
 
     def stage(name: str, t0: float, **extra: Any) -> None:
@@ -167,12 +181,12 @@ def measure_reading(
     test = read_mllmcl_test(test_path, image_root, "bench")
     stage("read", t0, samples=len(train) + len(test))
     t0 = time.perf_counter()
-    check_images([*train, *test])
+    check_images(ChainedSamples([train, test]))
     stage("check", t0)
     t0 = time.perf_counter()
-    train_rows = [sample_row(s) for s in train]
-    test_rows = [sample_row(s) for s in test]
-    stage("rows", t0, rows=len(train_rows) + len(test_rows))
+    eval_rows = RowOrder.of(ChainedSamples([test]))
+    blocks = sum(1 for _ in arrow_blocks(eval_rows))
+    stage("rows", t0, rows=len(eval_rows), blocks=blocks)
     t0 = time.perf_counter()
     order = training_order(train, epochs=epochs, global_batch=batch_size, seed=0)
     stage("order", t0, rows=len(order), epochs=epochs)
@@ -180,7 +194,7 @@ def measure_reading(
     batches = 0
     rows_done = 0
     first_batch_rss = None
-    for batch in local_batches(train_rows, preprocess, batch_size):
+    for batch in local_batches(RowOrder.of(train), preprocess, batch_size):
         batches += 1
         rows_done += len(batch["id"])
         if first_batch_rss is None:
@@ -189,7 +203,7 @@ def measure_reading(
             break
     stage("preprocess", t0, batches=batches, rows=rows_done, first_batch_rss=first_batch_rss)
     figures["peak_rss"] = peak_rss()
-    figures["held_rows"] = len(train_rows) + len(test_rows) + len(order)
+    figures["held_rows"] = len(train) + len(test) + len(order)
     return figures
 
 
@@ -448,13 +462,13 @@ def format_reading_report(fig: dict[str, Any]) -> str:
         row("annotation files (MiB)", (f"{p['annotation_mib']:.2f}" for p in per)),
         row("read both files (s)", stage("read", "s", ".2f")),
         row("check_images (s)", stage("check", "s", ".2f")),
-        row("sample_row for both splits (s)", stage("rows", "s", ".3f")),
+        row("eval rows as Arrow blocks (s)", stage("rows", "s", ".3f")),
         row(f"training_order, {s['epochs']} epochs (s)", stage("order", "s", ".3f")),
         row(f"preprocess {prep_label} (s)", stage("preprocess", "s", ".2f")),
         row("  rows preprocessed (rows/s)", (f"{p['rows']} ({p['rows'] / p['s']:.0f})" for p in prep)),
         row("RSS baseline: imports + processor (MiB)", (f"{p['baseline_rss_mib']:.1f}" for p in per)),
         row("RSS after reading (MiB)", stage("read", "rss_mib", ".1f")),
-        row("RSS after sample_row (MiB)", stage("rows", "rss_mib", ".1f")),
+        row("RSS after the eval rows' blocks (MiB)", stage("rows", "rss_mib", ".1f")),
         row("RSS after training_order (MiB)", stage("order", "rss_mib", ".1f")),
         row(
             "RSS at first / last preprocessed batch",
@@ -468,8 +482,8 @@ def format_reading_report(fig: dict[str, Any]) -> str:
         f"growth per 1,000 samples per file (a training and a test sample each): peak RSS "
         f"{fig['peak_growth_mib_per_1k']:.2f} MiB, RSS holding samples, rows and training order "
         f"{fig['held_growth_mib_per_1k']:.2f} MiB",
-        "what grows with the task: the annotations the driver holds (Sample objects, row dicts and the "
-        "per-epoch training order: text and paths, no pixels) and the readers' parse of the whole file. "
+        "what the driver holds per sample: an 8-byte file offset and an 8-byte id hash (samples are kept on "
+        "disk, annotation files parsed as a stream), and 12 bytes per row of the training order (indices). "
         "Images are decoded batch by batch: streaming all rows moves RSS by "
         + " / ".join(f"{v:.1f}" for v in fig["streaming_growth_mib"].values())
         + " MiB from the first to the last batch.",

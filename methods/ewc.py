@@ -191,7 +191,7 @@ class EWC(Method):
             )
         from mcl.data import training_order
 
-        samples = list(tasks[task_index].train)
+        samples = tasks[task_index].train
         if self.params.fisher_samples < len(samples):
             samples = random.Random(seed).sample(samples, self.params.fisher_samples)
         return TrainingData(training_order(samples, epochs=epochs, global_batch=global_batch, seed=seed))

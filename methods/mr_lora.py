@@ -399,7 +399,8 @@ class MRLoRA(Method):
             task = tasks[i]
             if task.name not in chosen:  # first seen now: pick its router samples once, keep them
                 chosen[task.name] = select_router_samples(task, self.params.router_samples_per_task, seed)
-            by_id = {s.id: s for s in task.train}
+            wanted = set(chosen[task.name])
+            by_id = {s.id: s for s in task.train if s.id in wanted}
             missing = [sid for sid in chosen[task.name] if sid not in by_id]
             if missing:
                 raise ValueError(
@@ -522,6 +523,7 @@ class MRLoRA(Method):
 
 def select_router_samples(task: TaskData, count: int, seed: int) -> list[str]:
     """Ids of ``count`` training samples of ``task`` (all if it has fewer), from a seeded permutation."""
-    ids = [s.id for s in task.train]
+    n = len(task.train)
     rng = random.Random(f"mr_lora-router-{seed}-{task.name}")
-    return sorted(rng.sample(ids, min(count, len(ids))))
+    # The same draw as sampling the list of ids (random.sample picks by position), without building it.
+    return sorted(task.train[i].id for i in rng.sample(range(n), min(count, n)))

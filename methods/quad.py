@@ -218,7 +218,7 @@ class QUAD(Method):
     ) -> TrainingData:
         task = tasks[task_index]
         store = [q for q in stored_questions(driver_state) if q["task"] != task.name]
-        current = list(task.train)
+        current = task.train
         per_batch = extra_rows_per_batch(self.params.replay_ratio, global_batch, len(store))
         if per_batch == 0:
             rows = training_order(current, epochs=epochs, global_batch=global_batch, seed=seed)

@@ -145,7 +145,7 @@ class ExperienceReplay(Method):
         task = tasks[task_index]
         # A re-run of a task (never the case in a normal stream) must not replay that task's own rows.
         buffer = [row for row in buffer_rows(driver_state) if row["task"] != task.name]
-        current = list(task.train)
+        current = task.train
         replay_per_batch = extra_rows_per_batch(self.params.replay_ratio, global_batch, len(buffer))
         if replay_per_batch == 0:
             rows = training_order(current, epochs=epochs, global_batch=global_batch, seed=seed)

@@ -20,6 +20,7 @@ import numpy as np
 
 from mcl.errors import DataError
 from mcl.streams.samples import Sample
+from mcl.streams.store import LazySequence
 
 IGNORE_INDEX = -100
 # ``supervised``: False for rows a method adds without a target (e.g. QUAD's question-only replay): the
@@ -34,22 +35,62 @@ def sample_row(sample: Sample) -> dict[str, Any]:
     return {**{k: getattr(sample, k) for k in ROW_KEYS if k != "supervised"}, "supervised": True}
 
 
-def training_order(
-    samples: Sequence[Sample], *, epochs: int, global_batch: int, seed: int
-) -> list[dict[str, Any]]:
+class RowOrder(LazySequence):
+    """Rows in a global order, kept as integer arrays over ``samples`` (the sample index of each row, and its
+    training epoch, or None for evaluation rows): a row dict (:func:`sample_row`, plus ``epoch``) is built
+    only when it is read. Slices are views; pickles as a plain list of rows.
+    """
+
+    def __init__(self, samples: Sequence[Sample], index: np.ndarray, epoch: np.ndarray | None = None) -> None:
+        self.samples = samples
+        self.index = index
+        self.epoch = epoch
+
+    @classmethod
+    def of(cls, samples: Sequence[Sample]) -> RowOrder:
+        """Every sample once, in order, without an epoch (evaluation rows)."""
+        return cls(samples, np.arange(len(samples), dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, item: Any) -> Any:
+        if isinstance(item, slice):
+            return RowOrder(self.samples, self.index[item], None if self.epoch is None else self.epoch[item])
+        row = sample_row(self.samples[int(self.index[item])])
+        return row if self.epoch is None else {**row, "epoch": int(self.epoch[item])}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.epoch is None:
+            yield from (sample_row(self.samples[i]) for i in self.index.tolist())
+            return
+        for i, epoch in zip(self.index.tolist(), self.epoch.tolist(), strict=True):
+            yield {**sample_row(self.samples[i]), "epoch": epoch}
+
+    def __repr__(self) -> str:
+        return f"RowOrder({len(self)} rows over {len(self.samples)} samples)"
+
+
+def training_order(samples: Sequence[Sample], *, epochs: int, global_batch: int, seed: int) -> RowOrder:
     """All training rows of all epochs in order: a seeded permutation per epoch, each epoch padded by
-    wrapping around to a whole number of global batches (every step has a full batch on every rank)."""
+    wrapping around to a whole number of global batches (every step has a full batch on every rank).
+
+    The order is kept as indices into ``samples`` (12 bytes a row, whatever the samples hold), so a large task
+    does not cost a dict per sample per epoch."""
     if not samples:
         raise DataError("no training samples")
-    rows = [sample_row(s) for s in samples]
-    order: list[dict[str, Any]] = []
+    n = len(samples)
+    index = np.empty(epochs * (n + (-n) % global_batch), dtype=np.int64)
+    epoch_of = np.empty(len(index), dtype=np.int32)
+    at = 0
     for epoch in range(epochs):
-        perm = list(range(len(rows)))
+        perm = list(range(n))
         random.Random(seed * 1000003 + epoch).shuffle(perm)
-        pad = (-len(perm)) % global_batch
-        perm += [perm[i % len(perm)] for i in range(pad)]
-        order += [dict(rows[i], epoch=epoch) for i in perm]
-    return order
+        perm += [perm[i % n] for i in range((-n) % global_batch)]
+        index[at : at + len(perm)] = perm
+        epoch_of[at : at + len(perm)] = epoch
+        at += len(perm)
+    return RowOrder(samples, index, epoch_of)
 
 
 def reservoir_sample(items: Sequence[Any], k: int, rng: random.Random) -> list[Any]:
@@ -105,9 +146,9 @@ def mixed_training_order(
     return order
 
 
-def shard(rows: Sequence[dict[str, Any]], rank: int, world_size: int) -> list[dict[str, Any]]:
-    """Rows of one rank: positions ``rank, rank + world_size, ...``."""
-    return list(rows[rank::world_size])
+def shard(rows: Sequence[dict[str, Any]], rank: int, world_size: int) -> Sequence[dict[str, Any]]:
+    """Rows of one rank: positions ``rank, rank + world_size, ...`` (a view of a :class:`RowOrder`)."""
+    return rows[rank::world_size]
 
 
 def build_prompt(processor: Any, question: str) -> str:
@@ -213,14 +254,30 @@ def local_batches(
 DATA_TASK_CPUS = 0.25
 
 
+def arrow_blocks(rows: Sequence[dict[str, Any]]) -> Iterator[Any]:
+    """``rows`` as Arrow tables of ~128 rows (at most 64 blocks), built one at a time.
+
+    Blocks of ~128 rows: small enough to stream (a worker never holds the task), large enough that Ray Data's
+    per-task overhead stays small next to decoding. The consumer re-batches to its batch size.
+    """
+    import pyarrow as pa
+
+    n = len(rows)
+    size = math.ceil(n / max(1, min(math.ceil(n / 128), 64)))
+    for start in range(0, n, size):
+        yield pa.Table.from_pylist(list(rows[start : start + size]))
+
+
 def ray_dataset(rows: Sequence[dict[str, Any]], preprocess: Preprocessor, batch_size: int) -> Any:
-    """A Ray Dataset that decodes and preprocesses ``rows`` lazily, in order, in Ray Data tasks."""
+    """A Ray Dataset that decodes and preprocesses ``rows`` lazily, in order, in Ray Data tasks.
+
+    The rows go to the object store a block at a time (an Arrow table per block), so the driver never
+    holds them all as Python objects: a :class:`RowOrder` is materialised one block at a time.
+    """
+    import ray
     import ray.data
 
-    # Blocks of ~128 rows: small enough to stream (a worker never holds the task), large enough that Ray
-    # Data's per-task overhead stays small next to decoding. The consumer re-batches to ``batch_size``.
-    blocks = max(1, min(math.ceil(len(rows) / 128), 64))
-    ds = ray.data.from_items(list(rows), override_num_blocks=blocks)
+    ds = ray.data.from_arrow_refs([ray.put(block) for block in arrow_blocks(rows)])
     # A quarter CPU per preprocessing task: light work, and it must fit beside Train workers that hold
     # whole CPUs on nodes where fractional reservations (e.g. a sweep's trial actors) leave < 1 CPU free.
     return ds.map_batches(

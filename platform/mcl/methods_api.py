@@ -156,8 +156,9 @@ class Method:
         :meth:`training_tasks`, shuffled per epoch. ``driver_state`` is what the previous phase left
         (None at the start of the stream); ``seed`` already differs per task."""
         from mcl.data import training_order
+        from mcl.streams.store import ChainedSamples
 
-        samples = [s for i in self.training_tasks(task_index) for s in tasks[i].train]
+        samples = ChainedSamples([tasks[i].train for i in self.training_tasks(task_index)])
         return TrainingData(training_order(samples, epochs=epochs, global_batch=global_batch, seed=seed))
 
     # -- worker side -----------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mcl.config import ExperimentConfig, save_config
-from mcl.data import Preprocessor, ray_dataset, sample_row, shard
+from mcl.data import Preprocessor, RowOrder, ray_dataset, shard
 from mcl.errors import ConfigError, DataError, UnknownNameError
 from mcl.evaluation.metrics import accuracy_matrix_json, cl_metrics, heatmap_png
 from mcl.methods_api import Method, Phase, TrainingData, build_method, load_driver_state
@@ -32,6 +32,7 @@ from mcl.models import resolve_model_path
 from mcl.streams import Stream, build_stream
 from mcl.streams.check import DataReport, read_clean_stream
 from mcl.streams.formats import check_images
+from mcl.streams.store import ChainedSamples
 from mcl.tracking import Tracker, resolve_tracking_uri
 from mcl.training import RESULT_FILE, STATE_DIR, TaskJob, TaskResult, train_and_evaluate_task
 
@@ -94,7 +95,7 @@ def prepare_run(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Pr
                 "every worker needs at least one"
             )
     if cfg.stream.check_images and report is None:
-        check_images([s for t in stream.tasks for s in (*t.train, *t.test)])
+        check_images(ChainedSamples([split for t in stream.tasks for split in (t.train, t.test)]))
     counts = ", ".join(f"{t.name} {len(t.train)}/{len(t.test)}" for t in stream.tasks)
     log(f"stream {stream.name!r}: {len(stream.tasks)} tasks (train/test: {counts})")
     return PreparedRun(cfg, method, model_path, stream, report)
@@ -300,13 +301,16 @@ def _phase_datasets(prep: PreparedRun, phases: list[PlannedPhase]) -> dict[str, 
         eval_rows = _eval_rows(prep)
         eval_pre = Preprocessor(prep.model_path, train=False, trust_remote_code=trust)
         for rank in range(world):
-            datasets[f"eval_{rank}"] = ray_dataset(shard(eval_rows, rank, world), eval_pre, cfg.eval.batch_size)
+            datasets[f"eval_{rank}"] = ray_dataset(
+                shard(eval_rows, rank, world), eval_pre, cfg.eval.batch_size
+            )
     return datasets
 
 
-def _eval_rows(prep: PreparedRun) -> list[dict[str, Any]]:
+def _eval_rows(prep: PreparedRun) -> RowOrder:
+    """Every task's test samples (the first ``eval.max_samples_per_task`` of each), as rows read lazily."""
     limit = prep.config.eval.max_samples_per_task
-    return [sample_row(s) for t in prep.stream.tasks for s in (t.test[:limit] if limit else t.test)]
+    return RowOrder.of(ChainedSamples([t.test[:limit] if limit else t.test for t in prep.stream.tasks]))
 
 
 def _ordered_execution() -> Any:

@@ -34,7 +34,7 @@ def test_smoke_reports_peak_rss_per_size_and_equal_answers_at_both_batch_sizes(
     assert (
         "peak RSS (ru_maxrss, MiB)" in printed
         and "growth per 1,000 samples" in printed
-        and "what grows" in printed
+        and "what the driver holds per sample" in printed
     )
     assert "answers identical at both batch sizes: True (0 mismatches)" in printed
 

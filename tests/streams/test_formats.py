@@ -248,15 +248,19 @@ def test_on_problem_collects_row_problems_and_keeps_the_good_rows(root: Path) ->
     problems: list[SampleError] = []
     samples = read_mllmcl_test(path, root, task="t", on_problem=problems.append)
     assert [s.id for s in samples] == ["q1", "q4"]
+    # Repeated ids are found once the whole file is read (the ids are not kept in memory): reported last.
     assert [(p.kind, p.sample_id) for p in problems] == [
-        ("duplicate_id", "q1"),
         ("malformed_row", "q2"),
         ("escaping_path", "q3"),
         ("malformed_row", None),
+        ("duplicate_id", "q1"),
     ]
-    assert problems[1].image == "images/a.png" and "missing required field 'text'" in str(problems[1])
-    with pytest.raises(SampleError, match="duplicate id 'q1'"):  # without on_problem: the first one raises
+    assert problems[0].image == "images/a.png" and "missing required field 'text'" in str(problems[0])
+    with pytest.raises(SampleError, match="missing required field 'text'"):  # without on_problem: the first
         read_mllmcl_test(path, root, task="t")
+    only_duplicate = _write_json(root / "dup.json", [_test_row("q1"), _test_row("q5"), _test_row("q1")])
+    with pytest.raises(SampleError, match="duplicate id 'q1'"):
+        read_mllmcl_test(only_duplicate, root, task="t")
     conversations = _write_json(root / "train.json", [_conv("a1"), {"id": "a2", "image": "images/a.png"}])
     problems.clear()
     assert [s.id for s in read_llava_conversations(conversations, root, "t", on_problem=problems.append)] == [

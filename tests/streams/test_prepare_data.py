@@ -311,7 +311,8 @@ def test_skip_bad_samples_drops_exactly_the_bad_samples(tmp_path: Path, tiny_mod
     from mcl.runner import prepare_run
 
     fixture = write_fixture("coin", tmp_path / "coin", problems=PROBLEMS)
-    with pytest.raises(DataError, match="duplicate id"):  # the default: a data problem stops the run
+    # The default: a data problem stops the run (the first one found: repeated ids are found last).
+    with pytest.raises(DataError, match="escapes the image root"):
         prepare_run(_run_config(fixture.root, tmp_path), log=lambda _m: None)
     logs: list[str] = []
     prep = prepare_run(_run_config(fixture.root, tmp_path, "stream.skip_bad_samples=true"), log=logs.append)

@@ -24,15 +24,17 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn, TextIO
 
 from PIL import Image
 
 from mcl.errors import DataError, SampleError
 from mcl.streams.samples import Sample
+from mcl.streams.store import SampleList, SampleWriter
 
 _PLACEHOLDER = re.compile(r"\s*<image>\s*")
 _MAX_REPORTED = 5
@@ -58,7 +60,7 @@ def read_llava_conversations(
     *,
     image_resolver: ImageResolver | None = None,
     on_problem: ProblemHandler | None = None,
-) -> list[Sample]:
+) -> SampleList:
     """Read a LLaVA conversation file (a JSON list) into samples.
 
     The question is the first ``human`` turn with the ``<image>`` placeholder and the whitespace around it
@@ -76,22 +78,19 @@ def read_llava_conversations(
             raised; the row is left out. File-level problems still raise.
 
     Returns:
-        The samples, in file order.
+        The samples, in file order, kept on disk (:class:`~mcl.streams.store.SampleList`): the file is read
+        as a stream, one row at a time.
 
     Raises:
         DataError: The file is missing or malformed, a row is invalid, an id repeats or an image path is unsafe.
     """
     path = Path(path)
     root = Path(image_root).resolve()
-    rows = _parse_json_list(path, _read_text(path))
-    samples: list[Sample] = []
-    seen: set[str] = set()
 
     def parse(row: Any, where: str) -> Sample:
         obj = _require_object(row, where)
         id_field = "question_id" if "id" not in obj and "question_id" in obj else "id"
         sample_id = _require_id(obj, id_field, where)
-        _check_unique(sample_id, seen, path)
         image = _resolve_image(obj, root, path, where, sample_id, image_resolver)
         question, answer = _first_exchange(obj, where)
         return Sample(
@@ -103,14 +102,7 @@ def read_llava_conversations(
             task=task,
         )
 
-    for label, row in rows:
-        try:
-            samples.append(parse(row, f"{path}: {label}"))
-        except SampleError as exc:
-            if on_problem is None:
-                raise
-            on_problem(_in_context(exc, row, ("id", "question_id")))
-    return samples
+    return _collect(path, _iter_json_list(path), parse, ("id", "question_id"), on_problem)
 
 
 def read_mllmcl_test(
@@ -124,7 +116,7 @@ def read_mllmcl_test(
     flexible_answers: bool = False,
     answer_fields: tuple[str, ...] = ("answer",),
     on_problem: ProblemHandler | None = None,
-) -> list[Sample]:
+) -> SampleList:
     """Read an MLLM-CL test file (JSON list, or JSON Lines) into samples.
 
     The file is a JSON list if its first non-blank character is ``[``, else JSON Lines (one object per
@@ -149,22 +141,18 @@ def read_mllmcl_test(
             raised; the row is left out. File-level problems still raise.
 
     Returns:
-        The samples, in file order.
+        The samples, in file order, kept on disk (:class:`~mcl.streams.store.SampleList`): the file is read
+        as a stream, one row at a time.
 
     Raises:
         DataError: The file is missing or malformed, a row is invalid, an id repeats or an image path is unsafe.
     """
     path = Path(path)
     root = Path(image_root).resolve()
-    text = _read_text(path)
-    rows = _parse_json_list(path, text) if text.lstrip().startswith("[") else _parse_json_lines(path, text)
-    samples: list[Sample] = []
-    seen: set[str] = set()
 
     def parse(row: Any, where: str) -> Sample:
         obj = _require_object(row, where)
         sample_id = _require_id(obj, "question_id", where)
-        _check_unique(sample_id, seen, path)
         image = _resolve_image(obj, root, path, where, sample_id, image_resolver)
         question = _strip_placeholder(_require_str(obj, "text", where))
         answer_field = next((field for field in answer_fields if field in obj), answer_fields[0])
@@ -190,14 +178,27 @@ def read_mllmcl_test(
             extra={key: value for key, value in obj.items() if key not in consumed},
         )
 
+    return _collect(path, _iter_json_rows(path), parse, ("question_id",), on_problem)
+
+
+def _collect(
+    path: Path,
+    rows: Iterable[_Row],
+    parse: Callable[[Any, str], Sample],
+    id_fields: tuple[str, ...],
+    on_problem: ProblemHandler | None,
+) -> SampleList:
+    """Parse ``rows`` one at a time into a :class:`~mcl.streams.store.SampleList` (kept on disk, so memory
+    stays flat however long the file is); a row's problem is raised or handed to ``on_problem``."""
+    writer = SampleWriter(str(path))
     for label, row in rows:
         try:
-            samples.append(parse(row, f"{path}: {label}"))
+            writer.append(parse(row, f"{path}: {label}"))
         except SampleError as exc:
             if on_problem is None:
                 raise
-            on_problem(_in_context(exc, row, ("question_id",)))
-    return samples
+            on_problem(_in_context(exc, row, id_fields))
+    return writer.finish(on_problem)
 
 
 def _in_context(exc: SampleError, row: Any, id_fields: tuple[str, ...]) -> SampleError:
@@ -260,23 +261,30 @@ def check_images(samples: Iterable[Sample], workers: int = 8) -> None:
     """Check that every sample's image exists and decodes.
 
     Args:
-        samples: The samples to check (images shared by several samples are decoded once).
+        samples: The samples to check (images shared by several samples are decoded once). Read once, and a
+            second time only to name bad samples; a sequence is never copied (a one-shot iterator is).
         workers: Number of threads decoding in parallel.
 
     Raises:
         DataError: Naming the first few bad samples (id, path, missing or undecodable) and the total count.
     """
-    samples = list(samples)
-    problems = image_problems((sample.image for sample in samples), workers)
-    bad = [sample for sample in samples if sample.image in problems]
-    if not bad:
+    if iter(samples) is samples:
+        samples = list(samples)
+    total = 0
+    paths: set[str] = set()
+    for sample in samples:
+        total += 1
+        paths.add(sample.image)
+    problems = image_problems(paths, workers)
+    if not problems:
         return
+    bad = [sample for sample in samples if sample.image in problems]
     details = "; ".join(
         f"sample {s.id!r} (task {s.task!r}): image {s.image} {problems[s.image][1]}"
         for s in bad[:_MAX_REPORTED]
     )
     more = f"; ... and {len(bad) - _MAX_REPORTED} more" if len(bad) > _MAX_REPORTED else ""
-    raise DataError(f"{len(bad)} of {len(samples)} samples have bad images: {details}{more}")
+    raise DataError(f"{len(bad)} of {total} samples have bad images: {details}{more}")
 
 
 def image_problems(paths: Iterable[str], workers: int = 8) -> dict[str, tuple[str, str]]:
@@ -309,43 +317,158 @@ def _image_problem(path: str) -> tuple[str, str] | None:
     return None
 
 
-def _read_text(path: Path) -> str:
-    """The file's text (UTF-8, optional BOM)."""
+_CHUNK = 1 << 18  # characters read at a time by the streaming JSON reader
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+@contextmanager
+def _open_text(path: Path) -> Iterator[TextIO]:
+    """The file opened as UTF-8 text (optional BOM); read errors become DataError naming the file."""
     try:
-        return path.read_text(encoding="utf-8-sig")
+        with path.open(encoding="utf-8-sig") as handle:
+            yield handle
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read file: {exc}") from exc
 
 
-def _parse_json_list(path: Path, text: str) -> list[_Row]:
-    """Parse a JSON document that must be a list; label each element by its index."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(
-            f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
-        ) from None
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of rows, got {_type_name(data)}")
-    return [(f"row {index}", row) for index, row in enumerate(data)]
+def _iter_json_rows(path: Path) -> Iterator[_Row]:
+    """The rows of a JSON list (the first non-blank character is ``[``) or else of JSON Lines."""
+    with _open_text(path) as handle:
+        head = handle.read(_CHUNK)
+        is_list = head.lstrip().startswith("[")
+    yield from _iter_json_list(path) if is_list else _iter_json_lines(path)
 
 
-def _parse_json_lines(path: Path, text: str) -> list[_Row]:
-    """Parse JSON Lines (blank lines skipped); label each row by its index and line number."""
-    rows: list[_Row] = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+def _iter_json_lines(path: Path) -> Iterator[_Row]:
+    """The rows of a JSON Lines file, one line at a time (blank lines skipped); each labelled by its index and
+    line number."""
+    with _open_text(path) as handle:
+        index = 0
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{path}: malformed JSON Lines at line {line_number}, column {exc.colno}: {exc.msg}"
+                ) from None
+            yield f"row {index} (line {line_number})", row
+            index += 1
+
+
+def _iter_json_list(path: Path) -> Iterator[_Row]:
+    """The elements of a JSON document that must be a list, decoded one at a time from a sliding window of
+    the file (memory does not grow with the file); each labelled by its index."""
+    with _open_text(path) as handle:
+        yield from _JsonListReader(path, handle).rows()
+
+
+class _JsonListReader:
+    """Incremental reader of one JSON list: ``json.JSONDecoder.raw_decode`` on a window of the text that
+    slides forward; error positions are reported in lines and columns of the whole file."""
+
+    def __init__(self, path: Path, handle: TextIO) -> None:
+        self.path = path
+        self.handle = handle
+        self.decoder = json.JSONDecoder()
+        self.text = ""
+        self.pos = 0
+        self.eof = False
+        self.lines_before = 0  # newlines in the text already dropped from the window
+        self.column_before = 0  # characters after the last dropped newline
+
+    def rows(self) -> Iterator[_Row]:
+        self._skip_blank()
+        if self._at_end():
+            self._fail("Expecting value")
+        if self.text[self.pos] != "[":
+            self._not_a_list()
+        self.pos += 1
+        self._skip_blank()
+        index = 0
+        if not self._at_end() and self.text[self.pos] == "]":
+            self.pos += 1
+        else:
+            while True:
+                yield f"row {index}", self._value()
+                index += 1
+                self._skip_blank()
+                if self._at_end():
+                    self._fail("Expecting ',' delimiter")
+                char = self.text[self.pos]
+                self.pos += 1
+                if char == "]":
+                    break
+                if char != ",":
+                    self.pos -= 1
+                    self._fail("Expecting ',' delimiter")
+                self._skip_blank()
+        self._skip_blank()
+        if not self._at_end():
+            self._fail("Extra data")
+
+    def _value(self) -> Any:
+        while True:
+            try:
+                value, end = self.decoder.raw_decode(self.text, self.pos)
+            except json.JSONDecodeError as exc:
+                if self._more():
+                    continue  # the element may run past the window
+                self._fail(exc.msg, exc.pos)
+            if end == len(self.text) and self._more():
+                continue  # a number or literal may go on past the window: decode it again
+            self.pos = end
+            return value
+
+    def _skip_blank(self) -> None:
+        while True:
+            match = _WHITESPACE.match(self.text, self.pos)
+            assert match is not None
+            self.pos = match.end()
+            if self.pos < len(self.text) or not self._more():
+                return
+
+    def _at_end(self) -> bool:
+        return self.pos >= len(self.text) and self.eof
+
+    def _more(self) -> bool:
+        """Read the next chunk into the window, dropping what was consumed; False at the end of the file."""
+        if self.eof:
+            return False
+        chunk = self.handle.read(_CHUNK)
+        if not chunk:
+            self.eof = True
+            return False
+        consumed = self.text[: self.pos]
+        newlines = consumed.count("\n")
+        if newlines:
+            self.lines_before += newlines
+            self.column_before = len(consumed) - consumed.rfind("\n") - 1
+        else:
+            self.column_before += len(consumed)
+        self.text = self.text[self.pos :] + chunk
+        self.pos = 0
+        return True
+
+    def _fail(self, message: str, pos: int | None = None) -> NoReturn:
+        pos = self.pos if pos is None else pos
+        newlines = self.text.count("\n", 0, pos)
+        line = self.lines_before + newlines + 1
+        column = pos - self.text.rfind("\n", 0, pos) if newlines else self.column_before + pos + 1
+        raise DataError(f"{self.path}: malformed JSON at line {line}, column {column}: {message}")
+
+    def _not_a_list(self) -> NoReturn:
+        """Not a list: decode the whole document (an error path) to say what it is, or where it is malformed."""
+        while self._more():
+            pass
         try:
-            row = json.loads(line)
+            data = json.loads(self.text[self.pos :])
         except json.JSONDecodeError as exc:
-            raise DataError(
-                f"{path}: malformed JSON Lines at line {line_number}, column {exc.colno}: {exc.msg}"
-            ) from None
-        rows.append((f"row {len(rows)} (line {line_number})", row))
-    return rows
+            self._fail(exc.msg, self.pos + exc.pos)
+        raise DataError(f"{self.path}: expected a JSON list of rows, got {_type_name(data)}")
 
 
 def _type_name(value: Any) -> str:
@@ -378,12 +501,6 @@ def _require_id(obj: dict[str, Any], field: str, where: str) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     return _require_str(obj, field, where)
-
-
-def _check_unique(sample_id: str, seen: set[str], path: Path) -> None:
-    if sample_id in seen:
-        raise SampleError(f"{path}: duplicate id {sample_id!r}", "duplicate_id", sample_id)
-    seen.add(sample_id)
 
 
 def _strip_placeholder(text: str) -> str:

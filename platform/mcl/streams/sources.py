@@ -44,8 +44,7 @@ from mcl.errors import ConfigError, DataError, SampleError
 from mcl.streams.formats import (
     AnswerTypeRule,
     ImageResolver,
-    _parse_json_lines,
-    _read_text,
+    _iter_json_lines,
     _strip_placeholder,
     answer_text,
     read_llava_conversations,
@@ -54,6 +53,7 @@ from mcl.streams.formats import (
 )
 from mcl.streams.registry import Stream, TaskData, problem_handler
 from mcl.streams.samples import Sample
+from mcl.streams.store import SampleWriter, take
 
 SOURCES = ("published", "hf", "parquet", "jsonl")
 SPLITS = ("train", "test")
@@ -304,13 +304,15 @@ def limit_tasks(tasks: Sequence[TaskData], opts: StreamOptions) -> list[TaskData
     ]
 
 
-def subsample(samples: list[Sample], limit: int | None, seed: int, task: str, split: str) -> list[Sample]:
+def subsample(
+    samples: Sequence[Sample], limit: int | None, seed: int, task: str, split: str
+) -> Sequence[Sample]:
     """At most ``limit`` of ``samples``: a subset seeded by (seed, task, split), kept in file order."""
     if limit is None or len(samples) <= limit:
         return samples
     rng = np.random.default_rng([seed, zlib.crc32(task.encode("utf-8")), SPLITS.index(split)])
     keep = sorted(rng.choice(len(samples), size=limit, replace=False).tolist())
-    return [samples[i] for i in keep]
+    return take(samples, keep)
 
 
 # --- images -----------------------------------------------------------------------------------------------
@@ -497,7 +499,7 @@ def _export_rows(opts: StreamOptions, root: Path) -> Iterator[tuple[str, Path, s
         raise DataError(f"stream {opts.stream!r}: no *{suffix} files in {local} (option 'path')")
     for file in files:
         if opts.source == "jsonl":
-            for label, row in _parse_json_lines(file, _read_text(file)):
+            for label, row in _iter_json_lines(file):
                 yield f"{file}: {label}", file, None, row
         else:
             for index, row in enumerate(_read_parquet(file, opts.stream)):
@@ -552,8 +554,12 @@ def _export_tasks(
     if not image_root.is_absolute():
         image_root = root / image_root
     resolver = cache.resolver(image_root)
-    samples: dict[tuple[str, str], list[Sample]] = {(name, split): [] for name in specs for split in SPLITS}
-    seen: dict[tuple[str, str], set[str]] = {key: set() for key in samples}
+    shown = _export_location(opts, root)[1]
+    writers = {
+        (name, split): SampleWriter(shown, f" in task {name!r} ({split})")
+        for name in specs
+        for split in SPLITS
+    }
     for label, file, container_split, row in _export_rows(opts, root):
         split = (row.get("split") if isinstance(row, Mapping) else None) or container_split
         try:
@@ -569,12 +575,6 @@ def _export_tasks(
             if split not in SPLITS:
                 raise SampleError(f"{label}: field 'split' must be 'train' or 'test', got {split!r}")
             sample = _export_sample(row, label, file, specs[task], resolver, cache)
-            if sample.id in seen[task, split]:
-                raise SampleError(
-                    f"{label}: duplicate id {sample.id!r} in task {task!r} ({split})",
-                    "duplicate_id",
-                    sample.id,
-                )
         except SampleError as exc:
             fields = row if isinstance(row, Mapping) else {}
             on_problem = problem_handler(str(fields.get("task") or "?"), str(split or "?"))
@@ -582,9 +582,15 @@ def _export_tasks(
                 raise
             on_problem(_export_context(exc, fields))
             continue
-        seen[task, split].add(sample.id)
-        samples[task, split].append(sample)
-    return [TaskData(name, samples[name, "train"], samples[name, "test"]) for name in specs]
+        writers[task, split].append(sample)
+    return [
+        TaskData(
+            name,
+            writers[name, "train"].finish(problem_handler(name, "train")),
+            writers[name, "test"].finish(problem_handler(name, "test")),
+        )
+        for name in specs
+    ]
 
 
 def _export_context(exc: SampleError, row: Mapping[str, Any]) -> SampleError:
