@@ -495,16 +495,39 @@ class _Progress:
         tmp.replace(self.path)  # atomic: a kill never leaves half a file
 
 
-def _check_resumable(cfg: ExperimentConfig, run_dir: Path) -> None:
+def _check_resumable(cfg: ExperimentConfig, run_dir: Path, model_path: str) -> None:
     from mcl.config import changed_fields, load_config
 
-    changed = changed_fields(load_config(run_dir / "config.yaml").flat(), cfg.flat(), _RESUMABLE_CHANGES)
+    saved, current = load_config(run_dir / "config.yaml").flat(), cfg.flat()
+    # Compare the LoRA targets that take effect: "" (the family default, since 2026-12-02) equals the regex a
+    # run saved before then spelled out, when that regex is the model family's default.
+    key = "model.lora.target_modules"
+    if "" in (saved.get(key), current.get(key)):
+        default = _family_lora_targets(model_path)
+        for flat in (saved, current):
+            if flat.get(key) == "" and default is not None:
+                flat[key] = default
+    changed = changed_fields(saved, current, _RESUMABLE_CHANGES)
     if changed:
         diff = "; ".join(changed[:8])
         raise ConfigError(
             f"tracking.run_name: {run_dir} holds a run with a different config ({diff}); "
             "resume it with the same config or pick another run_name"
         )
+
+
+def _family_lora_targets(model_path: str) -> str | None:
+    """The default LoRA targets of the model family at ``model_path`` (None if the family or config is unknown)."""
+    from mcl.models import model_family
+
+    try:
+        from transformers import AutoConfig
+
+        model_type = AutoConfig.from_pretrained(model_path).model_type
+    except (OSError, ValueError):
+        return None
+    family = model_family(model_type)
+    return family.lora_targets if family is not None else None
 
 
 class RunStopped(SystemExit):
@@ -584,7 +607,7 @@ def run_experiment(
         )
     progress = _Progress.load(run_dir)
     if existing and (run_dir / "config.yaml").exists():
-        _check_resumable(cfg, run_dir)
+        _check_resumable(cfg, run_dir, prep.model_path)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = save_config(cfg, run_dir / "config.yaml")
 

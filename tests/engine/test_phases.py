@@ -19,6 +19,7 @@ from mcl.config import load_config
 from mcl.data import training_order
 from mcl.errors import ConfigError
 from mcl.methods_api import Method, Phase, TrainingData, register_method
+from mcl.models import LANGUAGE_MODEL_LINEARS
 from mcl.training import run_task_locally
 
 
@@ -155,8 +156,18 @@ def test_resume_continues_a_run_and_refuses_a_different_config(
     with pytest.raises(ConfigError, match=r"train\.lr"):
         runner.run_experiment(_cfg(tmp_path, generated_root, "train.lr=0.1"), log=quiet, resume=True)
 
+    # LoRA targets compare as they take effect: another regex is another config, while the family default
+    # spelled out (what runs saved before the default became "") is the same as "".
+    with pytest.raises(ConfigError, match=r"model\.lora\.target_modules"):
+        runner.run_experiment(
+            _cfg(tmp_path, generated_root, "model.lora.target_modules=.*language_model.*q_proj"),
+            log=quiet,
+            resume=True,
+        )
+    spelled = _cfg(tmp_path, generated_root, f"model.lora.target_modules={LANGUAGE_MODEL_LINEARS}")
+
     monkeypatch.setattr(runner, "_run_phase", real)
-    summary = runner.run_experiment(cfg, log=quiet, resume=True)
+    summary = runner.run_experiment(spelled, log=quiet, resume=True)
     assert calls == [(0, "train"), (0, "grads"), (1, "train"), (1, "grads")]  # only the missing phase
     assert len(summary.matrix) == 2 and summary.task_results[1].task_index == 1
     driver_state = json.loads((Path(summary.state_dirs[1]) / "driver_state.json").read_text())
@@ -174,7 +185,7 @@ def test_resume_continues_a_run_and_refuses_a_different_config(
     assert "grads_train_s" in second.data.metrics and "train_loss" in second.data.metrics
     assert second.data.metrics["mem_recorded"] > 0
 
-    # A finished run is read back, not trained again.
+    # A finished run is read back, not trained again (saved with the regex spelled out, resumed with "").
     again = runner.run_experiment(cfg, log=quiet, resume=True)
     assert calls == [(0, "train"), (0, "grads"), (1, "train"), (1, "grads")]
     assert again.matrix == summary.matrix and again.metrics == summary.metrics
