@@ -37,18 +37,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from mcl.config import load_config
     from mcl.data import Preprocessor, rows_to_batch, sample_row, training_order
-    from mcl.models import LLAVA_15_7B, build_random_llava, tiny_llava_shape, tiny_llava_vocabulary
     from mcl.streams import build_stream
+    from mcl.tiny_models import BUILTIN_MODELS, LLAVA_15_7B, TINY_LLAVA, build_random_model
     from mcl.training import TaskJob, run_task_locally
 
     work = Path(args.workdir).resolve()
-    shape = LLAVA_15_7B if args.shape == "7b" else tiny_llava_shape()
+    shape = LLAVA_15_7B if args.shape == "7b" else TINY_LLAVA
     dtype = args.dtype or ("bfloat16" if args.shape == "7b" else "float32")
     model_dir = work / f"llava-{args.shape}-random"
     t0 = time.perf_counter()
     if not (model_dir / "config.json").exists():
         print(f"building a random {args.shape} LLaVA in {model_dir} on {args.device} ({dtype})", flush=True)
-        build_random_llava(model_dir, tiny_llava_vocabulary(), shape, device=args.device, dtype=dtype)
+        vocabulary = BUILTIN_MODELS["tiny-llava"].vocabulary()
+        build_random_model("llava", model_dir, vocabulary, shape, device=args.device, dtype=dtype)
     build_s = time.perf_counter() - t0
 
     n_train = args.batch_size * args.steps

@@ -3,13 +3,16 @@
 Each tiny model is made of its family's real transformers classes, loads back with
 ``AutoModelForImageTextToText`` / ``AutoProcessor`` (:func:`mcl.models.load_model_and_processor`), prompts
 through its own chat template, gets LoRA on its language model only, and runs two tasks of a small
-generated stream end to end (train, save, reload, evaluate).
+generated stream end to end (train, save, reload, evaluate): in process, and (slow) Qwen2.5-VL and InternVL
+on 2 Ray Train workers under DeepSpeed ZeRO-2.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,14 +32,10 @@ from mcl.data import (
     sample_row,
 )
 from mcl.errors import ConfigError
-from mcl.models import (
-    BUILTIN_MODELS,
-    LANGUAGE_MODEL_LINEARS,
-    load_model_and_processor,
-    resolve_model_path,
-)
+from mcl.models import LANGUAGE_MODEL_LINEARS, load_model_and_processor, resolve_model_path
 from mcl.streams import build_stream
 from mcl.streams.generated import GENERATED_VOCABULARY
+from mcl.tiny_models import BUILTIN_MODELS
 
 DEFAULT = "jobs/configs/default.yaml"
 TASKS = ["aerial", "underwater"]
@@ -110,12 +109,20 @@ def small_stream_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _question_rows(root: Path, per_task: int = 2) -> list[dict]:
-    stream = build_stream("generated", root, STREAM_OPTIONS)
-    return [sample_row(s) for task in stream.tasks for s in task.train[:per_task]]
+@pytest.fixture(scope="module")
+def loaded(model_path: str):
+    """The family's model and processor, for the tests that do not change the model."""
+    return load_model_and_processor(model_path)
 
 
-def test_builds_and_reloads_with_the_auto_classes(family_name: str, model_path: str) -> None:
+@pytest.fixture(scope="module")
+def question_rows(small_stream_root: Path) -> list[dict]:
+    """Two training rows per task (the questions differ in length)."""
+    stream = build_stream("generated", small_stream_root, STREAM_OPTIONS)
+    return [sample_row(s) for task in stream.tasks for s in task.train[:2]]
+
+
+def test_builds_and_reloads_with_the_auto_classes(family_name: str, model_path: str, loaded) -> None:
     import transformers
     from transformers import AutoModelForImageTextToText
 
@@ -126,7 +133,7 @@ def test_builds_and_reloads_with_the_auto_classes(family_name: str, model_path: 
     # A standard folder, whatever class wrote it (the image-only subclass keeps the name).
     saved_processor = json.loads((Path(model_path) / "processor_config.json").read_text())
     assert saved_processor["processor_class"] == family.processor_class
-    model, processor = load_model_and_processor(model_path)
+    model, processor = loaded
     assert isinstance(model, getattr(transformers, family.model_class))
     assert isinstance(processor, getattr(transformers, family.processor_class))
     assert isinstance(AutoModelForImageTextToText.from_pretrained(model_path), type(model))
@@ -139,9 +146,9 @@ def test_builds_and_reloads_with_the_auto_classes(family_name: str, model_path: 
         assert tokenizer.convert_tokens_to_ids(word) != unk, word
 
 
-def test_prompt_comes_from_the_chat_template(family_name: str, model_path: str) -> None:
+def test_prompt_comes_from_the_chat_template(family_name: str, loaded) -> None:
     family = FAMILIES[family_name]
-    _, processor = load_model_and_processor(model_path)
+    _, processor = loaded
     question = "what is in the room ?"
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     prompt = build_prompt(processor, question)
@@ -154,11 +161,10 @@ def test_prompt_comes_from_the_chat_template(family_name: str, model_path: str) 
 
 
 def test_training_rows_supervise_only_the_answer_and_eos(
-    family_name: str, model_path: str, small_stream_root: Path
+    model_path: str, loaded, question_rows: list[dict]
 ) -> None:
-    rows = _question_rows(small_stream_root)
-    _, processor = load_model_and_processor(model_path)
-    tokenizer = processor.tokenizer
+    rows = question_rows
+    tokenizer = loaded[1].tokenizer
     train = Preprocessor(model_path, train=True)(rows_to_batch(rows))
     prompts = Preprocessor(model_path, train=False)(rows_to_batch(rows))
     for i, row in enumerate(rows):
@@ -171,12 +177,12 @@ def test_training_rows_supervise_only_the_answer_and_eos(
 
 
 def test_left_padded_batches_generate_as_single_samples(
-    family_name: str, model_path: str, small_stream_root: Path
+    model_path: str, loaded, question_rows: list[dict]
 ) -> None:
     """Every processor output reaches the model (Qwen2.5-VL: image_grid_thw, mm_token_type_ids) and left
     padding does not change what a sample generates."""
-    rows = _question_rows(small_stream_root)
-    model, processor = load_model_and_processor(model_path)
+    rows = question_rows
+    model, processor = loaded
     model.eval()
     pad, eos = processor.tokenizer.pad_token_id, processor.tokenizer.eos_token_id
     preprocess = Preprocessor(model_path, train=False)
@@ -196,33 +202,43 @@ def test_left_padded_batches_generate_as_single_samples(
     assert generate(rows) == [generate([row])[0] for row in rows]
 
 
-def test_lora_targets_only_the_language_model(family_name: str, model_path: str) -> None:
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+# (model.lora, the projections wrapped in every decoder layer, whether the projector trains as a saved module)
+LORA_PLACEMENTS = {
+    "family-default": (LoraConfig(), ATTENTION + MLP, True),
+    "configured": (
+        LoraConfig(target_modules=r".*language_model.*\.q_proj", train_projector=False),
+        ("q_proj",),
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("placement", list(LORA_PLACEMENTS))
+def test_lora_goes_where_configured_and_never_into_the_vision_tower(
+    family_name: str, model_path: str, placement: str
+) -> None:
+    """By default LoRA wraps every attention and MLP projection of the language model (and the projector
+    trains as a saved module); ``model.lora.target_modules`` overrides the family default."""
     family = FAMILIES[family_name]
-    model, _ = load_model_and_processor(model_path)
-    assert lora_target_modules(model, LoraConfig()) == LANGUAGE_MODEL_LINEARS
+    lora, projections, trains_projector = LORA_PLACEMENTS[placement]
+    model, _ = load_model_and_processor(model_path)  # fresh: new_lora wraps the model in place
+    assert lora_target_modules(model, lora) == (lora.target_modules or LANGUAGE_MODEL_LINEARS)
     assert projector_module_names(model) == [family.projector.rsplit(".", 1)[-1]]
-    peft_model = new_lora(model, LoraConfig())
+    peft_model = new_lora(model, lora)
     wrapped = [
         n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")
     ]
     layers = model.config.get_text_config().num_hidden_layers
-    assert len(wrapped) == 7 * layers, wrapped  # q, k, v, o, gate, up, down in every decoder layer
     assert all(n.startswith("model.language_model.layers.") for n in wrapped), wrapped
+    assert Counter(n.rsplit(".", 1)[-1] for n in wrapped) == dict.fromkeys(projections, layers), wrapped
     trainable = [
         n.removeprefix("base_model.model.") for n, p in peft_model.named_parameters() if p.requires_grad
     ]
     assert not [n for n in trainable if n.startswith(family.vision)], "nothing in the vision tower trains"
     saved_copies = {n.split(".modules_to_save")[0] for n in trainable if ".modules_to_save." in n}
-    assert saved_copies == {family.projector}, "the projector, and only it, trains as a saved module"
-
-
-def test_configured_targets_override_the_family_default(family_name: str, model_path: str) -> None:
-    model, _ = load_model_and_processor(model_path)
-    lora = LoraConfig(target_modules=r".*language_model.*\.q_proj", train_projector=False)
-    peft_model = new_lora(model, lora)
-    wrapped = [n for n, m in peft_model.named_modules() if n.endswith("q_proj") and hasattr(m, "lora_A")]
-    assert len(wrapped) == model.config.get_text_config().num_hidden_layers
-    assert not [n for n, m in peft_model.named_modules() if n.endswith("v_proj") and hasattr(m, "lora_A")]
+    assert saved_copies == ({family.projector} if trains_projector else set()), saved_copies
 
 
 def test_unknown_family_asks_for_target_modules() -> None:
@@ -234,7 +250,8 @@ def test_unknown_family_asks_for_target_modules() -> None:
     assert lora_target_modules(Mystery(), LoraConfig(target_modules="x")) == "x"
 
 
-def _family_config(family_name: str, root: Path):
+def _family_config(family_name: str, root: Path, *overrides: str):
+    """In process by default (one worker, plain PyTorch); ``overrides`` come last and win."""
     return load_config(
         DEFAULT,
         [
@@ -248,6 +265,7 @@ def _family_config(family_name: str, root: Path):
             "train.batch_size=8",
             "eval.batch_size=8",
             "eval.max_new_tokens=3",
+            *overrides,
         ],
     )
 
@@ -299,3 +317,62 @@ def test_two_tasks_train_save_reload_evaluate(
         texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
         predictions.update({str(i): t.strip() for i, t in zip(np_batch["id"], texts, strict=True)})
     assert predictions == {r["id"]: r["prediction"] for r in result.results[-1].predictions}
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tiny-qwen2.5-vl", "tiny-internvl"])
+def test_two_tasks_on_ray_train_under_deepspeed_zero2(
+    name: str, ray_session, small_stream_root: Path, tmp_path: Path
+) -> None:
+    """The real path beyond LLaVA (which tests/engine/test_ray_runs.py covers): Ray Data -> 2 Ray Train
+    workers -> DeepSpeed ZeRO-2 -> MLflow, two tasks; each task trains, is evaluated on both tasks and saves
+    its adapter (language-model LoRA + the projector)."""
+    from mlflow import MlflowClient
+    from safetensors.torch import load_file
+
+    from mcl.runner import run_experiment
+
+    cfg = _family_config(
+        name,
+        small_stream_root,
+        "scaling.num_workers=2",
+        "scaling.deepspeed=true",
+        "scaling.zero_stage=2",
+        "scaling.ray_num_cpus=4",
+        "train.epochs=1",  # 16 samples / global batch 8: 2 steps a task
+        "eval.max_new_tokens=2",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"tracking.output_dir={tmp_path}/runs",
+        f"tracking.run_name=ray-{name}",
+    )
+    summary = run_experiment(cfg, log=lambda _m: None)
+
+    assert summary.task_names == TASKS
+    assert len(summary.matrix) == 2 and all(len(row) == 2 for row in summary.matrix), summary.matrix
+    assert all(0 <= a <= 100 for row in summary.matrix for a in row), summary.matrix
+    assert {"mft", "mfn", "maa", "bwt"} <= set(summary.metrics)
+    for task_result in summary.task_results:
+        losses = [entry["loss"] for entry in task_result.train_log]
+        assert len(losses) == 2 and all(math.isfinite(x) for x in losses), losses
+        assert len(task_result.predictions) == 2 * 4, "both tasks' test sets are evaluated"
+    projector = FAMILIES[name].projector
+    for state_dir in summary.state_dirs:
+        adapter = Path(state_dir) / "adapter"
+        saved = json.loads((adapter / "adapter_config.json").read_text())
+        assert re.fullmatch(saved["target_modules"], "model.language_model.layers.0.self_attn.q_proj")
+        tensors = load_file(str(adapter / "adapter_model.safetensors"))
+        lora_b = [t for k, t in tensors.items() if "lora_B" in k]
+        assert lora_b and any(t.abs().sum() > 0 for t in lora_b), "training moved the adapter off zero"
+        assert [k for k in tensors if f"{projector}." in k], "the projector is saved with the adapter"
+    client = MlflowClient(summary.tracking_uri)
+    assert client.get_run(summary.run_id).info.status == "FINISHED"
+    matrix_file = Path(client.download_artifacts(summary.run_id, "accuracy_matrix.json"))
+    assert json.loads(matrix_file.read_text())["matrix"] == summary.matrix

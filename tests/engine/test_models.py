@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-import mcl.models as models
+import mcl.tiny_models as tiny_models
 from mcl.data import Preprocessor, collate, rows_to_batch, sample_row
 from mcl.errors import UnknownNameError
-from mcl.models import (
-    BUILTIN_MODELS,
-    load_model_and_processor,
-    resolve_model_path,
-    tiny_llava_vocabulary,
-)
+from mcl.models import load_model_and_processor, resolve_model_path
 from mcl.streams import build_stream
 from mcl.streams.generated import GENERATED_VOCABULARY
+from mcl.tiny_models import BUILTIN_MODELS
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +51,7 @@ def test_loads_through_the_generic_path(loaded) -> None:
     assert model.config.image_token_index == tokenizer.convert_tokens_to_ids("<image>")
     # Every word of the generated stream is in the vocabulary (no <unk> in prompts or answers).
     unk = tokenizer.unk_token_id
-    for word in [*GENERATED_VOCABULARY, *tiny_llava_vocabulary()]:
+    for word in [*GENERATED_VOCABULARY, *BUILTIN_MODELS["tiny-llava"].vocabulary()]:
         assert tokenizer.convert_tokens_to_ids(word) != unk, word
 
 
@@ -141,7 +138,7 @@ def test_same_vocabulary_same_cache_folder_no_rebuild(
     def _no_rebuild(*args, **kwargs):
         raise AssertionError("the tiny model was rebuilt although its vocabulary did not change")
 
-    monkeypatch.setattr(models, "build_tiny_llava", _no_rebuild)
+    monkeypatch.setattr(tiny_models, "build_random_model", _no_rebuild)
     assert resolve_model_path("tiny-llava", cache_dir=cache) == tiny_model_path
     assert weights.stat().st_mtime_ns == stamp
     # Without cache_dir the session's $MCL_CACHE_DIR/models is used: the same folder.
@@ -153,15 +150,16 @@ def test_other_vocabulary_other_cache_folder(
 ) -> None:
     built: list[Path] = []
 
-    def _fake_build(out_dir, vocabulary, **kwargs):
+    def _fake_build(model_type, out_dir, vocabulary, shape, **kwargs):
         out = Path(out_dir)
         out.mkdir(parents=True)
         (out / "config.json").write_text("{}")
         built.append(out)
         return out
 
-    monkeypatch.setattr(models, "build_tiny_llava", _fake_build)
-    monkeypatch.setattr(models, "tiny_llava_vocabulary", lambda: ["only", "these", "words"])
+    monkeypatch.setattr(tiny_models, "build_random_model", _fake_build)
+    other_words = replace(BUILTIN_MODELS["tiny-llava"], template_words=("only", "these", "words"))
+    monkeypatch.setitem(BUILTIN_MODELS, "tiny-llava", other_words)
     path = resolve_model_path("tiny-llava", cache_dir=tmp_path)
     assert Path(path).name != Path(tiny_model_path).name
     assert Path(path).name.startswith("tiny-llava-")
