@@ -18,7 +18,7 @@ resident memory after it:
   read        ``read_llava_conversations`` and ``read_mllmcl_test`` (every sample of both files, parsed as a
               stream and kept on disk: ``mcl.streams.store.SampleList``)
   check       ``check_images`` over all samples (each distinct image decoded once)
-  rows        the evaluation rows as the runner builds them (``mcl.data.RowOrder`` over the test samples),
+  rows        the evaluation rows as the runner builds them (``mcl.data.SampleRows`` over the test samples),
               turned into Arrow blocks one at a time (``mcl.data.arrow_blocks``, what ``ray_dataset`` hands
               to Ray's object store block by block; the object store itself is not measured)
   order       the training order the driver builds for a task (``mcl.data.training_order``: indices of a row
@@ -156,7 +156,7 @@ def measure_reading(
     from mcl.data import (
         ROW_KEYS,
         Preprocessor,
-        RowOrder,
+        SampleRows,
         arrow_blocks,
         local_batches,
         rows_to_batch,
@@ -184,7 +184,7 @@ def measure_reading(
     check_images(ChainedSamples([train, test]))
     stage("check", t0)
     t0 = time.perf_counter()
-    eval_rows = RowOrder.of(ChainedSamples([test]))
+    eval_rows = SampleRows(ChainedSamples([test]))
     blocks = sum(1 for _ in arrow_blocks(eval_rows))
     stage("rows", t0, rows=len(eval_rows), blocks=blocks)
     t0 = time.perf_counter()
@@ -194,7 +194,7 @@ def measure_reading(
     batches = 0
     rows_done = 0
     first_batch_rss = None
-    for batch in local_batches(RowOrder.of(train), preprocess, batch_size):
+    for batch in local_batches(SampleRows(train), preprocess, batch_size):
         batches += 1
         rows_done += len(batch["id"])
         if first_batch_rss is None:

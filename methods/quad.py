@@ -79,10 +79,10 @@ import torch.nn.functional as F
 from mcl.adapters import ADAPTER_DIR, load_lora, new_lora
 from mcl.data import (
     IGNORE_INDEX,
+    SampleRows,
     extra_rows_per_batch,
     mixed_training_order,
     reservoir_sample,
-    sample_row,
     training_order,
 )
 from mcl.methods_api import Method, Phase, TaskContext, TrainingData, load_driver_state, register_method
@@ -224,7 +224,7 @@ class QUAD(Method):
             rows = training_order(current, epochs=epochs, global_batch=global_batch, seed=seed)
         else:
             rows = question_replay_order(
-                [sample_row(s) for s in current],
+                SampleRows(current),
                 store,
                 epochs=epochs,
                 global_batch=global_batch,

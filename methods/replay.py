@@ -51,7 +51,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mcl.adapters import ADAPTER_DIR, load_lora, new_lora, save_lora
-from mcl.data import extra_rows_per_batch, mixed_training_order, reservoir_sample, sample_row, training_order
+from mcl.data import (
+    SampleRows,
+    extra_rows_per_batch,
+    mixed_training_order,
+    reservoir_sample,
+    training_order,
+)
 from mcl.methods_api import Method, Phase, TaskContext, TrainingData, load_driver_state, register_method
 
 if TYPE_CHECKING:
@@ -152,7 +158,7 @@ class ExperienceReplay(Method):
         else:
             replay = [{**row, "supervised": True} for row in buffer]
             rows = mixed_order(
-                [sample_row(s) for s in current],
+                SampleRows(current),
                 replay,
                 epochs=epochs,
                 global_batch=global_batch,

@@ -35,40 +35,60 @@ def sample_row(sample: Sample) -> dict[str, Any]:
     return {**{k: getattr(sample, k) for k in ROW_KEYS if k != "supervised"}, "supervised": True}
 
 
+class SampleRows(LazySequence):
+    """The annotation rows (:func:`sample_row`) of ``samples``, each built when it is read."""
+
+    def __init__(self, samples: Sequence[Sample]) -> None:
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, item: Any) -> Any:
+        if isinstance(item, slice):
+            return SampleRows(self.samples[item])
+        return sample_row(self.samples[item])
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return map(sample_row, self.samples)
+
+
 class RowOrder(LazySequence):
-    """Rows in a global order, kept as integer arrays over ``samples`` (the sample index of each row, and its
-    training epoch, or None for evaluation rows): a row dict (:func:`sample_row`, plus ``epoch``) is built
-    only when it is read. Slices are views; pickles as a plain list of rows.
+    """Training rows in a global order, kept as integer arrays: the position of each row in ``rows`` (a row
+    ``-1 - k`` is ``extra[k]``, e.g. a replayed row) and its epoch. A row dict (the base row plus ``epoch``)
+    is built only when it is read, so an order costs 12 bytes a row, however large the task. Slices are views;
+    pickles as a plain list of rows.
     """
 
-    def __init__(self, samples: Sequence[Sample], index: np.ndarray, epoch: np.ndarray | None = None) -> None:
-        self.samples = samples
+    def __init__(
+        self,
+        rows: Sequence[dict[str, Any]],
+        index: np.ndarray,
+        epoch: np.ndarray,
+        extra: Sequence[dict[str, Any]] = (),
+    ) -> None:
+        self.rows = rows
         self.index = index
         self.epoch = epoch
-
-    @classmethod
-    def of(cls, samples: Sequence[Sample]) -> RowOrder:
-        """Every sample once, in order, without an epoch (evaluation rows)."""
-        return cls(samples, np.arange(len(samples), dtype=np.int64))
+        self.extra = extra
 
     def __len__(self) -> int:
         return len(self.index)
 
+    def _row(self, i: int, epoch: int) -> dict[str, Any]:
+        return {**(self.rows[i] if i >= 0 else self.extra[-1 - i]), "epoch": epoch}
+
     def __getitem__(self, item: Any) -> Any:
         if isinstance(item, slice):
-            return RowOrder(self.samples, self.index[item], None if self.epoch is None else self.epoch[item])
-        row = sample_row(self.samples[int(self.index[item])])
-        return row if self.epoch is None else {**row, "epoch": int(self.epoch[item])}
+            return RowOrder(self.rows, self.index[item], self.epoch[item], self.extra)
+        return self._row(int(self.index[item]), int(self.epoch[item]))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        if self.epoch is None:
-            yield from (sample_row(self.samples[i]) for i in self.index.tolist())
-            return
         for i, epoch in zip(self.index.tolist(), self.epoch.tolist(), strict=True):
-            yield {**sample_row(self.samples[i]), "epoch": epoch}
+            yield self._row(i, epoch)
 
     def __repr__(self) -> str:
-        return f"RowOrder({len(self)} rows over {len(self.samples)} samples)"
+        return f"RowOrder({len(self)} rows over {len(self.rows)} + {len(self.extra)} extra rows)"
 
 
 def training_order(samples: Sequence[Sample], *, epochs: int, global_batch: int, seed: int) -> RowOrder:
@@ -90,7 +110,7 @@ def training_order(samples: Sequence[Sample], *, epochs: int, global_batch: int,
         index[at : at + len(perm)] = perm
         epoch_of[at : at + len(perm)] = epoch
         at += len(perm)
-    return RowOrder(samples, index, epoch_of)
+    return RowOrder(SampleRows(samples), index, epoch_of)
 
 
 def reservoir_sample(items: Sequence[Any], k: int, rng: random.Random) -> list[Any]:
@@ -121,29 +141,43 @@ def mixed_training_order(
     extra_per_batch: int,
     draw: Callable[[random.Random, int, int], list[dict[str, Any]]],
     rng_seed: str,
-) -> list[dict[str, Any]]:
+) -> RowOrder:
     """The global row order of a task whose batches each hold ``extra_per_batch`` extra rows.
 
     Each epoch permutes ``current`` (padded by wrapping around to whole batches of ``global_batch -
     extra_per_batch`` rows); for every batch, ``draw(rng, epoch, start)`` gives the extra rows (``start``:
     the batch's first position in the epoch's permutation), and the batch is shuffled. Every row gets its
-    ``epoch``. Deterministic for a given ``rng_seed``.
+    ``epoch``. Deterministic for a given ``rng_seed``. Current rows are kept as indices (pass a lazy
+    :class:`SampleRows` for a large task); a drawn row is stored once however often it is drawn (the same
+    object: e.g. a replay buffer's row).
     """
     take = global_batch - extra_per_batch
     if take < 1:
         raise ValueError(f"{extra_per_batch} extra rows leave no current rows in a batch of {global_batch}")
-    order: list[dict[str, Any]] = []
+    extra: list[dict[str, Any]] = []
+    stored: dict[int, int] = {}  # id(row) -> its position in extra
+
+    def position(row: dict[str, Any]) -> int:
+        if id(row) not in stored:
+            stored[id(row)] = len(extra)
+            extra.append(row)
+        return -1 - stored[id(row)]
+
+    indices: list[np.ndarray] = []  # one array per epoch: a list of ints would cost ~36 B a row
     for epoch in range(epochs):
         rng = random.Random(f"{rng_seed}-epoch-{epoch}")
         perm = list(range(len(current)))
         rng.shuffle(perm)
         perm += [perm[i % len(perm)] for i in range((-len(perm)) % take)]
+        order: list[int] = []
         for start in range(0, len(perm), take):
-            batch = [dict(current[i], epoch=epoch) for i in perm[start : start + take]]
-            batch += [dict(row, epoch=epoch) for row in draw(rng, epoch, start)] if extra_per_batch else []
+            batch = perm[start : start + take]
+            batch += [position(row) for row in draw(rng, epoch, start)] if extra_per_batch else []
             rng.shuffle(batch)
             order += batch
-    return order
+        indices.append(np.asarray(order, dtype=np.int64))
+    epoch_of = np.concatenate([np.full(len(ix), e, dtype=np.int32) for e, ix in enumerate(indices)])
+    return RowOrder(current, np.concatenate(indices), epoch_of, extra)
 
 
 def shard(rows: Sequence[dict[str, Any]], rank: int, world_size: int) -> Sequence[dict[str, Any]]:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mcl.config import ExperimentConfig, save_config
-from mcl.data import Preprocessor, RowOrder, ray_dataset, shard
+from mcl.data import Preprocessor, SampleRows, ray_dataset, shard
 from mcl.errors import ConfigError, DataError, UnknownNameError
 from mcl.evaluation.metrics import accuracy_matrix_json, cl_metrics, heatmap_png
 from mcl.methods_api import Method, Phase, TrainingData, build_method, load_driver_state
@@ -307,10 +307,10 @@ def _phase_datasets(prep: PreparedRun, phases: list[PlannedPhase]) -> dict[str, 
     return datasets
 
 
-def _eval_rows(prep: PreparedRun) -> RowOrder:
+def _eval_rows(prep: PreparedRun) -> SampleRows:
     """Every task's test samples (the first ``eval.max_samples_per_task`` of each), as rows read lazily."""
     limit = prep.config.eval.max_samples_per_task
-    return RowOrder.of(ChainedSamples([t.test[:limit] if limit else t.test for t in prep.stream.tasks]))
+    return SampleRows(ChainedSamples([t.test[:limit] if limit else t.test for t in prep.stream.tasks]))
 
 
 def _ordered_execution() -> Any:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import mcl.streams.formats as formats
-from mcl.data import RowOrder, sample_row, shard, training_order
+from mcl.data import RowOrder, SampleRows, mixed_training_order, sample_row, shard, training_order
 from mcl.errors import DataError, SampleError
 from mcl.streams.samples import Sample
 from mcl.streams.store import ChainedSamples, SampleList, SampleWriter, take
@@ -112,7 +112,38 @@ def test_training_order_as_indices_equals_the_list_of_rows_it_replaces(
     assert [order[i] for i in range(len(order))] == expected
     assert list(shard(order, 1, 2)) == expected[1::2]
     assert pickle.loads(pickle.dumps(order[2:5])) == expected[2:5]
-    assert list(RowOrder.of(samples)) == [sample_row(s) for s in samples]
+    assert list(SampleRows(samples)) == [sample_row(s) for s in samples]
+
+
+def _old_mixed_training_order(current, *, epochs, global_batch, extra_per_batch, draw, rng_seed):
+    take = global_batch - extra_per_batch
+    order = []
+    for epoch in range(epochs):
+        rng = random.Random(f"{rng_seed}-epoch-{epoch}")
+        perm = list(range(len(current)))
+        rng.shuffle(perm)
+        perm += [perm[i % len(perm)] for i in range((-len(perm)) % take)]
+        for start in range(0, len(perm), take):
+            batch = [dict(current[i], epoch=epoch) for i in perm[start : start + take]]
+            batch += [dict(row, epoch=epoch) for row in draw(rng, epoch, start)] if extra_per_batch else []
+            rng.shuffle(batch)
+            order += batch
+    return order
+
+
+def test_mixed_order_as_indices_equals_the_list_of_rows_and_stores_each_drawn_row_once() -> None:
+    samples = _stored([_sample(i) for i in range(45)])
+    pool = [{**sample_row(_sample(100 + i, "old")), "supervised": True} for i in range(6)]
+
+    def draw(rng: random.Random, epoch: int, start: int) -> list[dict]:
+        return rng.sample(pool, 3)
+
+    kwargs = {"epochs": 3, "global_batch": 8, "extra_per_batch": 3, "draw": draw, "rng_seed": "s"}
+    order = mixed_training_order(SampleRows(samples), **kwargs)
+    expected = _old_mixed_training_order([sample_row(s) for s in samples], **kwargs)
+    assert isinstance(order, RowOrder) and list(order) == expected and len(order) % 8 == 0
+    assert len(order.extra) == 6  # every pool row drawn many times, stored once
+    assert list(shard(order, 0, 2)) == expected[::2]
 
 
 # --- streaming JSON readers ---------------------------------------------------------------------------------
