@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import pickle
 import random
 from pathlib import Path
@@ -57,6 +58,33 @@ def test_sample_list_pickles_as_a_list_and_its_file_goes_with_the_last_view() ->
     del view
     gc.collect()
     assert not path.parent.exists()
+
+
+def test_spill_folders_of_dead_processes_are_removed(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from mcl.streams import store
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    orphan = tmp_path / f"{store._owner_prefix(int(dead.stdout))}abc"
+    orphan.mkdir()
+    (orphan / "samples.jsonl").write_text("x")
+    live = (
+        tmp_path / f"{store._owner_prefix(os.getppid())}def"
+    )  # a live process (pytest's parent) keeps its folder
+    live.mkdir()
+    elsewhere = tmp_path / f"mcl-samples-otherhost-{int(dead.stdout)}-ghi"  # another machine's: left alone
+    elsewhere.mkdir()
+    stored = SampleWriter("f", spill_dir=tmp_path)
+    stored.append(_sample(0))
+    samples = stored.finish()
+    assert not orphan.exists() and live.exists() and elsewhere.exists()
+    assert samples._spill.path.parent.parent == tmp_path
+    assert samples._spill.path.parent.name.startswith(store._owner_prefix(os.getpid()))
+    store._remove_orphans.cache_clear()
 
 
 def test_repeated_ids_are_found_after_reading_and_the_first_is_kept() -> None:

@@ -4,7 +4,8 @@ A reader writes each parsed :class:`~mcl.streams.samples.Sample` as one JSON lin
 only its byte offset (8 bytes) and a 64-bit hash of its id (8 bytes, to find repeated ids once the file is
 read). The result, :class:`SampleList`, is a read-only ``Sequence[Sample]``: ``len``, indexing, slicing and
 iteration read the samples back from the file when they are used. Views (slices, :meth:`SampleList.select`)
-share the file; it is deleted when the last view is garbage collected or the process exits.
+share the file; it is deleted when the last view is garbage collected or the process exits (folders of
+processes killed before they could clean up are removed by the next process that spills to the same place).
 
 :class:`ChainedSamples` concatenates sequences (e.g. every task's training samples for a joint method) without
 copying them. Both pickle as plain lists, so a sample sequence shipped to another process or node never points
@@ -14,10 +15,12 @@ at a file only this machine has.
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -89,6 +92,37 @@ def _remove(folder: Path, handles: list[Any]) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+_PREFIX = "mcl-samples-"
+
+
+def _owner_prefix(pid: int) -> str:
+    """``mcl-samples-<host>-<pid>-``: a spill folder names the process that owns it (the host too, since a temp
+    folder may be shared by machines or containers whose process ids mean different things)."""
+    host = socket.gethostname().replace("-", "_") or "host"
+    return f"{_PREFIX}{host}-{pid}-"
+
+
+@functools.cache
+def _remove_orphans(base: str) -> None:
+    """Remove spill folders in ``base`` left by processes of this host that are gone (killed before they could
+    clean up). Once per process and folder."""
+    mine = _owner_prefix(0)[: -len("0-")]
+    for folder in Path(base).glob(f"{mine}*-*"):
+        pid = folder.name[len(mine) :].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 class LazySequence(Sequence[Any]):
     """A read-only sequence whose items are built when read. Compares equal to, and concatenates (``+``, to a
     list) with, any sequence of the same items; pickles as a plain list, so it can travel to another process
@@ -152,15 +186,15 @@ class SampleWriter:
     Args:
         label: Names the source in duplicate-id problems (the annotation file the samples come from).
         detail: Appended to duplicate-id messages (e.g. which task and split).
-        spill_dir: Folder for the spill file's temporary folder (default: the system temp folder; or the
-            environment variable ``MCL_SPILL_DIR``).
+        spill_dir: Where the spill file's folder goes (default: the environment variable ``MCL_SPILL_DIR``,
+            else the system temp folder).
     """
 
     def __init__(self, label: str, detail: str = "", spill_dir: str | Path | None = None) -> None:
-        base = spill_dir or os.environ.get("MCL_SPILL_DIR") or None
-        if base is not None:
-            Path(base).mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix="mcl-samples-", dir=base))
+        base = Path(spill_dir or os.environ.get("MCL_SPILL_DIR") or tempfile.gettempdir())
+        base.mkdir(parents=True, exist_ok=True)
+        _remove_orphans(str(base))
+        folder = Path(tempfile.mkdtemp(prefix=_owner_prefix(os.getpid()), dir=base))
         self._spill = _SpillFile(folder, folder / "samples.jsonl")
         self._file = open(self._spill.path, "wb", buffering=_READ_BUFFER)  # noqa: SIM115 - closed in finish
         self._label = label
