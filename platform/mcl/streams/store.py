@@ -32,7 +32,9 @@ import numpy as np
 from mcl.errors import SampleError
 from mcl.streams.samples import Sample
 
-_READ_BUFFER = 1 << 20
+# Buffers of the spill files: one read handle stays open per list (every task and split of a stream), so small.
+_READ_BUFFER = 1 << 16
+_WRITE_BUFFER = 1 << 18
 
 
 def _id_hash(sample_id: str) -> int:
@@ -196,7 +198,7 @@ class SampleWriter:
         _remove_orphans(str(base))
         folder = Path(tempfile.mkdtemp(prefix=_owner_prefix(os.getpid()), dir=base))
         self._spill = _SpillFile(folder, folder / "samples.jsonl")
-        self._file = open(self._spill.path, "wb", buffering=_READ_BUFFER)  # noqa: SIM115 - closed in finish
+        self._file = open(self._spill.path, "wb", buffering=_WRITE_BUFFER)  # noqa: SIM115 - closed in finish
         self._label = label
         self._detail = detail
         self._offsets: list[int] = []
