@@ -158,6 +158,13 @@ def _ray_stream_loop(loop_config: dict[str, Any]) -> None:
     if td.is_available() and td.is_initialized():
         td.broadcast_object_list(start, src=0)
     for k in range(start[0], len(jobs)):
+        # The driver asks the group to stop (its own error) by writing ABORT_FILE: rank 0 looks before every
+        # phase and all ranks end together (a clean end of the Train job, not a failure to retry).
+        stop = [rank == 0 and (run_dir / ABORT_FILE).exists()]
+        if td.is_available() and td.is_initialized():
+            td.broadcast_object_list(stop, src=0)
+        if stop[0]:
+            return
         job = jobs[k]
         train_shard = ray.train.get_dataset_shard(f"p{k}_train_{rank}")
         # Phases that do not evaluate read no evaluation data.
@@ -423,6 +430,7 @@ class _PhaseRunner:
     def _launch(self, t: int, phase: Phase, previous: str | None) -> None:
         if self.thread is not None:
             raise RuntimeError(f"phase {t}:{phase.name} is not in the running plan")
+        (self.run_dir / ABORT_FILE).unlink(missing_ok=True)  # left by an attempt whose driver failed
         _init_ray(self.prep.config)
         plan = plan_phases(self.prep, t, phase, previous, self.run_dir)
         for item in plan:  # an interrupted attempt's folders of these phases: trained again
@@ -459,8 +467,19 @@ class _PhaseRunner:
             if self.error is not None:
                 raise self.error
 
+    def abort(self, wait_s: float = 0.0) -> None:
+        """Ask a running Train job to stop before its next phase (the driver failed or was stopped), so that
+        a long-lived process (a notebook) does not go on training in the background; wait up to ``wait_s``
+        seconds for it to end. The phase in progress finishes first (its folder is kept, and a resumed run
+        does not train it again)."""
+        if self.thread is None or not self.thread.is_alive():
+            return
+        (self.run_dir / ABORT_FILE).write_text("the driver stopped this run\n")
+        self.thread.join(timeout=wait_s)
+
 
 PROGRESS_FILE = "progress.json"
+ABORT_FILE = "abort"  # in a run directory: the driver asks its running Train job to stop
 # Settings that may change between an interrupted run and its resumption (where and how it runs).
 _RESUMABLE_CHANGES = ("scaling.ray_address", "scaling.ray_num_cpus", "scaling.max_failures")
 
@@ -739,6 +758,7 @@ def run_experiment(
             tracker.end_run(run_id)
             open_runs.remove(run_id)
     except BaseException as exc:
+        phase_runner.abort()
         _close_interrupted_runs(tracker, open_runs, exc, log)
         raise
     wall = time.perf_counter() - t_start

@@ -170,3 +170,36 @@ def _model_path(cfg) -> str:
     from mcl.models import resolve_model_path
 
     return resolve_model_path(cfg.model.name)
+
+
+def test_a_failing_driver_stops_its_train_job_before_the_next_phase(ray_session, small_root, tmp_path):
+    """The driver raises after task 1 is published: the Train job running in the background finishes the
+    phase in progress at most and trains nothing after it; a resume clears the stop and finishes the run."""
+    import threading
+    import time
+
+    from mcl.runner import ABORT_FILE, run_experiment
+
+    cfg = _config(
+        tmp_path,
+        small_root,
+        "stream.options.tasks=[aerial,underwater,street]",
+        "tracking.run_name=driver-fails",
+    )
+
+    def fail(t: int, names: list[str], matrix: list[list[float]]) -> None:
+        raise RuntimeError("the driver fails after task 1")
+
+    with pytest.raises(RuntimeError, match="the driver fails after task 1"):
+        run_experiment(cfg, log=lambda _m: None, on_task=fail)
+    deadline = time.monotonic() + 120
+    while any(th.name == "mcl-ray-train" for th in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not any(th.name == "mcl-ray-train" for th in threading.enumerate()), "the Train job kept running"
+    run_dir = Path(cfg.tracking.output_dir) / "driver-fails"
+    published = sorted(p.name for p in run_dir.iterdir() if (p / "task_result.json").exists())
+    assert published[0].startswith("task00") and 1 <= len(published) <= 2, published  # task 3 never starts
+    assert (run_dir / ABORT_FILE).exists()
+
+    summary = run_experiment(cfg, log=lambda _m: None, resume=True)
+    assert len(summary.matrix) == 3 and not (run_dir / ABORT_FILE).exists()
