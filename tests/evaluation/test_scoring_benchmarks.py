@@ -1,4 +1,5 @@
-"""Benchmark scorers: MLLM-CL domains and abilities, OCRBench, VQAv2 soft accuracy, MSVQA, token F1, boxes."""
+"""Benchmark scorers: MLLM-CL domains and abilities, OCRBench, VQAv2 soft accuracy, CoIN, MSVQA, token F1,
+boxes."""
 
 import json
 
@@ -306,6 +307,55 @@ def test_box_matching_is_maximal_not_greedy():
     assert score(prediction, answer, "box_iou") == 1.0
 
 
+# -------------------------------------------------------------------------------------------- CoIN / UCIT
+
+
+@pytest.mark.parametrize(
+    ("prediction", "answer", "expected"),
+    [
+        ("Yes", "yes", 1.0),
+        ("  UNANSWERABLE\n", "unanswerable", 1.0),  # the prediction is stripped, case is ignored
+        ("Yes.", "yes", 0.0),  # nothing else is normalised (CoIN: pred.upper() == gt.upper())
+        ("a dog", "dog", 0.0),
+        ("two", "2", 0.0),
+        ("coke", '["coca cola", "coke"]', 1.0),  # a JSON list: any reference counts
+    ],
+)
+def test_caseless_exact(prediction, answer, expected):
+    assert score(prediction, answer, "caseless_exact") == expected
+
+
+@pytest.mark.parametrize(
+    ("prediction", "answer", "expected"),
+    [
+        ("tench", "tench", 1.0),
+        ("The object is a tench.", "tench", 1.0),  # the answer in the prediction
+        ("tabby", "tabby cat", 1.0),  # the prediction in the answer (CoIN counts both ways)
+        ("Tench", "tench", 0.0),  # case-sensitive, as published
+        ("", "tench", 0.0),  # deviation: an empty prediction does not count
+        ("goldfish", "tench", 0.0),
+    ],
+)
+def test_substring_either(prediction, answer, expected):
+    assert score(prediction, answer, "substring_either") == expected
+
+
+@pytest.mark.parametrize(
+    ("prediction", "answer", "expected"),
+    [
+        ("[0.1, 0.2, 0.5, 0.6]", "[0.1, 0.2, 0.5, 0.6]", 1.0),
+        (" [0.1,0.2,0.5,0.6] ", "[0.1, 0.2, 0.5, 0.6]", 1.0),
+        ("[0, 0, 10, 5]", "[0, 0, 10, 10]", 0.0),  # IoU exactly 0.5 is not above 0.5
+        ("[0, 0, 10, 6]", "[0, 0, 10, 10]", 1.0),  # IoU 0.6
+        ("The box is [0.1, 0.2, 0.5, 0.6].", "[0.1, 0.2, 0.5, 0.6]", 0.0),  # text around the box
+        ("[0.1, 0.2, 0.5, 0.6] [0.1, 0.2, 0.5, 0.6]", "[0.1, 0.2, 0.5, 0.6]", 0.0),  # two boxes
+        ("[0.1, 0.2, 0.5]", "[0.1, 0.2, 0.5, 0.6]", 0.0),
+    ],
+)
+def test_single_box_iou(prediction, answer, expected):
+    assert score(prediction, answer, "single_box_iou") == expected
+
+
 # ------------------------------------------------------------------------------------------ bad references
 
 
@@ -328,6 +378,11 @@ def test_box_matching_is_maximal_not_greedy():
         ("mllmcl_math", "  ", "empty after normalisation"),
         ("mllmcl_gui", "Open settings", "option letter"),
         ("token_f1", " ", "empty"),
+        ("caseless_exact", "", "empty after normalisation"),
+        ("substring_either", "", "empty after normalisation"),
+        ("single_box_iou", "[0.1, 0.2, 0.5]", "must be one \\[x1, y1, x2, y2\\] box"),
+        ("single_box_iou", "left side", "must be one"),
+        ("single_box_iou", "[0.5, 0.2, 0.1, 0.6]", "needs x2 > x1"),
     ],
 )
 def test_bad_references_raise_data_error(answer_type, answer, message):
@@ -371,6 +426,9 @@ _SAMPLE_ANSWERS = {
     "mllmcl_vp": "left",
     "mllmcl_math": "3",
     "mllmcl_gui": "B. Open settings",
+    "caseless_exact": "yes",
+    "substring_either": "tabby cat",
+    "single_box_iou": "[0, 0, 10, 10]",
     "vqa_soft": annotators(2),
     "msvqa": "boat",
     "token_f1": "a red boat",

@@ -38,20 +38,20 @@ EXPECTED: dict[str, dict[str, set[str]]] = {  # task order and the scorers of it
     },
     "coin": {
         "ScienceQA": {"choice"},
-        "TextVQA": {"vqa_soft", "exact"},
-        "ImageNet": {"contains"},
+        "TextVQA": {"vqa_soft"},
+        "ImageNet": {"substring_either"},
         "GQA": {"exact"},
-        "VizWiz": {"vqa_soft", "exact"},
-        "Grounding": {"box_iou"},
-        "VQAv2": {"vqa_soft", "exact"},
-        "OCRVQA": {"exact"},
+        "VizWiz": {"caseless_exact"},
+        "Grounding": {"single_box_iou"},
+        "VQAv2": {"caseless_exact"},
+        "OCRVQA": {"caseless_exact"},
     },
     "ucit": {
-        "ImageNet-R": {"contains"},
-        "ArxivQA": {"choice"},
+        "ImageNet-R": {"caseless_exact"},
+        "ArxivQA": {"caseless_exact"},
         "VizWiz-caption": {"token_f1"},
-        "IconQA": {"exact"},
-        "CLEVR-Math": {"exact"},
+        "IconQA": {"caseless_exact"},
+        "CLEVR-Math": {"caseless_exact"},
         "Flickr30k": {"token_f1"},
     },
     "msvqa": {scenario: {"msvqa"} for scenario in SCENARIOS},
@@ -142,14 +142,48 @@ def test_fin_test_file_typo_of_the_readme_is_accepted(tmp_path: Path) -> None:
     assert len(build_stream("mllm-cl-domain", root, {"tasks": ["Fin"]}).tasks[0].test) == 3
 
 
-def test_coin_grounding_and_vqa_answers(tmp_path: Path) -> None:
-    coin = {t.name: t for t in build_stream("coin", _fixture(tmp_path, "coin"), {}).tasks}
+def test_single_box_iou_and_vqa_answers(tmp_path: Path) -> None:
+    root = _fixture(tmp_path, "coin")
+    coin = {t.name: t for t in build_stream("coin", root, {}).tasks}
     box = coin["Grounding"].test[0]
     assert box.answer == "[0.12, 0.2, 0.5, 0.64]" and box.extra == {"size": [16, 12]}
-    soft = coin["VQAv2"].test[0]
-    assert soft.answer_type == "vqa_soft" and json.loads(soft.answer) == ["no"] * 7 + ["other"] * 3
-    assert soft.extra == {"answer": "no"}
-    assert coin["VQAv2"].test[1].answer_type == "exact" and coin["VQAv2"].test[1].answer == "no"
+    assert box.answer_type == "single_box_iou"
+    # TextVQA: the ten annotators of TextVQA's own val file (cl_dataset/TextVQA/), joined by question_id.
+    soft = coin["TextVQA"].test[0]
+    assert soft.id == "34602" and soft.answer_type == "vqa_soft"
+    assert json.loads(soft.answer) == ["coca cola"] * 7 + ["coke"] * 3
+    assert soft.extra == {"answer": "coca cola"}
+    assert all(s.answer_type == "caseless_exact" and s.answer == "no" for s in coin["VQAv2"].test)
+    assert [s.answer for s in coin["VizWiz"].test] == ["unanswerable"] * 3
+
+
+def test_coin_textvqa_annotations_option(tmp_path: Path) -> None:
+    root = _fixture(tmp_path, "coin")
+    official = root / "cl_dataset" / "TextVQA" / "TextVQA_0.5.1_val.json"
+    official.rename(root / "textvqa_val.json")
+    plain = build_stream("coin", root, {"tasks": ["TextVQA"]}).tasks[0]  # no file: the row's own answer
+    assert [(s.answer, s.answer_type, s.extra) for s in plain.test] == [("coca cola", "vqa_soft", {})] * 3
+    moved = build_stream("coin", root, {"tasks": ["TextVQA"], "textvqa_annotations": "textvqa_val.json"})
+    assert all(len(json.loads(s.answer)) == 10 for s in moved.tasks[0].test)
+    with pytest.raises(DataError, match="nope.json not found \\(option 'textvqa_annotations'\\)"):
+        build_stream("coin", root, {"textvqa_annotations": "nope.json"})
+    with pytest.raises(ConfigError, match="option 'textvqa_annotations' must be a file path relative"):
+        build_stream("coin", root, {"textvqa_annotations": str(root / "textvqa_val.json")})
+    content = json.loads((root / "textvqa_val.json").read_text())
+    content["data"] = content["data"][1:]
+    (root / "textvqa_val.json").write_text(json.dumps(content))
+    with pytest.raises(DataError, match="question_id '34602' is not in"):
+        build_stream("coin", root, {"textvqa_annotations": "textvqa_val.json"})
+    (root / "textvqa_val.json").write_text(json.dumps({"data": [{"question_id": 1, "answers": []}]}))
+    with pytest.raises(DataError, match="needs a non-empty list of 'answers'"):
+        build_stream("coin", root, {"textvqa_annotations": "textvqa_val.json"})
+    # Exports hold the references they were written with; the file is not joined again.
+    published = build_stream("coin", _fixture(tmp_path / "b", "coin"), {})
+    write_export(published.tasks, tmp_path / "x.jsonl", "jsonl", tmp_path / "b" / "coin")
+    exported = build_stream(
+        "coin", tmp_path / "b" / "coin", {"source": "jsonl", "path": str(tmp_path / "x.jsonl")}
+    )
+    assert _keys(exported) == _keys(published)
 
 
 def test_coin_and_ucit_folders_are_options(tmp_path: Path) -> None:
@@ -203,8 +237,7 @@ def test_drivelm_views_are_tiled_once_into_the_cache(tmp_path: Path) -> None:
                 )
             )
             assert list(cell.getdata()) == list(image.convert("RGB").getdata()), view
-    assert Path(ad.test[0].image).parent.name == "tiles"  # a test row with a list of views
-    assert Path(ad.test[1].image).parent.name != "tiles"  # a single image stays as it is
+    assert all(Path(s.image).parent.name == "images" for s in ad.test)  # single test images stay as they are
     assert len({s.image for s in ad.train}) == len(ad.train)
 
     mtime = tile.stat().st_mtime_ns

@@ -1,4 +1,4 @@
-"""Per-sample scorers of published benchmarks: MLLM-CL domains and abilities, OCRBench, VQAv2, MSVQA.
+"""Per-sample scorers of published benchmarks: MLLM-CL domains and abilities, OCRBench, VQAv2, CoIN, MSVQA.
 
 Every scorer is pure, ``scorer(prediction, answer) -> float`` in ``[0, 1]``, and raises
 :class:`~mcl.errors.DataError` naming the problem when the reference ``answer`` is unusable.
@@ -8,7 +8,13 @@ The ``mllmcl_*`` scorers reimplement (not copy) the per-domain scripts that MLLM
 ``scripts/Eval_MR_LoRA/eval_use_router_{DCL,ACL}.sh`` (github.com/bjzhb666/MLLM-CL). Their quirks are kept
 on purpose, so that scores stay comparable with the paper; each docstring says where a rule is loose and
 where we deviate. Samples the scripts skip for containing ``Unanswerable`` still count in their
-denominators, so here they score 0.
+denominators, so here they score 0. The same scripts ship, as ``llava/eval/CoIN/eval_*.py``, with MCITlib
+(github.com/Ghy0501/MCITlib) and EBLoRA (github.com/haodotgu/EBLoRA, commit 9887b55), whose copies we read.
+
+``caseless_exact``, ``substring_either`` and ``single_box_iou`` reimplement CoIN's scripts
+(github.com/zackschen/CoIN, ``ETrain/Eval/LLaVA/CoIN/eval_{vqav2,vizwiz,ocrvqa,ImagetNet,grounding}.py``;
+the same files are ``llava/eval/CoIN/`` in HiDe-LLaVA, MCITlib and EBLoRA); ``caseless_exact`` is also the
+accuracy that UCIT's ``eval_deepseek_r1.py`` prints (its LLM judge is commented out in every copy we read).
 
 :data:`BENCHMARK_SCORERS` names them by answer type; :mod:`mcl.evaluation.scoring` registers that table in
 :data:`~mcl.evaluation.scoring.SCORERS`.
@@ -528,6 +534,75 @@ def score_box_iou(prediction: str, answer: str) -> float:
     return 2 * matched / (len(preds) + len(golds))
 
 
+# --------------------------------------------------------------------------------------------------------
+# CoIN (and UCIT) exact match, ImageNet containment, grounding accuracy
+# --------------------------------------------------------------------------------------------------------
+
+
+def score_caseless_exact(prediction: str, answer: str) -> float:
+    """Case-insensitive exact match, as CoIN's ``eval_vqav2.py``, ``eval_vizwiz.py``, ``eval_ocrvqa.py`` and
+    UCIT's ``eval_deepseek_r1.py`` count it (``pred.upper() == gt.upper()``).
+
+    The prediction is stripped of surrounding whitespace (the published inference scripts store
+    ``outputs.strip()``); nothing else is normalised, so ``"Yes."`` does not match ``"yes"``. ``answer``
+    may be a JSON list of references (any one counts). CoIN's OCR-VQA script skips predictions containing
+    ``Unanswerable``; they cannot equal a reference anyway.
+
+    Raises:
+        DataError: If a reference is empty.
+    """
+    pred = prediction.strip().upper()
+    refs = [_require(ref, answer, "caseless_exact") for ref in parse_references(answer)]
+    return float(any(pred == ref.upper() for ref in refs))
+
+
+def score_substring_either(prediction: str, answer: str) -> float:
+    """CoIN ImageNet rule (``eval_ImagetNet.py``): 1 when the answer is a substring of the prediction or the
+    prediction a substring of the answer, case-sensitive and without any normalisation.
+
+    The prediction is stripped of surrounding whitespace. Deviation: an empty prediction scores 0 (the
+    script's ``pred in answer`` is true for an empty prediction).
+    """
+    pred = prediction.strip()
+    gold = _require(answer, answer, "substring_either")
+    return float(bool(pred) and (gold in pred or pred in gold))
+
+
+COIN_IOU_THRESHOLD = 0.5
+
+
+def _four_numbers(text: str) -> Box | None:
+    parts = text.replace("[", "").replace("]", "").split(",")
+    if len(parts) != 4:
+        return None
+    try:
+        x1, y1, x2, y2 = (float(part) for part in parts)
+    except ValueError:
+        return None
+    return x1, y1, x2, y2
+
+
+def score_single_box_iou(prediction: str, answer: str) -> float:
+    """CoIN grounding accuracy (``eval_grounding.py``): 1 when the prediction is exactly one box
+    ``[x1, y1, x2, y2]`` whose IoU with the reference box is above 0.5, else 0.
+
+    The prediction, stripped and with its brackets removed, must be four comma-separated numbers (text
+    around the box or several boxes score 0, as in the script). Deviation: the script also drops the
+    first and last character of the bracket-less prediction (``[1:-1]``), which cuts the last digit of
+    the last coordinate; we read the numbers whole. Multi-box answers are ``box_iou``'s job.
+
+    Raises:
+        DataError: If ``answer`` is not one box with positive width and height.
+    """
+    gold = _four_numbers(answer)
+    if gold is None:
+        raise DataError(f"single_box_iou answer must be one [x1, y1, x2, y2] box, got {answer!r}")
+    if gold[2] <= gold[0] or gold[3] <= gold[1]:
+        raise DataError(f"single_box_iou answer box needs x2 > x1 and y2 > y1: {answer!r}")
+    pred = _four_numbers(prediction.strip())
+    return float(pred is not None and box_iou(gold, pred) > COIN_IOU_THRESHOLD)
+
+
 BENCHMARK_SCORERS: dict[str, Scorer] = {
     "mllmcl_rs": score_mllmcl_rs,
     "mllmcl_ad": score_mllmcl_rs,  # the same script (eval_ai2d.py) scores both domains
@@ -542,6 +617,9 @@ BENCHMARK_SCORERS: dict[str, Scorer] = {
     "mllmcl_vp": score_mllmcl_vp,
     "mllmcl_math": score_mllmcl_math,
     "mllmcl_gui": score_mllmcl_gui,
+    "caseless_exact": score_caseless_exact,
+    "substring_either": score_substring_either,
+    "single_box_iou": score_single_box_iou,
     "vqa_soft": score_vqa_soft,
     "msvqa": score_msvqa,
     "token_f1": score_token_f1,

@@ -30,7 +30,7 @@ DEFAULT_COUNTS = {  # (train, test) samples per task
     "ucit": (3, 2),
     "msvqa": (10, 5),
 }
-CAMERA_VIEWS = (  # nuScenes / DriveLM camera order: the front row, then the back row.
+CAMERA_VIEWS = (  # nuScenes camera order, front row then back row: the (unverified) AD train rows' views.
     "CAM_FRONT_LEFT",
     "CAM_FRONT",
     "CAM_FRONT_RIGHT",
@@ -104,7 +104,7 @@ def _conv(sample_id: str, image: Any, question: str, answer: str, id_key: str = 
     }
 
 
-def _test(sample_id: str, image: Any, text: str, answer: Any, **extra: Any) -> dict[str, Any]:
+def _test(sample_id: str | int, image: Any, text: str, answer: Any, **extra: Any) -> dict[str, Any]:
     return {"question_id": sample_id, "image": image, "text": text, "answer": answer, **extra}
 
 
@@ -184,7 +184,13 @@ _RS_QUESTION = (
 
 
 def _mllm_cl_domain(root: Path, images: _Images, n_train: int, n_test: int) -> list[_TaskFiles]:
-    """``<root>/{RS,Med,AD,Sci,Fin}/{images/, train.json, test.json}``; AD rows hold six camera views."""
+    """``<root>/{RS,Med,AD,Sci,Fin}/{images/, train.json, test.json}``.
+
+    Test rows hold one image path each, AD included: MLLM-CL's AD evaluation (``model_ai2d.py``) opens
+    ``os.path.join(image_folder, image)``. AD train rows hold six camera views: whether the published train
+    rows do could not be verified (MLLM-CL's ETrain loader accepts image lists); it keeps the tiling path
+    exercised.
+    """
     tasks = []
     for task in ("RS", "Med", "AD", "Sci", "Fin"):
         folder = root / task
@@ -205,7 +211,7 @@ def _mllm_cl_domain(root: Path, images: _Images, n_train: int, n_test: int) -> l
 
 
 def _domain_sample(task: str, split: str, i: int, folder: Path, images: _Images) -> tuple[Any, str, str]:
-    if task == "AD" and (split == "train" or i == 0):
+    if task == "AD" and split == "train":
         views = [f"images/{split}_scene_{i}/{view}.png" for view in CAMERA_VIEWS]
         for view in views:
             images.write(folder / view)
@@ -307,8 +313,30 @@ _COIN_TASKS: dict[str, tuple[Callable[[str, int], str], str, Any]] = {
 }
 
 
+TEXTVQA_FIRST_ID = 34602  # TextVQA's val question ids are integers; CoIN's test rows reuse them.
+
+
+def _textvqa_annotations(path: Path, rows: list[dict[str, Any]]) -> None:
+    """TextVQA's own ``TextVQA_0.5.1_val.json`` (``{"data": [...]}``, ten annotators' answers per question)
+    for the given test rows, which CoIN's ``eval_textvqa.py`` scores against."""
+    data = [
+        {
+            "question": row["text"],
+            "image_id": Path(row["image"]).stem,
+            "question_id": row["question_id"],
+            "answers": [row["answer"]] * 7 + ["coke"] * 3,
+            "set_name": "val",
+        }
+        for row in rows
+    ]
+    content = {"dataset_type": "val", "dataset_name": "textvqa", "dataset_version": "0.5.1", "data": data}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(content, indent=1) + "\n", encoding="utf-8")
+
+
 def _coin(root: Path, images: _Images, n_train: int, n_test: int) -> list[_TaskFiles]:
-    """``<root>/Instructions/<Task>/{train,test}.json``; images under ``<root>/cl_dataset/``."""
+    """``<root>/Instructions/<Task>/{train,test}.json``; images under ``<root>/cl_dataset/``, with TextVQA's
+    ``cl_dataset/TextVQA/TextVQA_0.5.1_val.json`` where CoIN's TextVQA evaluation reads it."""
     image_root = root / "cl_dataset"
     tasks = []
     for task, (image_path, question, answer) in _COIN_TASKS.items():
@@ -332,11 +360,12 @@ def _coin(root: Path, images: _Images, n_train: int, n_test: int) -> list[_TaskF
                         "size": [16, 12],
                     }
                 )
-            elif task in ("TextVQA", "VizWiz", "VQAv2") and i == 0:
-                annotators = [answer] * 7 + ["other"] * 3
-                files.test_rows.append(_test(sample_id, image, question, answer, answers=annotators))
+            elif task == "TextVQA":
+                files.test_rows.append(_test(TEXTVQA_FIRST_ID + i, image, question, answer))
             else:
                 files.test_rows.append(_test(sample_id, image, question, answer))
+        if task == "TextVQA":
+            _textvqa_annotations(image_root / "TextVQA" / "TextVQA_0.5.1_val.json", files.test_rows)
         tasks.append(files)
     return tasks
 
@@ -394,8 +423,22 @@ _UCIT_TASKS = (
 )
 
 
+def _coco_captions(path: Path, rows: list[dict[str, Any]]) -> None:
+    """A COCO-format ``val_coco_type_3000.json`` for caption test rows (image ids 1.. in row order), as the
+    HiDe-LLaVA README lists for VizWiz and Flickr30k (its caption metrics read it; mcl does not)."""
+    ids = range(1, len(rows) + 1)
+    content = {
+        "images": [{"id": k, "file_name": row["image"]} for k, row in zip(ids, rows, strict=True)],
+        "annotations": [
+            {"image_id": k, "id": k, "caption": row["answer"]} for k, row in zip(ids, rows, strict=True)
+        ],
+    }
+    path.write_text(json.dumps(content, indent=1) + "\n", encoding="utf-8")
+
+
 def _ucit(root: Path, images: _Images, n_train: int, n_test: int) -> list[_TaskFiles]:
-    """``<root>/instructions/<Folder>/{<train file>, test_3000.json}``; images under ``<root>/datasets/``."""
+    """``<root>/instructions/<Folder>/{<train file>, test_3000.json}`` (plus ``val_coco_type_3000.json`` for
+    the caption tasks); images under ``<root>/datasets/``."""
     image_root = root / "datasets"
     tasks = []
     for task, folder_name, train_file, image_path, question, answer in _UCIT_TASKS:
@@ -412,6 +455,9 @@ def _ucit(root: Path, images: _Images, n_train: int, n_test: int) -> list[_TaskF
                     files.train_rows.append(_conv(sample_id, image, question, answer))
                 else:
                     files.test_rows.append(_test(sample_id, image, question, answer))
+        if folder_name in ("VizWiz", "Flickr30k"):
+            folder.mkdir(parents=True, exist_ok=True)
+            _coco_captions(folder / "val_coco_type_3000.json", files.test_rows)
         tasks.append(files)
     return tasks
 

@@ -3,19 +3,23 @@
 Task ``t``'s annotations are ``<instructions_dir>/<folder>/<train_file>`` and ``.../<test_file>``, where
 ``folder`` is the first of the task's candidate folders that holds the file; every image path in them is
 relative to ``<images_dir>``. Both folders are stream options with per-benchmark defaults; ``layout`` and
-the other options of :mod:`mcl.streams.sources` apply as for every published benchmark.
+the other options of :mod:`mcl.streams.sources` apply as for every published benchmark. A benchmark may add
+options of its own and a ``finish`` step that sees the loaded tasks before the sample limits apply (CoIN
+joins the TextVQA annotators' answers there).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mcl.streams.formats import AnswerTypeRule
-from mcl.streams.registry import Stream
+from mcl.streams.registry import Stream, TaskData
 from mcl.streams.sources import (
     BenchmarkSpec,
+    StreamOptions,
     TaskLayout,
     TaskSpec,
     folder_option,
@@ -23,6 +27,8 @@ from mcl.streams.sources import (
     load_tasks,
     parse_options,
 )
+
+FinishStep = Callable[[list[TaskData], Path, StreamOptions], list[TaskData]]
 
 
 @dataclass(frozen=True)
@@ -61,12 +67,19 @@ class InstructionTask:
 
 @dataclass(frozen=True)
 class InstructionBenchmark:
-    """A benchmark's stream name, task table (in published order) and default folders."""
+    """A benchmark's stream name, task table (in published order) and default folders.
+
+    Attributes:
+        extra_options: Further stream options of this benchmark with their defaults.
+        finish: Optional step ``(tasks, root, options) -> tasks`` run on the loaded tasks (all samples).
+    """
 
     stream: str
     tasks: tuple[InstructionTask, ...]
     instructions_dir: str
     images_dir: str
+    extra_options: Mapping[str, Any] = field(default_factory=dict)
+    finish: FinishStep | None = None
 
     def spec(self, instructions_dir: str | None = None, images_dir: str | None = None) -> BenchmarkSpec:
         """The benchmark with its instruction and image folders at the given places under the root
@@ -78,9 +91,16 @@ class InstructionBenchmark:
         )
 
     def build(self, root: Path, options: dict[str, Any]) -> Stream:
-        """The stream: options validated (the common ones plus ``instructions_dir``, ``images_dir``), tasks
-        read from their source, sample limits applied."""
-        defaults = {"instructions_dir": self.instructions_dir, "images_dir": self.images_dir}
+        """The stream: options validated (the common ones, ``instructions_dir``, ``images_dir`` and
+        ``extra_options``), tasks read from their source, ``finish`` run, sample limits applied."""
+        defaults = {
+            "instructions_dir": self.instructions_dir,
+            "images_dir": self.images_dir,
+            **self.extra_options,
+        }
         opts = parse_options(self.stream, options, defaults)
         spec = self.spec(folder_option(opts, "instructions_dir"), folder_option(opts, "images_dir"))
-        return Stream(self.stream, limit_tasks(load_tasks(spec, root, opts), opts))
+        tasks = load_tasks(spec, root, opts)
+        if self.finish is not None:
+            tasks = self.finish(tasks, Path(root), opts)
+        return Stream(self.stream, limit_tasks(tasks, opts))

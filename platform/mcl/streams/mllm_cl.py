@@ -1,8 +1,10 @@
 """MLLM-CL (Zhao et al., arXiv 2506.05453): domain and ability continual learning, as published.
 
 ``mllm-cl-domain``: RS -> Med -> AD -> Sci -> Fin. ``mllm-cl-ability``: OCR -> Math -> VP -> GUI. Layout under
-``stream.root`` (the repository README's "Dataset" section and ``configs/adaptex_*_llava.json`` of
-github.com/bjzhb666/MLLM-CL; data from the HF dataset ``MLLM-CL/MLLM-CL`` or ModelScope)::
+``stream.root`` (the repository README's "Dataset" section, ``configs/adaptex_*_llava.json`` and
+``scripts/Eval_MR_LoRA/eval_use_router_{DCL,ACL}.sh`` of github.com/bjzhb666/MLLM-CL, which read
+``Domain_data/<task>/test.json`` and ``Ability_data/<task>_test/test.json`` with the task folder as image
+folder; data from the HF dataset ``MLLM-CL/MLLM-CL`` or ModelScope)::
 
     Domain_data/                      Ability_data/
       RS/  images/ train.json test.json     OCR/  images/ train.json    OCR_test/  images/ test.json
@@ -15,9 +17,12 @@ text, answer}`` plus ``answer_type`` (an OCRBench category in OCR, not a scorer)
 and ``task`` (e.g. ``Count``) in some tracks: all kept in ``Sample.extra``. Image paths are relative to the
 folder of their annotation file. OCR answers may be lists (any one counts): stored as a JSON list string.
 
-DriveLM (AD): a row whose ``image`` is a list (six camera views; the published training code loads image
-lists) is tiled into one 2 x 3 grid image, in list order, written once to ``<cache_dir>/tiles/`` (default
-``<root>/.mcl_cache``); see :class:`mcl.streams.sources.ImageCache`.
+Image lists: the published test rows hold one image path each, AD (DriveLM) included (MLLM-CL's
+``model_ai2d.py``, which evaluates AD, opens ``os.path.join(image_folder, row["image"])``). MLLM-CL's
+ETrain LLaVA loader also accepts a list of paths (added for SAT multi-image rows, ``--is_SAT``); whether the
+published AD train rows carry the six camera views could not be verified. A row whose ``image`` is a list
+is tiled into one grid image (six views: 2 x 3, in list order, row by row), written once to
+``<cache_dir>/tiles/`` (default ``<root>/.mcl_cache``); see :class:`mcl.streams.sources.ImageCache`.
 
 Scorers: ``mllmcl_rs``, ``mllmcl_med``, ``mllmcl_ad``, ``mllmcl_fin``, ``mllmcl_math``, ``mllmcl_vp``,
 ``mllmcl_gui``; OCR ``mllmcl_ocr``, or ``mllmcl_ocr_hme`` for rows of the OCRBench category "Handwritten

@@ -1,9 +1,10 @@
 """MSVQA (Jiang et al., "Multimodal Continual Learning with MLLMs from Multi-scenario Perspectives", arXiv
 2511.18507; data: HF dataset ``Kaij00/MSVQA``): four visual scenarios, as a 4-step or a 20-step stream.
 
-The paper reports last-step VQA score and F1 over "20-step cross-scenario" streams but its file layout and
-the exact split into 20 steps are not public in a form we could read, so both are ours, documented here and
-configurable:
+The paper reports last-step VQA score and F1 over "20-step cross-scenario" streams (a third-party summary
+also mentions a 5-step setting), but no code, file list or step split of MSVQA could be found in any public
+source we searched (GitHub index, HF and paper pages), so layout, protocols and scorer are ours, documented
+here and configurable:
 
 Layout under ``stream.root`` (``layout`` moves single scenarios)::
 

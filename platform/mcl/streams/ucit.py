@@ -17,9 +17,13 @@ The training scripts name three folders differently (``VizWiz-caption``, ``CLEVR
 those names are accepted too. Options ``instructions_dir`` (``instructions``) and ``images_dir``
 (``datasets``) move the two folders; ``layout`` moves single tasks.
 
-Scorers (ours; the published evaluation uses an LLM judge for QA and CIDEr/BLEU for captions):
-ImageNet-R ``contains``; ArxivQA ``choice``; IconQA and CLEVR-Math ``exact``; the two caption tasks
-``token_f1`` against the test row's reference caption.
+Scorers, after the published evaluation scripts (``scripts/HiDe/Eval_UCIT/eval_*.sh`` of HiDe-LLaVA and
+MCITlib; ``llava/eval/eval_deepseek_r1.py`` and ``eval_caption.py``): the four QA tasks (ImageNet-R, ArxivQA,
+IconQA, CLEVR-Math) ``caseless_exact``, the accuracy ``eval_deepseek_r1.py`` computes
+(``pred.upper() == answer.upper()``; its DeepSeek judge is commented out in every copy we could read). The
+two caption tasks ``token_f1`` against the test row's caption: ours, since the scripts report corpus-level
+BLEU/METEOR/ROUGE-L/CIDEr (pycocoevalcap) against ``val_coco_type_3000.json``, matched to the predictions
+by position, which a per-sample scorer cannot reproduce.
 """
 
 from __future__ import annotations
@@ -39,11 +43,11 @@ def _task(name: str, folders: tuple[str, ...], train_file: str, answer_type: str
 
 # (task, instruction folders (README name first), train file, scorer), in the published order.
 TASKS = (
-    _task("ImageNet-R", ("ImageNet-R",), "train.json", "contains"),
-    _task("ArxivQA", ("ArxivQA",), "train_4w.json", "choice"),
+    _task("ImageNet-R", ("ImageNet-R",), "train.json", "caseless_exact"),
+    _task("ArxivQA", ("ArxivQA",), "train_4w.json", "caseless_exact"),
     _task("VizWiz-caption", ("VizWiz", "VizWiz-caption"), "train.json", "token_f1"),
-    _task("IconQA", ("IconQA",), "train.json", "exact"),
-    _task("CLEVR-Math", ("CLEVR", "CLEVR-Math"), "train_4w.json", "exact"),
+    _task("IconQA", ("IconQA",), "train.json", "caseless_exact"),
+    _task("CLEVR-Math", ("CLEVR", "CLEVR-Math"), "train_4w.json", "caseless_exact"),
     _task("Flickr30k", ("Flickr30k", "Flickr30k-cap"), "train_brief_4w.json", "token_f1"),
 )
 UCIT = InstructionBenchmark("ucit", TASKS, instructions_dir="instructions", images_dir="datasets")
