@@ -46,6 +46,17 @@ def test_sample_list_reads_back_what_was_written() -> None:
         stored[10_000]
 
 
+def test_sample_list_reads_from_several_threads_at_once() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    samples = [_sample(i) for i in range(2_000)]
+    stored = _stored(samples)
+    with ThreadPoolExecutor(4) as pool:
+        scans = list(pool.map(lambda k: list(stored[k::4]), range(4)))
+        picks = list(pool.map(lambda i: stored[i], range(0, 2_000, 7)))
+    assert scans == [samples[k::4] for k in range(4)] and picks == samples[::7]
+
+
 def test_sample_list_pickles_as_a_list_and_its_file_goes_with_the_last_view() -> None:
     stored = _stored([_sample(i) for i in range(5)])
     assert pickle.loads(pickle.dumps(stored)) == [_sample(i) for i in range(5)]

@@ -22,6 +22,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -67,20 +68,25 @@ class _SpillFile:
     def __init__(self, folder: Path, path: Path) -> None:
         self.path = path
         self._handles: list[Any] = []  # the read handle, once opened (a list, so the finalizer can close it)
+        self._lock = threading.Lock()  # one handle, read from any thread (e.g. a run's background Train job)
         weakref.finalize(self, _remove, folder, self._handles)
 
     def read_at(self, offset: int) -> Sample:
-        handle = self._open()
-        handle.seek(offset)
-        return _decode(handle.readline())
+        with self._lock:
+            handle = self._open()
+            handle.seek(offset)
+            line = handle.readline()
+        return _decode(line)
 
     def read_run(self, offsets: np.ndarray) -> Iterator[Sample]:
         """Samples at ``offsets``; consecutive offsets are read with one buffered forward scan."""
-        handle = self._open()
         for offset in offsets.tolist():
-            if handle.tell() != offset:  # another reader moved the handle, or the offsets jump
-                handle.seek(offset)
-            yield _decode(handle.readline())
+            with self._lock:
+                handle = self._open()
+                if handle.tell() != offset:  # another reader moved the handle, or the offsets jump
+                    handle.seek(offset)
+                line = handle.readline()
+            yield _decode(line)
 
     def _open(self) -> Any:
         if not self._handles:
