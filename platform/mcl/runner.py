@@ -11,6 +11,7 @@ metrics and records everything in MLflow, task by task.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -145,7 +146,12 @@ def _ray_stream_loop(loop_config: dict[str, Any]) -> None:
     import torch.distributed as td
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # one line per dataset execution otherwise
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "Reporting training result" per phase
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    # One "Reporting training result" line per phase and rank, from a logger Ray names by its file's path.
+    with contextlib.suppress(ImportError):
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     jobs = [TaskJob(**j) for j in loop_config["jobs"]]
     names: list[str] = loop_config["fit_names"]
     run_dir = Path(loop_config["run_dir"])
