@@ -92,7 +92,8 @@ def stop_cluster(temp_dirs: list[str], gcs_address: str) -> None:
     for proc in victims.values():
         with contextlib.suppress(psutil.Error):
             proc.terminate()
-    _, alive = psutil.wait_procs(list(victims.values()), timeout=15)
+    # A throwaway cluster: a few seconds to exit cleanly, then SIGKILL (some Ray processes outwait any grace).
+    _, alive = psutil.wait_procs(list(victims.values()), timeout=3)
     for proc in alive:
         with contextlib.suppress(psutil.Error):
             proc.kill()
@@ -102,11 +103,14 @@ def stop_cluster(temp_dirs: list[str], gcs_address: str) -> None:
 class MlflowServer:
     uri: str
     root: Path
+    process: subprocess.Popen
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory) -> MlflowServer:
-    """A real ``mlflow server`` (sqlite backend, served artifacts) on a free loopback port."""
+def mlflow_process(tmp_path_factory) -> MlflowServer:
+    """A real ``mlflow server`` (sqlite backend, served artifacts) on a free loopback port, launched but not
+    waited for. Tests use :func:`mlflow_server`; a fixture that also starts the Ray cluster asks for this one
+    first, so that the server boots while ``ray start`` runs."""
     root = tmp_path_factory.mktemp("mlflow_server")
     port = free_port()
     log = open(root / "server.log", "w")  # noqa: SIM115
@@ -116,24 +120,27 @@ def mlflow_server(tmp_path_factory) -> MlflowServer:
          "--workers", "1"],
         cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, (root / "server.log").read_text()[-3000:]
-            assert time.time() < deadline, (
-                "mlflow server did not start: " + (root / "server.log").read_text()[-3000:]
-            )
-            time.sleep(1)
-        yield MlflowServer(uri, root)
+        yield MlflowServer(f"http://127.0.0.1:{port}", root, proc)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(mlflow_process: MlflowServer) -> MlflowServer:
+    """The server of :func:`mlflow_process`, once ``/health`` answers."""
+    log = mlflow_process.root / "server.log"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{mlflow_process.uri}/health", timeout=5) as r:
+                if r.status == 200:
+                    return mlflow_process
+        except OSError:
+            pass
+        assert mlflow_process.process.poll() is None, log.read_text()[-3000:]
+        assert time.time() < deadline, "mlflow server did not start: " + log.read_text()[-3000:]
+        time.sleep(0.5)

@@ -11,6 +11,7 @@ matrix as the sweep's trial), and `ray job submit` runs an edited copy of the wo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -34,6 +35,10 @@ SWEEP = "e2e"
 EXPERIMENT = "mcl-e2e"
 METHODS = ["sequential_lora", "mr_lora"]
 TASKS = ["aerial", "underwater"]
+# Small on purpose: the cost here is starting Ray workers, not training. One step of the default global batch
+# (16) per task, and a short MR-LoRA router phase (its default is 20 samples x 10 epochs per task).
+TRAIN_PER_TASK, TRAIN_STEPS = 16, 1
+ROUTER_PARAMS = {"router_samples_per_task": 8, "router_epochs": 2}
 
 
 def _sweep_yaml(path: Path, root: Path, storage: Path, uri: str, **changes) -> Path:
@@ -42,12 +47,17 @@ def _sweep_yaml(path: Path, root: Path, storage: Path, uri: str, **changes) -> P
         "base": str(REPO / "jobs" / "configs" / "default.yaml"),
         "overrides": {
             "stream.root": str(root),
-            "stream.options": {"seed": 0, "train_per_task": 32, "test_per_task": 8, "tasks": TASKS},
+            "stream.options": {
+                "seed": 0,
+                "train_per_task": TRAIN_PER_TASK,
+                "test_per_task": 8,
+                "tasks": TASKS,
+            },
             "train.epochs": 1,
             "eval.max_new_tokens": 2,
             "method.params": {},
         },
-        "methods": METHODS,
+        "methods": [m if m != "mr_lora" else {"name": m, "params": ROUTER_PARAMS} for m in METHODS],
         "streams": ["generated"],
         "seeds": [0],
         "storage": str(storage),
@@ -69,7 +79,8 @@ class ResumedSweep:
 
 
 @pytest.fixture(scope="module")
-def resumed_sweep(ray_cluster, mlflow_server, tmp_path_factory) -> ResumedSweep:
+def resumed_sweep(mlflow_process, ray_cluster, mlflow_server, tmp_path_factory) -> ResumedSweep:
+    # mlflow_process first: the MLflow server boots while `ray start` runs.
     tmp = tmp_path_factory.mktemp("sweep")
     config = _sweep_yaml(tmp / "sweep.yaml", tmp / "data", tmp / "storage", mlflow_server.uri)
     env = {**ray_cluster.env, "RAY_ADDRESS": ray_cluster.gcs_address}
@@ -263,6 +274,18 @@ def test_analysis_notebook_runs_on_the_sweep(resumed_sweep, tmp_path):
         assert (figures / name).stat().st_size > 5000, name
 
 
+def _train_worker_processes() -> int:
+    """How many processes on this machine run a Ray Train worker (Ray titles them ``ray::RayTrainWorker...``);
+    cheap, but may count another cluster's: only a hint of when to ask the state API."""
+    import psutil
+
+    count = 0
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            count += (proc.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker")
+    return count
+
+
 def _alive_train_workers(cluster) -> list[dict]:
     """This cluster's live Ray Train workers, through the state API (`ray list actors`)."""
     out = subprocess.run(
@@ -299,11 +322,18 @@ def test_killed_train_worker_is_retried_and_gives_the_same_matrix(resumed_sweep,
         """Note the run's two Train workers while task 1 trains; SIGKILL one of them the moment rank 0
         publishes task 1's folder, i.e. as the same worker group starts task 2 (one group runs every task)."""
         published = tmp_path / "worker-kill" / "task00-aerial" / "task_result.json"
+        asked = time.time()
         while proc.poll() is None and not killed:
             if not group:
-                alive = _alive_train_workers(ray_cluster)
-                if len(alive) == 2:
-                    group.extend(w["pid"] for w in alive)
+                # Each `ray list actors` is a CLI process of ~2 CPU-seconds: run back to back it would take a
+                # core from the run it watches. Ask once a second when Train worker processes show up, else
+                # every 5 s.
+                if time.time() - asked >= (1 if _train_worker_processes() >= 2 else 5):
+                    asked = time.time()
+                    alive = _alive_train_workers(ray_cluster)
+                    if len(alive) == 2:
+                        group.extend(w["pid"] for w in alive)
+                time.sleep(0.2)
             elif published.exists():
                 os.kill(group[0], signal.SIGKILL)
                 killed.append(group[0])
@@ -322,8 +352,9 @@ def test_killed_train_worker_is_retried_and_gives_the_same_matrix(resumed_sweep,
     # Task 1 was trained once, by the first worker group; task 2 by a new group that Ray Train started
     # after the kill (its rank 0 is none of the first group's processes).
     plain = re.sub(r"\x1b\[[0-9;]*m", "", out)
-    first = set(re.findall(r"pid=(\d+)\)\s+\[task 1/2 aerial\] step 2/2", plain))
-    second = set(re.findall(r"pid=(\d+)\)\s+\[task 2/2 underwater\] step 2/2", plain))
+    last_step = f"step {TRAIN_STEPS}/{TRAIN_STEPS}"
+    first = set(re.findall(rf"pid=(\d+)\)\s+\[task 1/2 aerial\] {last_step}", plain))
+    second = set(re.findall(rf"pid=(\d+)\)\s+\[task 2/2 underwater\] {last_step}", plain))
     assert len(first) == 1 and {int(p) for p in first} <= set(group), (first, group, plain[-5000:])
     assert len(second) == 1 and not {int(p) for p in second} & set(group), (second, group, plain[-5000:])
     matrix = json.loads((tmp_path / "worker-kill" / "accuracy_matrix.json").read_text())["matrix"]
