@@ -49,6 +49,10 @@ def ray_cluster(tmp_path_factory) -> Cluster:
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # the job's `python` is this venv's
     env["RAY_AUTH_MODE"] = "token"
     env.pop("RAY_ADDRESS", None)
+    # Keep idle workers of a job for reuse. With 3 CPUs a node, the Train and Tune actors alone exceed Ray's
+    # soft limit on workers, so every Ray Data task worker is killed 1 s after its task and the next task
+    # starts (and imports transformers in) a new process.
+    env["RAY_idle_worker_killing_time_threshold_ms"] = "300000"
     gcs, dashboard = free_port(), free_port()
     # Short: Ray's unix sockets live under it and socket paths are limited to ~107 characters.
     temps = [tempfile.mkdtemp(prefix="mclray-", dir="/tmp") for _ in range(2)]
@@ -114,11 +118,13 @@ def mlflow_process(tmp_path_factory) -> MlflowServer:
     root = tmp_path_factory.mktemp("mlflow_server")
     port = free_port()
     log = open(root / "server.log", "w")  # noqa: SIM115
+    # Without MLflow's job runner (eight more processes, for GenAI jobs that mcl does not use).
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
          "--workers", "1"],
-        cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:
         yield MlflowServer(f"http://127.0.0.1:{port}", root, proc)
