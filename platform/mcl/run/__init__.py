@@ -1,0 +1,1 @@
+"""One continual-learning run: prepare -> plan -> execute -> record (see the submodules)."""
