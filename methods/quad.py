@@ -296,7 +296,7 @@ class QUAD(Method):
     ) -> dict[str, torch.Tensor]:
         """``task`` (the engine's task loss), ``qr`` and ``acd`` for a training batch whose student forward
         (``outputs``) has just run; runs the teacher forward."""
-        from mcl.training import per_sample_loss
+        from mcl.worker.losses import per_sample_loss
 
         student_attn, self._student_attn = self._student_attn, {}
         labels, mask = batch["labels"], batch["attention_mask"]

@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 
 from mcl.config import ExperimentConfig, config_from_dict
-from mcl.data import IGNORE_INDEX, Preprocessor, collate, local_batches, shard
+from mcl.data import Preprocessor, collate, local_batches, shard
 from mcl.methods_api import DRIVER_STATE_FILE, Method, TaskContext, build_method
+from mcl.worker.losses import per_sample_loss
 
 RESULT_FILE = "task_result.json"
 STATE_DIR = "state"
@@ -101,29 +102,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def per_sample_loss(logits: Any, labels: Any) -> Any:
-    """Mean token cross-entropy of each sample's supervised tokens, averaged over the samples that have any.
-
-    Averaging per sample (not per token) keeps the loss of a global batch independent of how its samples
-    are split over workers. Rows without supervised tokens (a method's unsupervised rows, see
-    ``mcl.data.ROW_KEYS``) do not count; a batch of only such rows has loss 0.
-    """
-    import torch.nn.functional as F
-
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
-    tok = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view(shift_labels.shape)
-    mask = (shift_labels != IGNORE_INDEX).float()
-    per_sample = (tok * mask).sum(1) / mask.sum(1).clamp(min=1)
-    has_target = (mask.sum(1) > 0).float()
-    return (per_sample * has_target).sum() / has_target.sum().clamp(min=1)
 
 
 def deepspeed_config(cfg: ExperimentConfig, micro_batch: int) -> dict[str, Any]:
