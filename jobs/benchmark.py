@@ -7,9 +7,9 @@ Usage:
     python jobs/benchmark.py --no-routing                  # skip MR-LoRA's routed-inference figures
 
 Both paths train task 0 of the stream on the same rows in the same order, with the same model (dtype, and
-LoRA set up by the method exactly as mcl.training does), the same global batch and the same core count:
+LoRA set up by the method exactly as mcl.worker.recipe does), the same global batch and the same core count:
 
-  full  what mcl.runner runs, for task 0 alone: one TorchTrainer (mcl.runner._fit_phases) whose worker
+  full  what mcl.run.run_experiment runs, for task 0 alone: one TorchTrainer (mcl.run.executors.ray_train.fit_phases) whose worker
         streams its shard from Ray Data (images decoded and tokenised on the fly, on the same machine),
         trains under DeepSpeed ZeRO, evaluates and saves a checkpoint. Ray gives each worker
         OMP_NUM_THREADS = scaling.cpus_per_worker.
@@ -19,7 +19,7 @@ LoRA set up by the method exactly as mcl.training does), the same global batch a
 
 Steady-state rates exclude each path's first 2 steps; one-off start-up (Ray init, planning the phase, worker
 start, model load, DeepSpeed init) is reported separately. ``plan_s`` times only planning the phase (its
-training rows and job): the Ray datasets are built inside mcl.runner._fit_phases (one Ray Train job per
+training rows and job): the Ray datasets are built inside mcl.run.executors.ray_train.fit_phases (one Ray Train job per
 run), so their cost is part of ``fit_wall_s`` and ``fit_overhead_s``; before 2026-12-02 they were built
 ahead of the fit and timed as ``datasets_s``. Evaluation runs in the full path (it is part of the task) but
 is not measured. The benchmark settings (BENCH_SETTINGS: 1 worker x 2 CPUs, 12 epochs, 8 test samples per
@@ -69,7 +69,8 @@ def bare_loop(
     from mcl.data import Preprocessor, collate, rows_to_batch
     from mcl.methods_api import TaskContext, build_method
     from mcl.models import load_model_and_processor
-    from mcl.training import build_optimizer, model_inputs, per_sample_loss, seed_everything, to_device
+    from mcl.worker.engine import build_optimizer, model_inputs, seed_everything, to_device
+    from mcl.worker.losses import per_sample_loss
 
     cfg = prep.config
     batch_size = cfg.train.batch_size
@@ -91,7 +92,7 @@ def bare_loop(
             np_batches = [preprocess(rows_to_batch(b)) for b in row_batches]
         preprocess_s = time.perf_counter() - t0
 
-        # The same steps as mcl.training.train_and_evaluate_task: seed, load, let the method wrap the model.
+        # The same steps as mcl.worker.recipe.PhaseRecipe.setup: seed, load, let the method wrap the model.
         t0 = time.perf_counter()
         method = build_method(cfg.method.name, cfg.method.params)
         ctx = TaskContext(
@@ -117,7 +118,7 @@ def bare_loop(
             return to_device(collate(np_batch, pad_id, left_pad=False), device, dtype)
 
         batches = np_batches if decode_in_loop else [to_batch(b) for b in np_batches]
-        method.before_task(model, ctx)  # before the optimiser, as in mcl.training
+        method.before_task(model, ctx)  # before the optimiser, as in mcl.worker.recipe
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer, scheduler = build_optimizer(model, cfg)
         model.train()
@@ -168,16 +169,18 @@ def bare_loop(
 
 
 def full_path(prep: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train task 0 exactly as mcl.runner does (one TorchTrainer); return its figures."""
+    """Train task 0 exactly as mcl.run.run_experiment does (one TorchTrainer); return its figures."""
     import ray
 
-    from mcl.runner import PlannedPhase, _fit_name, _fit_phases, _init_ray, phase_job
-    from mcl.training import TaskResult
+    from mcl.run import PlannedPhase, RunDir, phase_folder, phase_job
+    from mcl.run.cluster import init_ray_for
+    from mcl.run.executors.ray_train import fit_phases
+    from mcl.worker.job import TaskResult
 
     cfg = prep.config
     started = not ray.is_initialized()
     t0 = time.perf_counter()
-    _init_ray(cfg)
+    init_ray_for(cfg)
     ray_init_s = time.perf_counter() - t0
     storage = (
         Path(cfg.tracking.output_dir).resolve() / f"benchmark-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
@@ -188,17 +191,17 @@ def full_path(prep: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
         job, rows = phase_job(prep, 0, phase, None)
         job.evaluate_before = False
         steps = job.steps
-        fit_name = _fit_name(0, prep.stream.task_names[0], phase)
-        planned = PlannedPhase(f"0:{phase.name}", fit_name, job, rows)
-        plan_s = time.perf_counter() - t0  # the Ray datasets are built in _fit_phases, timed in fit_wall_s
+        folder = phase_folder(prep, 0, phase)
+        planned = PlannedPhase(job.key, folder, job, rows)
+        plan_s = time.perf_counter() - t0  # the Ray datasets are built in fit_phases, timed in fit_wall_s
         log(
             f"full: training {steps} steps of {cfg.train.batch_size} samples on {cfg.scaling.num_workers} "
             f"Ray Train worker(s) x {cfg.scaling.cpus_per_worker} CPUs"
         )
         t0 = time.perf_counter()
-        _fit_phases(prep, [planned], storage)
+        fit_phases(prep, [planned], RunDir(storage))
         fit_wall_s = time.perf_counter() - t0
-        result = TaskResult.load(storage / fit_name)
+        result = TaskResult.load(RunDir(storage).phase(folder).path)
     finally:
         if started:
             ray.shutdown()
@@ -227,7 +230,7 @@ def full_path(prep: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
 
 def run_benchmark(prep: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Both paths on task 0 of ``prep``'s stream (the bare loop first, on a machine without Ray running)."""
-    from mcl.runner import task_training_rows
+    from mcl.run import task_training_rows
 
     cfg = prep.config
     load_before = _load_average()
@@ -369,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, [*BENCH_SETTINGS, *args.overrides])
-        from mcl.runner import prepare_run
+        from mcl.run import prepare_run
 
         prep = prepare_run(cfg)
     except MclError as exc:

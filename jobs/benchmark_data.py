@@ -30,8 +30,8 @@ Reported per size: the RSS baseline, the peak RSS (``ru_maxrss``), the peak abov
 the first and last preprocessed batch; across sizes: the ratios and the growth per 1,000 samples.
 
 Evaluation (goal: not slower than the published per-sample scripts). The tiny LLaVA with a fresh
-sequential-LoRA adapter (as ``mcl.training`` sets it up) answers the generated stream's test samples through
-``mcl.training.evaluate`` at ``--eval-batch`` and at batch size 1 (what the published ``model_vqa``-style
+sequential-LoRA adapter (as ``mcl.worker.recipe`` sets it up) answers the generated stream's test samples through
+``mcl.evaluation.generation.GenerationEvaluator`` at ``--eval-batch`` and at batch size 1 (what the published ``model_vqa``-style
 scripts do: one sample per ``generate``), two ways: over batches preprocessed up front (the model work that
 batching changes) and end to end (``local_batches`` decoding and tokenising inside the clock). Each mode
 first evaluates one untimed batch; then the modes take turns, ``--repeats`` passes each, and the best pass
@@ -315,7 +315,7 @@ def evaluation_benchmark(
     threads: int = 1,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Time ``mcl.training.evaluate`` at ``batch_size`` and at 1 on the same samples; compare the answers.
+    """Time ``mcl.evaluation.generation.GenerationEvaluator`` at ``batch_size`` and at 1 on the same samples; compare the answers.
 
     On CPU, torch runs ``threads`` threads (default 1: one Ray worker of the default config, which sets
     ``OMP_NUM_THREADS`` to ``scaling.cpus_per_worker``).
@@ -361,9 +361,10 @@ def _time_evaluation(
     import torch
 
     from mcl.data import Preprocessor, local_batches
+    from mcl.evaluation.generation import GenerationEvaluator
     from mcl.methods_api import TaskContext, build_method
     from mcl.models import load_model_and_processor
-    from mcl.training import _Trainer, evaluate, seed_everything
+    from mcl.worker.engine import StepEngine, seed_everything
 
     batch_size = cfg.eval.batch_size
     dtype = getattr(torch, cfg.model.dtype)
@@ -374,11 +375,12 @@ def _time_evaluation(
         task_index=0, task_names=tuple(task_names), lora=cfg.model.lora, seed=0, processor=processor
     )
     model = method.setup_model(base, ctx)
-    trainer = _Trainer(model, cfg, 1, device)
+    engine = StepEngine(model, cfg, 1, device)
+    evaluator = GenerationEvaluator(engine.module, method, processor, cfg.eval.max_new_tokens, device, dtype)
     pre = Preprocessor(model_path, train=False)
 
     def run(batches: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-        return evaluate(trainer, method, ctx, batches, processor, cfg, device, dtype)
+        return evaluator.predict(batches, ctx)
 
     sizes = {"batched": batch_size, "bs1": 1}
     prepared = {mode: list(local_batches(rows, pre, bs)) for mode, bs in sizes.items()}
@@ -494,7 +496,7 @@ def format_reading_report(fig: dict[str, Any]) -> str:
 def format_evaluation_report(fig: dict[str, Any]) -> str:
     s = fig["settings"]
     lines = [
-        f"evaluation: mcl.training.evaluate, tiny LLaVA + LoRA, {s['samples']} generated test samples, "
+        f"evaluation: mcl.evaluation.generation.GenerationEvaluator, tiny LLaVA + LoRA, {s['samples']} generated test samples, "
         f"max_new_tokens {s['max_new_tokens']}, {s['device']} ({s['dtype']}), torch threads: "
         f"{s['torch_threads']}, best of {s['repeats']} passes",
         f"{'':46}{'batch ' + str(s['batch_size']):>16}{'batch 1':>16}{'ratio':>10}",

@@ -2,7 +2,7 @@
 
 Builds a random-weight LLaVA-1.5-7B-architecture checkpoint (Llama-2-7B text model + CLIP ViT-L/14-336,
 576 image tokens per image) with the same builder as the tiny test model, then runs mcl's per-task function
-(`mcl.training.run_task_locally`: the code a Ray Train worker runs, without Ray) on the generated stream
+(`mcl.worker.local.run_task_locally`: the code a Ray Train worker runs, without Ray) on the generated stream
 with LoRA in bf16, and prints the figures. No Ray, MLflow or DeepSpeed needed, so it runs on a bare GPU box.
 
 Usage:
@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from mcl.data import Preprocessor, rows_to_batch, sample_row, training_order
     from mcl.streams import build_stream
     from mcl.tiny_models import BUILTIN_MODELS, LLAVA_15_7B, TINY_LLAVA, build_random_model
-    from mcl.training import TaskJob, run_task_locally
+    from mcl.worker.job import TaskJob
+    from mcl.worker.local import run_task_locally
 
     work = Path(args.workdir).resolve()
     shape = LLAVA_15_7B if args.shape == "7b" else TINY_LLAVA

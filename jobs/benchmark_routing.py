@@ -18,7 +18,7 @@ Each mode first runs one untimed warm-up batch. Then every batch runs in the thr
 order rotating), ``repeats`` times; a mode's time is the sum over batches of each batch's best time, so all
 modes see the same machine load. On CPU, torch uses ``scaling.cpus_per_worker`` threads, as one Ray worker.
 The routed answers must equal the naive ones for the same routes (``predictions_equal``).
-Training (without ``--state``) runs in this process without Ray (``mcl.runner.run_stream_locally``, one
+Training (without ``--state``) runs in this process without Ray (``mcl.run.run_stream_locally``, one
 worker, DeepSpeed off) into a temporary folder that is removed afterwards.
 """
 
@@ -77,8 +77,8 @@ def routing_benchmark(
     from mcl.config import load_config
     from mcl.data import Preprocessor, collate, local_batches, sample_row
     from mcl.models import load_model_and_processor
-    from mcl.runner import prepare_run, run_stream_locally
-    from mcl.training import to_device
+    from mcl.run import prepare_run, run_stream_locally
+    from mcl.worker.engine import to_device
     from methods.mr_lora import (
         expert_name,
         load_routed_model,

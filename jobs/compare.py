@@ -13,7 +13,7 @@ prints and writes a leaderboard (mean ± std over seeds of MFT, MFN, MAA, BWT, F
 ``leaderboard.md`` and ``leaderboard.csv``, plus every run's accuracy matrix in ``runs.json``.
 
 ``--local`` runs each stream in this process through the same per-task function and method hooks
-(``mcl.runner.run_stream_locally``: one worker, plain PyTorch, no Ray, no MLflow); it skips the minutes of
+(``mcl.run.run_stream_locally``: one worker, plain PyTorch, no Ray, no MLflow); it skips the minutes of
 per-task Ray start-up, which is what makes a many-seed comparison practical on a laptop CPU.
 """
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from mcl.errors import MclError
     from mcl.evaluation.leaderboard import leaderboard, to_csv_rows, to_markdown
     from mcl.methods_api import available_methods
-    from mcl.runner import format_matrix, format_metrics, prepare_run, run_experiment
+    from mcl.run import format_matrix, format_metrics, prepare_run, run_experiment
 
     try:
         overrides = list(args.overrides)
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run_local(cfg, out: Path) -> tuple[list[str], list[list[float]], dict[str, float], str]:
     """One stream run in this process; a finished one (``result.json`` in ``out``) is read back."""
     from mcl.evaluation.metrics import cl_metrics
-    from mcl.runner import prepare_run, run_stream_locally
+    from mcl.run import prepare_run, run_stream_locally
 
     done = out / "result.json"
     if done.exists():

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        from mcl.runner import format_matrix, format_metrics, prepare_run, run_experiment
+        from mcl.run import format_matrix, format_metrics, prepare_run, run_experiment
 
         prepared = prepare_run(cfg)
     except MclError as exc:

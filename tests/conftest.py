@@ -41,3 +41,28 @@ def generated_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("data") / "generated"
     build_stream("generated", root, {})
     return root
+
+
+@pytest.fixture
+def failing_executor():
+    """``make(fail)``: an executor factory for ``run_experiment(..., executor=...)`` whose training job fails
+    as ``fail(run folder path)`` does, at the first phase (the driver's side of a failed Train job)."""
+
+    def make(fail):
+        class FailingExecutor:
+            def __init__(self, _prep, run_dir):
+                self.run_dir = run_dir
+
+            def run_phase(self, *_args):
+                fail(self.run_dir.path)
+                raise AssertionError("fail() must raise")
+
+            def close(self):
+                pass
+
+            def abort(self):
+                pass
+
+        return FailingExecutor
+
+    return make

@@ -53,3 +53,20 @@ class UnknownNameError(MclError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable.
         return str(self.args[0]) if self.args else ""
+
+
+class RunStopped(SystemExit):
+    """Raised (e.g. by a run's ``on_task`` callback) to end a run early because it was stopped, not because it
+    failed.
+
+    :func:`mcl.run.run_experiment` closes the run's open MLflow runs KILLED and adds ``tags`` to them. It is a
+    ``SystemExit`` with code 0, which Python and Ray Tune (for a trial's thread) take as a clean end.
+    """
+
+    def __init__(self, reason: str, tags: dict[str, str] | None = None) -> None:
+        super().__init__(0)
+        self.reason = reason
+        self.tags = dict(tags or {})
+
+    def __str__(self) -> str:
+        return self.reason

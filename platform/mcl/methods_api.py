@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import pkgutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from mcl.errors import ConfigError, UnknownNameError
+from mcl.run.rundir import DRIVER_STATE_FILE, read_driver_state
 
 if TYPE_CHECKING:
     import torch
@@ -103,15 +103,9 @@ class TrainingData:
     driver_state: dict[str, Any] | None = None
 
 
-DRIVER_STATE_FILE = "driver_state.json"
-
-
 def load_driver_state(state_dir: str | Path | None) -> dict[str, Any] | None:
     """The driver state saved in a phase's state folder, if any."""
-    if state_dir is None:
-        return None
-    path = Path(state_dir) / DRIVER_STATE_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_driver_state(state_dir)
 
 
 @dataclass

@@ -11,7 +11,7 @@ Reload a version with :func:`download_model_version`::
     folder = download_model_version("http://head:5000", "mcl-generated-mr_lora", "1", "restored/")
     # folder/state: the method state after the last task; folder/config.yaml: the run's config.
     # Continue training or evaluate from it, e.g.
-    # mcl.runner.run_stream_locally(prepare_run(load_config(folder / "config.yaml")), "out",
+    # mcl.run.run_stream_locally(prepare_run(load_config(folder / "config.yaml")), "out",
     #                               start_state=folder / "state", start_task=<tasks trained>)
 """
 

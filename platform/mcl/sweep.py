@@ -4,7 +4,7 @@ A sweep YAML (:func:`load_sweep_config`) names a base experiment config, the met
 the seeds and the search spaces. :func:`expand_trials` turns it into a fixed, ordered list of trials
 (random spaces are drawn with a seeded RNG, so a re-run sees the same trials). :func:`run_sweep` runs the
 trials that are not finished yet as a Ray Tune experiment: every trial is a function trainable that runs
-its stream with :func:`mcl.runner.run_experiment` (one Ray Train job per trial, its tasks and phases in
+its stream with :func:`mcl.run.run_experiment` (one Ray Train job per trial, its tasks and phases in
 turn) and reports after every task. Concurrency is bounded from the cluster's resources, since Tune does not count the Train
 workers a trial starts. FIFO by default; an early-stopping scheduler only when asked, and then one Tune
 experiment per stream so trials of different streams are never compared.
@@ -412,16 +412,16 @@ def trial_record(trial: TrialSpec, done: dict[str, Any]) -> dict[str, Any]:
 
 
 def _report_or_stop(metrics: dict[str, Any]) -> None:
-    """``tune.report(metrics)``; raises :class:`mcl.runner.RunStopped` if the scheduler stopped the trial.
+    """``tune.report(metrics)``; raises :class:`mcl.errors.RunStopped` if the scheduler stopped the trial.
 
     Ray Tune stops a function trainable through its actor's ``stop()``: the Tune session sets a stop event and
     wakes the trial's thread, which waits inside ``tune.report`` (results are reported synchronously), and
     ``tune.report`` raises ``SystemExit(0)``, which Tune takes as the thread's clean end. ``RunStopped`` is
-    such an exit too, and tells :func:`mcl.runner.run_experiment` to close the trial's runs KILLED, not FAILED.
+    such an exit too, and tells :func:`mcl.run.run_experiment` to close the trial's runs KILLED, not FAILED.
     """
     from ray import tune
 
-    from mcl.runner import RunStopped
+    from mcl.errors import RunStopped
 
     try:
         tune.report(metrics)
@@ -436,7 +436,7 @@ def _trial_function(config: dict[str, Any]) -> None:
     import ray
     from ray import tune
 
-    from mcl.runner import run_experiment
+    from mcl.run import run_experiment
 
     trial = TrialSpec(**config["trial"])
     sweep = config["sweep"]
@@ -608,7 +608,7 @@ def run_sweep(sweep: SweepConfig, log: Callable[[str], None] = print) -> SweepSu
     """Run (or resume) a sweep; returns the leaderboard records of its finished trials."""
     import ray
 
-    from mcl.runner import init_ray
+    from mcl.run.cluster import init_ray
     from mcl.tracking import Tracker, resolve_tracking_uri
 
     t_start = time.perf_counter()
@@ -792,12 +792,12 @@ def _close_stopped_trial(run_dir: Path, uri: str, log: Callable[[str], None]) ->
     """
     from mlflow import MlflowClient
 
-    from mcl.runner import PROGRESS_FILE
+    from mcl.run.rundir import RunDir
 
-    path = run_dir / PROGRESS_FILE
-    if not path.exists():
+    record = RunDir(run_dir).read_progress()
+    if not record.run_id:
         return
-    progress = json.loads(path.read_text())
+    progress = record.to_dict()
     client = MlflowClient(tracking_uri=uri)
     for run_id in [progress["run_id"], *progress["task_runs"].values()]:
         if not run_id:

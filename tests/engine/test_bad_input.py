@@ -11,7 +11,7 @@ import pytest
 
 from mcl.config import load_config
 from mcl.errors import ConfigError, DataError, UnknownNameError
-from mcl.runner import PreparedRun, prepare_run
+from mcl.run import PreparedRun, prepare_run
 from mcl.streams import Sample, Stream, TaskData, register_stream
 
 REPO = Path(__file__).resolve().parents[2]
@@ -240,7 +240,7 @@ def test_text_only_model_folder_is_refused(tmp_path: Path) -> None:
 
 
 def test_reused_run_name_is_refused_before_any_mlflow_run(stream_copy: Path, tmp_path: Path) -> None:
-    from mcl.runner import run_experiment
+    from mcl.run import run_experiment
 
     (tmp_path / "runs" / "taken").mkdir(parents=True)
     (tmp_path / "runs" / "taken" / "config.yaml").write_text("x: 1\n")

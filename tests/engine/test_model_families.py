@@ -277,7 +277,7 @@ def test_two_tasks_train_save_reload_evaluate(
     model, gives the run's own predictions."""
     from peft import PeftModel
 
-    from mcl.runner import prepare_run, run_stream_locally
+    from mcl.run import prepare_run, run_stream_locally
 
     cfg = _family_config(family_name, small_stream_root)
     prep = prepare_run(cfg, log=lambda _m: None)
@@ -338,7 +338,7 @@ def test_two_tasks_on_ray_train_under_deepspeed_zero2(
     from mlflow import MlflowClient
     from safetensors.torch import load_file
 
-    from mcl.runner import run_experiment
+    from mcl.run import run_experiment
 
     cfg = _family_config(
         name,

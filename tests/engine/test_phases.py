@@ -1,8 +1,8 @@
 """The engine's phase machinery and resumable runs, with a two-phase test method, in-process.
 
-``_run_phase`` is swapped for a local equivalent (``run_task_locally``, same TaskJob) so the driver's
-bookkeeping (phases, driver state, progress, MLflow runs, resume) runs for real without Ray workers; the
-Ray path of the same bookkeeping is covered by the method contract suite.
+``run_experiment`` runs with the in-process executor (``LocalExecutor``: ``run_task_locally``, same TaskJob) so
+the driver's bookkeeping (phases, driver state, progress, MLflow runs, resume) runs for real without Ray
+workers; the Ray path of the same bookkeeping is covered by the method contract suite.
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from mcl import runner
+from mcl import run as runner
 from mcl.adapters import ADAPTER_DIR, load_lora, new_lora, save_lora
 from mcl.config import load_config
 from mcl.data import training_order
 from mcl.errors import ConfigError
 from mcl.methods_api import Method, Phase, TrainingData, register_method
 from mcl.models import LANGUAGE_MODEL_LINEARS
-from mcl.training import run_task_locally
+from mcl.run.executors.local import LocalExecutor
 
 
 @dataclasses.dataclass
@@ -94,16 +94,23 @@ def _cfg(tmp_path: Path, root: Path, *extra: str):
     )
 
 
-def _local_run_phase(calls):
-    def run_phase(prep, t, phase, previous, run_dir, _runner):
-        calls.append((t, phase.name))
-        job, rows = runner.phase_job(prep, t, phase, previous)
-        eval_rows = runner._eval_rows(prep) if phase.evaluate else []
-        out = run_dir / runner._fit_name(t, prep.stream.task_names[t], phase)
-        run_task_locally(job, rows, eval_rows, out, log=lambda _m: None)
-        return out
+class _CountingExecutor(LocalExecutor):
+    """Phases in this process, each recorded in ``calls``; ``die_at`` (task, phase) raises KeyboardInterrupt
+    instead, as a killed driver would stop there."""
 
-    return run_phase
+    def __init__(self, prep, run_dir, calls, die_at=None):
+        super().__init__(prep, run_dir, log=lambda _m: None)
+        self.calls, self.die_at = calls, die_at
+
+    def run_phase(self, t, phase, previous):
+        if (t, phase.name) == self.die_at:
+            raise KeyboardInterrupt
+        self.calls.append((t, phase.name))
+        return super().run_phase(t, phase, previous)
+
+
+def _local(calls, die_at=None):
+    return lambda prep, run_dir: _CountingExecutor(prep, run_dir, calls, die_at)
 
 
 @pytest.mark.parametrize("deepspeed", [False, True], ids=["torch", "zero2"])
@@ -134,21 +141,12 @@ def test_resume_continues_a_run_and_refuses_a_different_config(
     from mlflow import MlflowClient
 
     calls: list[tuple[int, str]] = []
-    monkeypatch.setattr(runner, "_run_phase", _local_run_phase(calls))
     cfg = _cfg(tmp_path, generated_root)
     quiet = lambda _m: None  # noqa: E731
 
     # The driver dies during the second phase of task 2.
-    real = runner._run_phase
-
-    def dying(prep, t, phase, *args):
-        if (t, phase.name) == (1, "grads"):
-            raise KeyboardInterrupt
-        return real(prep, t, phase, *args)
-
-    monkeypatch.setattr(runner, "_run_phase", dying)
     with pytest.raises(KeyboardInterrupt):
-        runner.run_experiment(cfg, log=quiet)
+        runner.run_experiment(cfg, log=quiet, executor=_local(calls, die_at=(1, "grads")))
     assert calls == [(0, "train"), (0, "grads"), (1, "train")]
 
     with pytest.raises(ConfigError, match="already holds a run"):
@@ -166,8 +164,7 @@ def test_resume_continues_a_run_and_refuses_a_different_config(
         )
     spelled = _cfg(tmp_path, generated_root, f"model.lora.target_modules={LANGUAGE_MODEL_LINEARS}")
 
-    monkeypatch.setattr(runner, "_run_phase", real)
-    summary = runner.run_experiment(spelled, log=quiet, resume=True)
+    summary = runner.run_experiment(spelled, log=quiet, resume=True, executor=_local(calls))
     assert calls == [(0, "train"), (0, "grads"), (1, "train"), (1, "grads")]  # only the missing phase
     assert len(summary.matrix) == 2 and summary.task_results[1].task_index == 1
     driver_state = json.loads((Path(summary.state_dirs[1]) / "driver_state.json").read_text())
@@ -186,6 +183,6 @@ def test_resume_continues_a_run_and_refuses_a_different_config(
     assert second.data.metrics["mem_recorded"] > 0
 
     # A finished run is read back, not trained again (saved with the regex spelled out, resumed with "").
-    again = runner.run_experiment(cfg, log=quiet, resume=True)
+    again = runner.run_experiment(cfg, log=quiet, resume=True, executor=_local(calls))
     assert calls == [(0, "train"), (0, "grads"), (1, "train"), (1, "grads")]
     assert again.matrix == summary.matrix and again.metrics == summary.metrics

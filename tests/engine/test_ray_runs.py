@@ -1,6 +1,6 @@
 """The full path: Ray Data -> Ray Train workers -> DeepSpeed ZeRO -> MLflow, on the tiny model.
 
-One Ray instance for the module (started by the first run through ``mcl.runner``), enough logical CPUs
+One Ray instance for the module (started by the first run through ``mcl.run``), enough logical CPUs
 for two workers plus Ray Data tasks.
 """
 
@@ -53,7 +53,7 @@ def small_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_worker_run(ray_session, small_root, tmp_path_factory):
-    from mcl.runner import run_experiment
+    from mcl.run import run_experiment
 
     tmp = tmp_path_factory.mktemp("zero2")
     cfg = _config(
@@ -99,7 +99,7 @@ def test_two_workers_zero2_run_is_tracked_in_mlflow(two_worker_run):
 
 def test_one_and_two_workers_give_the_same_losses(two_worker_run, small_root, tmp_path):
     """Same global batch, data sharded by position: the 2-worker losses equal the 1-worker ones."""
-    from mcl.runner import run_experiment
+    from mcl.run import run_experiment
 
     _, two = two_worker_run
     cfg = _config(tmp_path, small_root, "stream.options.tasks=[aerial]", "scaling.num_workers=1")
@@ -120,7 +120,7 @@ def test_zero3_saves_full_adapters_that_reload_to_the_same_answers(ray_session, 
 
     from mcl.data import Preprocessor, collate, rows_to_batch, sample_row
     from mcl.models import load_model_and_processor
-    from mcl.runner import run_experiment
+    from mcl.run import run_experiment
     from mcl.streams import build_stream
 
     cfg = _config(
@@ -178,7 +178,7 @@ def test_a_failing_driver_stops_its_train_job_before_the_next_phase(ray_session,
     import threading
     import time
 
-    from mcl.runner import ABORT_FILE, run_experiment
+    from mcl.run import RunDir, run_experiment
 
     cfg = _config(
         tmp_path,
@@ -197,9 +197,9 @@ def test_a_failing_driver_stops_its_train_job_before_the_next_phase(ray_session,
         time.sleep(0.5)
     assert not any(th.name == "mcl-ray-train" for th in threading.enumerate()), "the Train job kept running"
     run_dir = Path(cfg.tracking.output_dir) / "driver-fails"
-    published = sorted(p.name for p in run_dir.iterdir() if (p / "task_result.json").exists())
+    published = sorted(p.name for p in run_dir.iterdir() if RunDir(run_dir).is_published(p.name))
     assert published[0].startswith("task00") and 1 <= len(published) <= 2, published  # task 3 never starts
-    assert (run_dir / ABORT_FILE).exists()
+    assert RunDir(run_dir).abort_requested()
 
     summary = run_experiment(cfg, log=lambda _m: None, resume=True)
-    assert len(summary.matrix) == 3 and not (run_dir / ABORT_FILE).exists()
+    assert len(summary.matrix) == 3 and not RunDir(run_dir).abort_requested()

@@ -24,24 +24,22 @@ def test_ui_command():
     )
 
 
-def test_failed_run_is_marked_failed_not_finished(tmp_path, monkeypatch, generated_root):
+def test_failed_run_is_marked_failed_not_finished(tmp_path, failing_executor, generated_root):
     """A failure mid-run (here: the task's training job raising) leaves the parent and task runs FAILED."""
     from mlflow import MlflowClient
 
-    import mcl.runner as runner
     from mcl.config import load_config
+    from mcl.run import run_experiment
 
-    def broken_fit(*_args, **_kwargs):
+    def broken_fit(_run_dir):
         raise RuntimeError("worker died")
 
-    monkeypatch.setattr(runner, "_fit_phases", broken_fit)
-    monkeypatch.setattr(runner, "_init_ray", lambda _cfg: None)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = load_config(
         None, [f"stream.root={generated_root}", f"tracking.uri={uri}", f"tracking.output_dir={tmp_path}/runs"]
     )
     with pytest.raises(RuntimeError, match="worker died"):
-        runner.run_experiment(cfg, log=lambda _m: None)
+        run_experiment(cfg, log=lambda _m: None, executor=failing_executor(broken_fit))
     client = MlflowClient(uri)
     runs = client.search_runs([Tracker(uri, cfg.tracking.experiment).experiment_id])
     assert len(runs) == 2

@@ -13,7 +13,8 @@ from mcl.data import sample_row, training_order
 from mcl.evaluation.metrics import bwt, mfn
 from mcl.methods_api import build_method
 from mcl.streams import build_stream
-from mcl.training import TaskJob, run_task_locally
+from mcl.worker.job import TaskJob
+from mcl.worker.local import run_task_locally
 
 DEFAULT = "jobs/configs/default.yaml"
 

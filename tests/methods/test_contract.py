@@ -111,36 +111,36 @@ def test_method_contract(method, ray_session, small_root, tmp_path, monkeypatch)
 
     from mlflow import MlflowClient
 
-    from mcl import runner
+    from mcl.run import RunDir, run_experiment
+    from mcl.run.executors.ray_train import RayTrainExecutor
 
     quiet = lambda _m: None  # noqa: E731
     cfg = _config(tmp_path, small_root, method, "contract")
-    first = runner.run_experiment(cfg, log=quiet)
+    first = run_experiment(cfg, log=quiet)
     assert len(first.matrix) == 2 and all(len(row) == 2 for row in first.matrix)
     assert all(0.0 <= v <= 100.0 for row in first.matrix for v in row)
     kept_state = tmp_path / "task2-state"
     shutil.copytree(first.state_dirs[1], kept_state)
 
     # The driver dies while task 2 is being trained: its progress ends with task 1.
-    run_dir = Path(first.output_dir)
-    progress = json.loads((run_dir / runner.PROGRESS_FILE).read_text())
-    progress["tasks_done"] = [0]
-    progress["phases"] = {k: v for k, v in progress["phases"].items() if k.startswith("0:")}
-    (run_dir / runner.PROGRESS_FILE).write_text(json.dumps(progress))
+    run_dir = RunDir(first.output_dir)
+    progress = run_dir.read_progress()
+    progress.tasks_done = [0]
+    progress.phases = {k: v for k, v in progress.phases.items() if k.startswith("0:")}
+    run_dir.write_progress(progress)
     client = MlflowClient(first.tracking_uri)
-    client.update_run(progress["task_runs"]["1"], status="RUNNING")  # as a killed driver leaves it
+    client.update_run(progress.task_runs["1"], status="RUNNING")  # as a killed driver leaves it
     client.update_run(first.run_id, status="RUNNING")
 
     # The same command with resume: task 1 is not trained again, task 2 restarts from task 1's checkpoint.
     trained: list[int] = []
-    real_run_phase = runner._run_phase
 
-    def counting_run_phase(prep, t, *args, **kwargs):
-        trained.append(t)
-        return real_run_phase(prep, t, *args, **kwargs)
+    class CountingExecutor(RayTrainExecutor):
+        def run_phase(self, t, *args):
+            trained.append(t)
+            return super().run_phase(t, *args)
 
-    monkeypatch.setattr(runner, "_run_phase", counting_run_phase)
-    again = runner.run_experiment(cfg, log=quiet, resume=True)
+    again = run_experiment(cfg, log=quiet, resume=True, executor=CountingExecutor)
     assert trained and set(trained) == {1}, "task 1 was trained again after the restart"
 
     # Same seed, same starting checkpoint: the same metrics, predictions and state, bit for bit.

@@ -19,9 +19,11 @@ from mcl.data import Preprocessor, collate, rows_to_batch, sample_row
 from mcl.errors import ConfigError
 from mcl.methods_api import Phase, TaskContext, build_method
 from mcl.models import load_model_and_processor
-from mcl.runner import PreparedRun, phase_config, phase_training_data, prepare_run, run_stream_locally
+from mcl.run import PreparedRun, phase_config, phase_training_data, prepare_run, run_stream_locally
 from mcl.streams import build_stream
-from mcl.training import TaskResult, deepspeed_config, model_inputs, run_task_locally
+from mcl.worker.engine import deepspeed_config, model_inputs
+from mcl.worker.job import TaskResult
+from mcl.worker.local import run_task_locally
 from methods.ewc import ANCHOR_FILE, FISHER_FILE, ewc_penalty
 
 DEFAULT = "jobs/configs/default.yaml"
@@ -76,7 +78,7 @@ def _run_phase(
 ) -> TaskResult:
     """One phase of task ``t`` from ``previous`` (plain torch, or DeepSpeed ZeRO ``stage`` with every LoRA
     parameter partitioned under ZeRO-3), with the method's params overridden by ``params``."""
-    from mcl.training import TaskJob
+    from mcl.worker.job import TaskJob
 
     cfg = _scaling(phase_config(prep.config, phase), stage)
     if params:

@@ -17,9 +17,12 @@ from mcl.data import Preprocessor, collate, rows_to_batch, sample_row
 from mcl.errors import ConfigError
 from mcl.methods_api import TaskContext, build_method
 from mcl.models import load_model_and_processor
-from mcl.runner import prepare_run, run_stream_locally
+from mcl.run import prepare_run, run_stream_locally
 from mcl.streams import build_stream
-from mcl.training import TaskJob, build_optimizer, per_sample_loss, run_task_locally
+from mcl.worker.engine import build_optimizer
+from mcl.worker.job import TaskJob
+from mcl.worker.local import run_task_locally
+from mcl.worker.losses import per_sample_loss
 from methods.lwf import TEACHER, distillation_kl, teacher_logits
 
 DEFAULT = "jobs/configs/default.yaml"
@@ -203,6 +206,6 @@ def test_zero3_with_partitioned_lora_gives_the_plain_losses(plain, tmp_path):
 
 
 def _rows(prep, task: int) -> list[dict]:
-    from mcl.runner import phase_training_data
+    from mcl.run import phase_training_data
 
     return phase_training_data(prep, task, prep.method.phases(task)[0], None).rows

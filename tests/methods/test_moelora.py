@@ -15,9 +15,10 @@ from mcl.data import Preprocessor, collate, rows_to_batch, sample_row
 from mcl.errors import ConfigError
 from mcl.methods_api import TaskContext, build_method
 from mcl.models import load_model_and_processor
-from mcl.runner import prepare_run, run_stream_locally
+from mcl.run import prepare_run, run_stream_locally
 from mcl.streams import build_stream
-from mcl.training import model_inputs, per_sample_loss
+from mcl.worker.engine import model_inputs
+from mcl.worker.losses import per_sample_loss
 from methods.moelora import STATE_WEIGHTS
 
 DEFAULT = "jobs/configs/default.yaml"

@@ -21,7 +21,7 @@ from mcl.data import IGNORE_INDEX, Preprocessor, collate, rows_to_batch, sample_
 from mcl.errors import ConfigError
 from mcl.evaluation.metrics import bwt, mfn
 from mcl.methods_api import Phase, TaskContext, build_method
-from mcl.runner import prepare_run, run_stream_locally
+from mcl.run import prepare_run, run_stream_locally
 from mcl.streams import build_stream
 
 DEFAULT = "jobs/configs/default.yaml"

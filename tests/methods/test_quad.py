@@ -47,7 +47,7 @@ def tasks(small_root: Path):
 @pytest.fixture(scope="module")
 def two_task_run(small_root: Path, tmp_path_factory: pytest.TempPathFactory):
     """QUAD trained through aerial -> underwater (one epoch each), in-process."""
-    from mcl.runner import prepare_run, run_stream_locally
+    from mcl.run import prepare_run, run_stream_locally
 
     out = tmp_path_factory.mktemp("quad_run")
     prep = prepare_run(_config(small_root, out), log=QUIET)

@@ -154,7 +154,7 @@ def test_every_batch_holds_the_configured_replay_rows(tasks, batch, ratio, expec
 
 
 def test_the_buffer_survives_the_checkpoint_round_trip(small_root, tmp_path):
-    from mcl.runner import phase_training_data, prepare_run, run_stream_locally
+    from mcl.run import phase_training_data, prepare_run, run_stream_locally
 
     quiet = lambda _m: None  # noqa: E731
     prep = prepare_run(_config(small_root, tmp_path), log=quiet)

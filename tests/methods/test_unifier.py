@@ -15,7 +15,7 @@ from mcl.config import LoraConfig, load_config
 from mcl.errors import ConfigError
 from mcl.methods_api import TaskContext, build_method
 from mcl.models import load_model_and_processor
-from mcl.runner import prepare_run, run_stream_locally
+from mcl.run import prepare_run, run_stream_locally
 from methods.unifier import (
     BRANCHES_FILE,
     META_FILE,

@@ -308,7 +308,7 @@ def _run_config(root: Path, tmp_path: Path, *overrides: str):
 
 
 def test_skip_bad_samples_drops_exactly_the_bad_samples(tmp_path: Path, tiny_model_path: str) -> None:
-    from mcl.runner import prepare_run
+    from mcl.run import prepare_run
 
     fixture = write_fixture("coin", tmp_path / "coin", problems=PROBLEMS)
     # The default: a data problem stops the run (the first one found: repeated ids are found last).
@@ -332,20 +332,19 @@ def test_skip_bad_samples_drops_exactly_the_bad_samples(tmp_path: Path, tiny_mod
 
 
 def test_skipped_counts_are_logged_on_the_parent_run(
-    tmp_path: Path, tiny_model_path: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny_model_path: str, failing_executor: Any
 ) -> None:
     from mlflow import MlflowClient
 
-    import mcl.runner as runner
+    from mcl.run import run_experiment
 
-    def stop(*_args: Any, **_kwargs: Any) -> None:
+    def stop(_run_dir: Path) -> None:
         raise RuntimeError("stop after the parent run's params")
 
-    monkeypatch.setattr(runner, "_run_phase", stop)
     fixture = write_fixture("coin", tmp_path / "coin", problems=["missing_image", "escaping_path"])
     cfg = _run_config(fixture.root, tmp_path, "stream.skip_bad_samples=true")
     with pytest.raises(RuntimeError, match="stop after"):
-        runner.run_experiment(cfg, log=lambda _m: None)
+        run_experiment(cfg, log=lambda _m: None, executor=failing_executor(stop))
     client = MlflowClient(cfg.tracking.uri)
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     (parent,) = client.search_runs([experiment.experiment_id], "tags.`mcl.kind` = 'stream_run'")

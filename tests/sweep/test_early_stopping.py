@@ -30,34 +30,32 @@ def local_ray():
     ray.shutdown()
 
 
-def _run_broken(tmp_path, monkeypatch, generated_root, fail):
+def _run_broken(tmp_path, failing_executor, generated_root, fail):
     """Run ``run_experiment`` with its training job replaced by ``fail(run_dir)``; returns the MLflow client
     and the run's progress record."""
     from mlflow import MlflowClient
 
-    import mcl.runner as runner
     from mcl.config import load_config
+    from mcl.run import RunDir, run_experiment
 
-    monkeypatch.setattr(runner, "_fit_phases", lambda _prep, _plan, run_dir: fail(run_dir))
-    monkeypatch.setattr(runner, "_init_ray", lambda _cfg: None)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = load_config(
         None,
         [f"stream.root={generated_root}", f"tracking.uri={uri}", f"tracking.output_dir={tmp_path}/runs"],
     )
     with pytest.raises(BaseException) as raised:
-        runner.run_experiment(cfg, log=lambda _m: None)
-    run_dir = tmp_path / "runs" / next(p.name for p in (tmp_path / "runs").iterdir())
-    return MlflowClient(uri), json.loads((run_dir / runner.PROGRESS_FILE).read_text()), raised.value
+        run_experiment(cfg, log=lambda _m: None, executor=failing_executor(fail))
+    run_dir = RunDir(next((tmp_path / "runs").iterdir()))
+    return MlflowClient(uri), run_dir.read_progress().to_dict(), raised.value
 
 
-def test_a_stopped_run_is_closed_killed_with_the_stop_tags(tmp_path, monkeypatch, generated_root):
-    from mcl.runner import RunStopped
+def test_a_stopped_run_is_closed_killed_with_the_stop_tags(tmp_path, failing_executor, generated_root):
+    from mcl.errors import RunStopped
 
     def stop(_run_dir):
         raise RunStopped("stopped by a test", tags={"mcl.early_stopped": "true"})
 
-    client, progress, raised = _run_broken(tmp_path, monkeypatch, generated_root, stop)
+    client, progress, raised = _run_broken(tmp_path, failing_executor, generated_root, stop)
     assert isinstance(raised, RunStopped) and raised.code == 0
     for run_id in [progress["run_id"], *progress["task_runs"].values()]:
         run = client.get_run(run_id)
@@ -65,21 +63,21 @@ def test_a_stopped_run_is_closed_killed_with_the_stop_tags(tmp_path, monkeypatch
         assert run.data.tags["mcl.early_stopped"] == "true"
 
 
-def test_a_failure_after_a_stop_leaves_the_run_killed(tmp_path, monkeypatch, generated_root):
+def test_a_failure_after_a_stop_leaves_the_run_killed(tmp_path, failing_executor, generated_root):
     """The sweep's driver closes a stopped trial KILLED; an error raised in the trial afterwards (its process
     being torn down) must not turn that into FAILED. Runs it did not close still end FAILED."""
     from mlflow import MlflowClient
 
-    from mcl.runner import PROGRESS_FILE
+    from mcl.run import RunDir
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
 
     def driver_kills_then_fail(run_dir):
-        progress = json.loads((run_dir / PROGRESS_FILE).read_text())
-        MlflowClient(uri).set_terminated(progress["run_id"], "KILLED")
+        progress = RunDir(run_dir).read_progress()
+        MlflowClient(uri).set_terminated(progress.run_id, "KILLED")
         raise RuntimeError("worker died")
 
-    client, progress, raised = _run_broken(tmp_path, monkeypatch, generated_root, driver_kills_then_fail)
+    client, progress, raised = _run_broken(tmp_path, failing_executor, generated_root, driver_kills_then_fail)
     assert isinstance(raised, RuntimeError)
     assert client.get_run(progress["run_id"]).info.status == "KILLED"
     assert [client.get_run(r).info.status for r in progress["task_runs"].values()] == ["FAILED"]
@@ -89,7 +87,7 @@ def test_tunes_stop_in_report_becomes_run_stopped(monkeypatch):
     """Tune stops a function trainable by raising ``SystemExit(0)`` from ``tune.report``; other exits pass."""
     from ray import tune
 
-    from mcl.runner import RunStopped
+    from mcl.errors import RunStopped
     from mcl.sweep import EARLY_STOPPED_TAG, _report_or_stop
 
     def exit_with(code):

@@ -1,0 +1,31 @@
+"""Each phase in this process, when the driver asks for it: one worker, plain PyTorch or DeepSpeed, no Ray."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from mcl.methods_api import Phase
+from mcl.run.plan import eval_rows, phase_folder, phase_job
+from mcl.run.prepare import PreparedRun
+from mcl.run.rundir import PhaseDir, RunDir
+from mcl.worker.local import run_task_locally
+
+
+class LocalExecutor:
+    """Trains each phase in this process with :func:`mcl.worker.local.run_task_locally` (one worker)."""
+
+    def __init__(self, prep: PreparedRun, run_dir: RunDir, log: Callable[[str], None] = print) -> None:
+        self.prep, self.run_dir, self.log = prep, run_dir, log
+        self._eval_rows = eval_rows(prep)
+
+    def run_phase(self, task_index: int, phase: Phase, previous: str | None) -> PhaseDir:
+        job, rows = phase_job(self.prep, task_index, phase, previous)
+        folder = self.run_dir.phase(phase_folder(self.prep, task_index, phase))
+        run_task_locally(job, rows, self._eval_rows if phase.evaluate else [], folder.path, log=self.log)
+        return folder
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass

@@ -1,0 +1,162 @@
+"""Every remaining phase of a run in one Ray Train worker group (one ``TorchTrainer.fit``), fed by Ray Data.
+
+The fit runs on a background thread; :meth:`RayTrainExecutor.run_phase` hands the driver each phase's folder
+as soon as the workers publish it, so the driver records task by task while training goes on. Worker start-up,
+imports and DeepSpeed's set-up are paid once per run instead of once per phase.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from mcl.data import Preprocessor, ray_dataset, shard
+from mcl.methods_api import Phase
+from mcl.run.cluster import init_ray_for
+from mcl.run.plan import PlannedPhase, eval_rows, plan_phases
+from mcl.run.prepare import PreparedRun
+from mcl.run.rundir import PhaseDir, RunDir
+
+
+class RayTrainExecutor:
+    """Plans the run's remaining phases at the first one asked for and trains them all in one Train job."""
+
+    def __init__(self, prep: PreparedRun, run_dir: RunDir) -> None:
+        self.prep, self.run_dir = prep, run_dir
+        self.plan: dict[str, PlannedPhase] = {}
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def run_phase(self, task_index: int, phase: Phase, previous: str | None) -> PhaseDir:
+        key = f"{task_index}:{phase.name}"
+        if key not in self.plan:
+            self._launch(task_index, phase, previous)
+        item = self.plan[key]
+        if item.job.previous_state_dir != previous:
+            raise RuntimeError(f"phase {key} was planned from {item.job.previous_state_dir}, not {previous}")
+        return self._wait(item)
+
+    def _launch(self, task_index: int, phase: Phase, previous: str | None) -> None:
+        if self.thread is not None:
+            raise RuntimeError(f"phase {task_index}:{phase.name} is not in the running plan")
+        self.run_dir.clear_abort()  # left by an attempt whose driver failed
+        init_ray_for(self.prep.config)
+        plan = plan_phases(self.prep, task_index, phase, previous, self.run_dir)
+        for item in plan:  # an interrupted attempt's folders of these phases: trained again
+            self.run_dir.clear_phase(item.folder)
+        self.plan = {item.key: item for item in plan}
+
+        def fit() -> None:
+            try:
+                fit_phases(self.prep, plan, self.run_dir)
+            except BaseException as exc:  # handed to the driver thread
+                self.error = exc
+
+        self.thread = threading.Thread(target=fit, name="mcl-ray-train", daemon=True)
+        self.thread.start()
+
+    def _wait(self, item: PlannedPhase) -> PhaseDir:
+        assert self.thread is not None
+        while not self.run_dir.is_published(item.folder):
+            if not self.thread.is_alive():
+                if self.run_dir.is_published(item.folder):
+                    break
+                if self.error is not None:
+                    raise self.error
+                raise RuntimeError(f"the Ray Train job ended without finishing phase {item.key}")
+            self.thread.join(timeout=0.2)
+        return self.run_dir.phase(item.folder)
+
+    def close(self) -> None:
+        """Wait for the Train job to end (after its last phase) and raise its error, if any."""
+        if self.thread is not None:
+            self.thread.join()
+            if self.error is not None:
+                raise self.error
+
+    def abort(self, wait_s: float = 0.0) -> None:
+        """Ask a running Train job to stop before its next phase (the driver failed or was stopped), so that
+        a long-lived process (a notebook) does not go on training in the background; wait up to ``wait_s``
+        seconds for it to end. The phase in progress finishes first (its folder is kept, and a resumed run
+        does not train it again)."""
+        if self.thread is None or not self.thread.is_alive():
+            return
+        self.run_dir.request_abort()
+        self.thread.join(timeout=wait_s)
+
+
+def fit_phases(prep: PreparedRun, phases: list[PlannedPhase], run_dir: RunDir) -> None:
+    """Train ``phases`` in order in one Ray Train worker group (one ``TorchTrainer.fit``); each phase's
+    folder appears in ``run_dir`` as it finishes."""
+    from ray.train import DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from mcl.worker.ray_loop import train_phases
+
+    cfg = prep.config
+    run_dir.clear_ray_storage()  # Ray Train would restore an earlier attempt
+    # Ray Train gives workers 60 s to start (imports, runtime env); a busy small host can need more. Ray
+    # propagates this variable from the driver to the controller; an explicit setting wins.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+    storage_path, name = run_dir.ray_storage
+    trainer = TorchTrainer(
+        train_phases,
+        train_loop_config={
+            "jobs": [item.job.__dict__ for item in phases],
+            "folders": [item.folder for item in phases],
+            "run_dir": str(run_dir.path),
+            "micro_batch": cfg.train.batch_size // cfg.scaling.num_workers,
+            "eval_batch": cfg.eval.batch_size,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            # Ray Train's per-report INFO lines drown mcl's own progress; warnings and errors still show.
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+        datasets=phase_datasets(prep, phases),
+        # Per-rank datasets (sharded by position in phase_datasets), each read in order.
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=_ordered_execution()),
+    )
+    trainer.fit()
+
+
+def phase_datasets(prep: PreparedRun, phases: list[PlannedPhase]) -> dict[str, Any]:
+    """Ray Datasets of a worker group's phases: ``p<k>_train_<rank>`` per phase and rank, and one
+    ``eval_<rank>`` per rank (every task's test samples) if any phase evaluates. Lazy: a phase's data is
+    read and preprocessed while that phase streams it."""
+    import ray.data
+
+    cfg = prep.config
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    context.enable_progress_bars = False
+    world = cfg.scaling.num_workers
+    micro = cfg.train.batch_size // world
+    trust = cfg.model.trust_remote_code
+    train_pre = Preprocessor(prep.model_path, train=True, trust_remote_code=trust)
+    datasets = {}
+    for k, item in enumerate(phases):
+        for rank in range(world):
+            datasets[f"p{k}_train_{rank}"] = ray_dataset(shard(item.rows, rank, world), train_pre, micro)
+    if any(item.job.evaluate for item in phases):
+        rows = eval_rows(prep)
+        eval_pre = Preprocessor(prep.model_path, train=False, trust_remote_code=trust)
+        for rank in range(world):
+            datasets[f"eval_{rank}"] = ray_dataset(shard(rows, rank, world), eval_pre, cfg.eval.batch_size)
+    return datasets
+
+
+def _ordered_execution() -> Any:
+    from ray.data import ExecutionOptions
+
+    options = ExecutionOptions()
+    options.preserve_order = True
+    return options

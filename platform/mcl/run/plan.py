@@ -1,0 +1,123 @@
+"""Phase planning, pure (no Ray, no files written): what each remaining phase of a run trains on.
+
+The chain of a run's phases is known up front: a method's training rows depend only on its JSON driver state
+(never on trained weights), and each phase starts from the folder the previous one will write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from mcl.config import ExperimentConfig
+from mcl.data import SampleRows
+from mcl.methods_api import Phase, TrainingData
+from mcl.run.prepare import PreparedRun
+from mcl.run.rundir import RunDir, phase_folder_name, read_driver_state
+from mcl.streams.store import ChainedSamples
+from mcl.worker.job import TaskJob
+
+
+@dataclass
+class PlannedPhase:
+    """One phase of a run's remaining plan: the job its workers run, their global training rows, and the name
+    of the phase folder its state and result land in."""
+
+    key: str  # "<task>:<phase>"
+    folder: str
+    job: TaskJob
+    rows: Any  # a Sequence of row dicts (a RowOrder), the global order before sharding
+
+
+def phase_config(cfg: ExperimentConfig, phase: Phase) -> ExperimentConfig:
+    """The experiment config a phase trains with (its own epochs and learning rate, when it sets them)."""
+    changes = {k: v for k, v in (("epochs", phase.epochs), ("lr", phase.lr)) if v is not None}
+    if not changes:
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
+
+
+def phase_training_data(
+    prep: PreparedRun, task_index: int, phase: Phase, driver_state: dict[str, Any] | None
+) -> TrainingData:
+    """The global order of training rows of one phase (every epoch, padded to whole global batches): what
+    the workers of that phase train on, before sharding. Chosen by the method."""
+    cfg = phase_config(prep.config, phase)
+    data = prep.method.training_data(
+        phase,
+        task_index,
+        prep.stream.tasks,
+        driver_state,
+        epochs=cfg.train.epochs,
+        global_batch=cfg.train.batch_size,
+        seed=cfg.train.seed + task_index,
+    )
+    if not data.rows or len(data.rows) % cfg.train.batch_size:
+        raise RuntimeError(
+            f"method {cfg.method.name!r} gave {len(data.rows)} training rows for phase {phase.name!r} of task "
+            f"{task_index}; it must be a positive multiple of train.batch_size ({cfg.train.batch_size})"
+        )
+    return data
+
+
+def task_training_rows(prep: PreparedRun, task_index: int) -> Any:
+    """Training rows of the first phase of task ``task_index`` (at the start of the stream's state)."""
+    return phase_training_data(prep, task_index, prep.method.phases(task_index)[0], None).rows
+
+
+def phase_folder(prep: PreparedRun, task_index: int, phase: Phase) -> str:
+    """The name of a phase's folder in the run folder."""
+    return phase_folder_name(task_index, prep.stream.task_names[task_index], phase.name)
+
+
+def phase_job(prep: PreparedRun, t: int, phase: Phase, previous: str | None) -> tuple[TaskJob, Any]:
+    """The job and the global training rows of phase ``phase`` of task ``t``, starting from the state
+    folder ``previous`` (None at the start of the stream): what a Ray Train job or a local run trains."""
+    return _phase_job(prep, t, phase, previous, read_driver_state(previous))
+
+
+def _phase_job(
+    prep: PreparedRun, t: int, phase: Phase, previous: str | None, driver_state: dict[str, Any] | None
+) -> tuple[TaskJob, Any]:
+    cfg = phase_config(prep.config, phase)
+    data = phase_training_data(prep, t, phase, driver_state)
+    job = TaskJob(
+        cfg.to_dict(),
+        prep.model_path,
+        t,
+        prep.stream.task_names,
+        previous,
+        steps=len(data.rows) // cfg.train.batch_size,
+        evaluate_before=(t == 0 and phase.evaluate),
+        phase=phase.name,
+        evaluate=phase.evaluate,
+        optimize=phase.optimize,
+        driver_state=data.driver_state if data.driver_state is not None else driver_state,
+    )
+    return job, data.rows
+
+
+def plan_phases(
+    prep: PreparedRun, t: int, phase: Phase, previous: str | None, run_dir: RunDir
+) -> list[PlannedPhase]:
+    """Every phase from ``phase`` of task ``t`` to the end of the stream, starting from the state folder
+    ``previous``; each next phase starts from the state folder of the one before in ``run_dir``."""
+    driver_state = read_driver_state(previous)
+    plan: list[PlannedPhase] = []
+    for task in range(t, len(prep.stream.task_names)):
+        phases = prep.method.phases(task)
+        first = [p.name for p in phases].index(phase.name) if task == t else 0
+        for ph in phases[first:]:
+            job, rows = _phase_job(prep, task, ph, previous, driver_state)
+            folder = phase_folder(prep, task, ph)
+            plan.append(PlannedPhase(job.key, folder, job, rows))
+            driver_state = job.driver_state
+            previous = str(run_dir.phase(folder).state)
+    return plan
+
+
+def eval_rows(prep: PreparedRun) -> SampleRows:
+    """Every task's test samples (the first ``eval.max_samples_per_task`` of each), as rows read lazily."""
+    limit = prep.config.eval.max_samples_per_task
+    return SampleRows(ChainedSamples([t.test[:limit] if limit else t.test for t in prep.stream.tasks]))

@@ -1,0 +1,111 @@
+"""The Ray Train worker function: every remaining phase of a run, one after another, in one worker group.
+
+Phase ``k`` streams this rank's shard ``p<k>_train_<rank>`` (and ``eval_<rank>`` if it evaluates), trains from
+the state the previous phase left, and rank 0 publishes the phase folder in the run folder as a whole (the
+driver waits for it). After a worker failure Ray Train restarts the group and this function again: phases
+already published are skipped, so the run continues from the last finished phase with the same seeds.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mcl.run.rundir import RunDir
+from mcl.worker.job import TaskJob
+from mcl.worker.recipe import train_and_evaluate_task
+
+
+def train_phases(loop_config: dict[str, Any]) -> None:
+    """``TorchTrainer`` loop: ``loop_config`` holds ``jobs`` (one :class:`TaskJob` dict per phase), their
+    ``folders`` (phase folder names), the ``run_dir`` and the ``micro_batch`` / ``eval_batch`` sizes."""
+    import ray.train
+
+    _quiet_ray_logs()
+    jobs = [TaskJob(**j) for j in loop_config["jobs"]]
+    folders: list[str] = loop_config["folders"]
+    run_dir = RunDir(loop_config["run_dir"])
+    if not jobs[0].config["scaling"]["use_gpu"]:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # also when Ray was started without our runtime env
+    rank = ray.train.get_context().get_world_rank()
+    # Where to start: rank 0 decides (one view of the shared folder), every rank follows.
+    first = next((k for k, f in enumerate(folders) if not run_dir.is_published(f)), len(folders))
+    for k in range(_from_rank0(first), len(jobs)):
+        # The driver asks the group to stop (its own error) through the run folder: rank 0 looks before
+        # every phase and all ranks end together (a clean end of the Train job, not a failure to retry).
+        if _from_rank0(rank == 0 and run_dir.abort_requested()):
+            return
+        _run_phase(k, jobs[k], folders[k], run_dir, rank, loop_config)
+        _release_memory()
+        # A barrier as well: no rank starts phase k+1 before rank 0 has published the state it starts from.
+        ray.train.report({"phase": k, "task_index": jobs[k].task_index})
+
+
+def _run_phase(
+    k: int, job: TaskJob, folder: str, run_dir: RunDir, rank: int, loop_config: dict[str, Any]
+) -> None:
+    import ray.train
+    import ray.train.torch
+
+    micro, eval_bs = loop_config["micro_batch"], loop_config["eval_batch"]
+    train_shard = ray.train.get_dataset_shard(f"p{k}_train_{rank}")
+    # Phases that do not evaluate read no evaluation data.
+    eval_shard = ray.train.get_dataset_shard(f"eval_{rank}") if job.evaluate else None
+    if rank == 0:
+        out = run_dir.partial(folder).path
+        shutil.rmtree(out, ignore_errors=True)  # left by a worker group that died mid-phase
+    else:
+        out = Path(tempfile.mkdtemp(prefix="mcl-task-"))
+    try:
+        train_and_evaluate_task(
+            job,
+            train_shard.iter_batches(batch_size=micro, batch_format="numpy", prefetch_batches=2),
+            lambda: (
+                eval_shard.iter_batches(batch_size=eval_bs, batch_format="numpy", prefetch_batches=1)
+                if eval_shard is not None
+                else []
+            ),
+            out,
+            device=ray.train.torch.get_device(),
+        )
+        if rank == 0:
+            run_dir.publish(folder)  # atomic: the driver sees a whole phase or none
+    finally:
+        if rank != 0:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def _from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (``value`` itself outside a process group)."""
+    import torch.distributed as td
+
+    box = [value]
+    if td.is_available() and td.is_initialized():
+        td.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _quiet_ray_logs() -> None:
+    import contextlib
+    import logging
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # one line per dataset execution otherwise
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    # One "Reporting training result" line per phase and rank, from a logger Ray names by its file's path.
+    with contextlib.suppress(ImportError):
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
+def _release_memory() -> None:
+    """Free what the finished phase held before the next one loads its model (one process, many phases)."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,301 @@
+"""One phase of a task as a recipe: set up, (evaluate the untrained model,) train, evaluate, save, clean up.
+
+:func:`train_and_evaluate_task` runs the recipe for one phase. It runs in a plain process (the GPU benchmarks
+call it through :func:`mcl.worker.local.run_task_locally`) and inside Ray Train workers
+(:mod:`mcl.worker.ray_loop`), where ``torch.distributed`` is already initialised; the data arrives as
+iterables of preprocessed numpy batches either way.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mcl.config import config_from_dict
+from mcl.data import collate
+from mcl.evaluation.generation import GenerationEvaluator, score_records
+from mcl.methods_api import TaskContext, build_method
+from mcl.run.rundir import PhaseDir
+from mcl.worker.engine import (
+    StepEngine,
+    all_reduce_mean,
+    dist_rank_world,
+    seed_everything,
+    to_device,
+    zero3_loading_context,
+)
+from mcl.worker.job import TaskJob, TaskResult
+from mcl.worker.losses import per_sample_loss
+
+Batches = Iterable[dict[str, np.ndarray]]
+
+
+class PhaseRecipe:
+    """The steps of one phase on one rank; :func:`train_and_evaluate_task` runs them in order."""
+
+    def __init__(self, job: TaskJob, device: Any = None, log: Callable[[str], None] = print) -> None:
+        self.job = job
+        self.cfg = config_from_dict(job.config)
+        self.rank, self.world = dist_rank_world()
+        self.device = device
+        self.say = log if self.rank == 0 else (lambda _msg: None)
+        name = job.task_names[job.task_index]
+        phase_tag = "" if job.phase == "train" else f" {job.phase}"
+        self.tag = f"[task {job.task_index + 1}/{len(job.task_names)} {name}{phase_tag}]"
+        self.micro = self.cfg.train.batch_size // self.world
+        self.train_log: list[dict[str, float]] = []
+        self.timing: dict[str, float] = {}
+
+    # -- setup
+    def setup(self) -> None:
+        """Build the method, load the base model, let the method wrap it, build the step engine."""
+        import torch
+
+        from mcl.models import load_model_and_processor
+
+        t0 = time.perf_counter()
+        cfg, job = self.cfg, self.job
+        self.device = self.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = getattr(torch, cfg.model.dtype)
+        self.method = build_method(cfg.method.name, cfg.method.params)
+        seed_everything(cfg.train.seed + job.task_index)
+        # Under ZeRO-3, transformers loads the weights straight into partitions (deepspeed.zero.Init) while
+        # this object is alive, so no rank ever holds the whole model.
+        self._zero3_loading = zero3_loading_context(cfg, self.world)
+        base, self.processor = load_model_and_processor(
+            job.model_path, trust_remote_code=cfg.model.trust_remote_code, dtype=cfg.model.dtype
+        )
+        self.ctx = self._context()
+        model = self.method.setup_model(base, self.ctx)
+        self.method.before_task(model, self.ctx)
+        self.engine = StepEngine(model, cfg, self.world, self.device, optimize=job.optimize)
+        self.device = next(self.engine.module.parameters()).device
+        self.evaluator = GenerationEvaluator(
+            self.engine.module,
+            self.method,
+            self.processor,
+            cfg.eval.max_new_tokens,
+            self.device,
+            self.dtype,
+            synced_gpus=self.engine.zero3 and self.world > 1,
+        )
+        self.timing["setup_s"] = time.perf_counter() - t0
+
+    def _context(self) -> TaskContext:
+        job = self.job
+        return TaskContext(
+            task_index=job.task_index,
+            task_names=tuple(job.task_names),
+            lora=self.cfg.model.lora,
+            previous_state_dir=Path(job.previous_state_dir) if job.previous_state_dir else None,
+            rank=self.rank,
+            world_size=self.world,
+            seed=self.cfg.train.seed,
+            processor=self.processor,
+            phase=job.phase,
+        )
+
+    # -- evaluate
+    def evaluate_baseline(self, batches: Batches) -> dict[str, float] | None:
+        """Accuracy of the untrained model on every task (rank 0; None elsewhere)."""
+        self.say(f"{self.tag} evaluating the untrained model on all tasks (baseline for forward transfer)")
+        records = self.evaluator.predict(batches, self.ctx)
+        return score_records(records, self.job.task_names) if self.rank == 0 else None
+
+    def evaluate(self, batches: Batches) -> list[dict[str, Any]]:
+        """Prediction records of every task after training (rank 0; ``[]`` elsewhere)."""
+        t0 = time.perf_counter()
+        records = self.evaluator.predict(batches, self.ctx) if self.job.evaluate else []
+        self.timing["eval_s"] = time.perf_counter() - t0
+        return records
+
+    # -- train
+    def train(self, batches: Batches) -> None:
+        """One optimiser step per batch of this rank's shard; ``job.steps`` of them."""
+        self.engine.module.train()
+        wants_gradients = self.method.wants_gradients(self.ctx)
+        clock = _StepClock()
+        step = 0
+        for np_batch in clock.timed(batches):
+            loss, extra = self._train_step(np_batch, wants_gradients)
+            step += 1
+            clock.step_done(step, self.micro * self.world)
+            self._log_step(step, loss, extra, clock)
+        if step != self.job.steps:
+            raise RuntimeError(
+                f"{self.tag} rank {self.rank} got {step} training batches, expected {self.job.steps}"
+            )
+        self.timing.update(clock.timing(step * self.micro * self.world))
+        self.method.after_task(self.engine.module, self.ctx)
+
+    def _train_step(self, np_batch: dict[str, np.ndarray], wants_gradients: bool) -> tuple[Any, Any]:
+        engine, method = self.engine, self.method
+        pad = self.processor.tokenizer.pad_token_id
+        batch = to_device(collate(np_batch, pad, left_pad=False), self.device, self.dtype)
+        outputs = engine.forward(batch)
+        loss = per_sample_loss(outputs.logits, batch["labels"])
+        extra = method.extra_loss(engine.module, batch, outputs, self.ctx)
+        engine.backward(loss + extra if extra is not None else loss)
+        if wants_gradients:
+            method.on_gradients(engine.module, batch, engine.full_grad, self.ctx)
+        engine.step()
+        return loss, extra
+
+    def _log_step(self, step: int, loss: Any, extra: Any, clock: _StepClock) -> None:
+        steps_per_epoch = max(1, self.job.steps // self.cfg.train.epochs)
+        loss_value = all_reduce_mean(float(loss.detach()), self.world, self.device)
+        entry = {"step": step, "epoch": (step - 1) // steps_per_epoch, "loss": loss_value}
+        if self.method.has_extra_loss():  # reduced on every rank, also where this batch had none: no hang
+            extra_value = float(extra.detach()) if extra is not None else 0.0
+            entry["extra_loss"] = all_reduce_mean(extra_value, self.world, self.device)
+        self.train_log.append(entry)
+        if step % self.cfg.train.log_every == 0 or step == self.job.steps:
+            rate = clock.samples_per_s(step * self.micro * self.world)
+            eta = (self.job.steps - step) * clock.elapsed() / step
+            self.say(
+                f"{self.tag} step {step}/{self.job.steps} epoch {entry['epoch'] + 1} loss {loss_value:.4f} "
+                f"({rate:.1f} samples/s, ETA {eta:.0f}s)"
+            )
+
+    # -- save
+    def save(self, out: PhaseDir) -> None:
+        """Rank 0 writes the method's state (and the driver state) into ``out``; every rank takes part in
+        gathering ZeRO-3 partitions."""
+        method, module = self.method, self.engine.module
+        out.path.mkdir(parents=True, exist_ok=True)
+        with self.engine.gathered(method.state_parameters(module)):
+            if self.rank == 0:
+                method.save_state(module, out.state, self.ctx)
+                if self.job.driver_state is not None:
+                    out.write_driver_state(self.job.driver_state)
+        if self.world > 1:
+            import torch.distributed as td
+
+            td.barrier()
+
+    def result(self, records: list[dict[str, Any]], baseline: dict[str, float] | None) -> TaskResult:
+        """The phase's result (rank 0), printed as it is built."""
+        job = self.job
+        accuracy = score_records(records, job.task_names) if job.evaluate else {}
+        method_metrics = self.method.eval_metrics(records, self.ctx) if job.evaluate else {}
+        if accuracy:
+            self.say(f"{self.tag} accuracy " + ", ".join(f"{t} {a:.1f}" for t, a in accuracy.items()))
+        if method_metrics:
+            self.say(f"{self.tag} " + ", ".join(f"{k} {v:.2f}" for k, v in method_metrics.items()))
+        timing = {**self.timing, "eval_samples": float(len(records))}
+        return TaskResult(
+            task_index=job.task_index,
+            task_names=list(job.task_names),
+            accuracy=accuracy,
+            baseline_accuracy=baseline,
+            train_log=self.train_log,
+            predictions=records,
+            timing={k: timing[k] for k in _TIMING_KEYS},
+            memory=self.method.memory_report(self.engine.module),
+            method_metrics=method_metrics,
+            phase=job.phase,
+        )
+
+    # -- cleanup
+    def cleanup(self) -> None:
+        """Let go of ZeRO-3's loading context (it stayed visible to transformers through loading and synced
+        generation)."""
+        self._zero3_loading = None
+
+
+_TIMING_KEYS = (
+    "setup_s",
+    "train_s",
+    "eval_s",
+    "train_samples_per_s",
+    "steady_samples_per_s",
+    "steady_data_wait_s",
+    "steady_train_s",
+    "eval_samples",
+)
+
+
+class _StepClock:
+    """Training throughput: overall, and in steady state (after the first 2 steps, which pay for warm-up),
+    with the time spent waiting on the input pipeline (tells an input-bound run)."""
+
+    def __init__(self) -> None:
+        self.t_start = time.perf_counter()
+        self.t_steady: float | None = None
+        self.steady_samples = 0
+        self.data_wait_s = 0.0
+        self._step = 0
+
+    def timed(self, batches: Batches) -> Iterable[dict[str, np.ndarray]]:
+        iterator = iter(batches)
+        while True:
+            t_wait = time.perf_counter()
+            batch = next(iterator, None)
+            if batch is None:
+                return
+            if self._step >= 2:
+                self.data_wait_s += time.perf_counter() - t_wait
+            yield batch
+
+    def step_done(self, step: int, samples: int) -> None:
+        self._step = step
+        if step == 2:
+            self.t_steady = time.perf_counter()
+        elif step > 2:
+            self.steady_samples += samples
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t_start
+
+    def samples_per_s(self, samples: int) -> float:
+        return samples / self.elapsed()
+
+    def timing(self, samples: int) -> dict[str, float]:
+        train_s = self.elapsed()
+        steady_s = time.perf_counter() - self.t_steady if self.t_steady is not None else float("nan")
+        steady = self.steady_samples / steady_s if self.steady_samples and steady_s > 0 else float("nan")
+        return {
+            "train_s": train_s,
+            "train_samples_per_s": samples / train_s if train_s > 0 else float("nan"),
+            "steady_samples_per_s": steady,
+            "steady_data_wait_s": self.data_wait_s,
+            "steady_train_s": steady_s,
+        }
+
+
+def train_and_evaluate_task(
+    job: TaskJob,
+    train_batches: Batches,
+    eval_batches: Callable[[], Batches],
+    out_dir: str | Path,
+    device: Any = None,
+    log: Callable[[str], None] = print,
+) -> TaskResult | None:
+    """Train the method through one phase, evaluate all tasks, save state. Returns the result on rank 0.
+
+    Args:
+        job: What to train (see :class:`TaskJob`).
+        train_batches: This rank's preprocessed training batches, ``job.steps`` of them, in order.
+        eval_batches: A callable returning this rank's preprocessed evaluation batches (all tasks' test
+            samples); called once, or twice when ``job.evaluate_before``.
+        out_dir: Where rank 0 writes the phase folder (state and result).
+        device: Torch device (default: CUDA if available, else CPU).
+        log: Progress printer (rank 0 only).
+    """
+    recipe = PhaseRecipe(job, device, log)
+    recipe.setup()
+    baseline = recipe.evaluate_baseline(eval_batches()) if job.evaluate_before else None
+    recipe.train(train_batches)
+    records = recipe.evaluate(eval_batches() if job.evaluate else [])
+    out = PhaseDir(out_dir)
+    recipe.save(out)
+    recipe.cleanup()
+    if recipe.rank != 0:
+        return None
+    result = recipe.result(records, baseline)
+    result.save(out.path)
+    return result
