@@ -12,7 +12,6 @@ and how the stop Tune raises in ``tune.report`` becomes that stop.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -37,6 +36,7 @@ def _run_broken(tmp_path, monkeypatch, generated_root, fail):
 
     import mcl.runner as runner
     from mcl.config import load_config
+    from mcl.run.rundir import RunDir
 
     monkeypatch.setattr(runner, "_fit_phases", lambda _prep, _plan, run_dir: fail(run_dir))
     monkeypatch.setattr(runner, "_init_ray", lambda _cfg: None)
@@ -48,7 +48,7 @@ def _run_broken(tmp_path, monkeypatch, generated_root, fail):
     with pytest.raises(BaseException) as raised:
         runner.run_experiment(cfg, log=lambda _m: None)
     run_dir = tmp_path / "runs" / next(p.name for p in (tmp_path / "runs").iterdir())
-    return MlflowClient(uri), json.loads((run_dir / runner.PROGRESS_FILE).read_text()), raised.value
+    return MlflowClient(uri), RunDir(run_dir).read_progress().to_dict(), raised.value
 
 
 def test_a_stopped_run_is_closed_killed_with_the_stop_tags(tmp_path, monkeypatch, generated_root):
@@ -70,13 +70,12 @@ def test_a_failure_after_a_stop_leaves_the_run_killed(tmp_path, monkeypatch, gen
     being torn down) must not turn that into FAILED. Runs it did not close still end FAILED."""
     from mlflow import MlflowClient
 
-    from mcl.runner import PROGRESS_FILE
+    from mcl.run.rundir import RunDir
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
 
     def driver_kills_then_fail(run_dir):
-        progress = json.loads((run_dir / PROGRESS_FILE).read_text())
-        MlflowClient(uri).set_terminated(progress["run_id"], "KILLED")
+        MlflowClient(uri).set_terminated(RunDir(run_dir).read_progress().run_id, "KILLED")
         raise RuntimeError("worker died")
 
     client, progress, raised = _run_broken(tmp_path, monkeypatch, generated_root, driver_kills_then_fail)
@@ -90,7 +89,8 @@ def test_tunes_stop_in_report_becomes_run_stopped(monkeypatch):
     from ray import tune
 
     from mcl.runner import RunStopped
-    from mcl.sweep import EARLY_STOPPED_TAG, _report_or_stop
+    from mcl.sweep import EARLY_STOPPED_TAG
+    from mcl.sweep.trainable import report_or_stop
 
     def exit_with(code):
         def report(_metrics, **_kwargs):
@@ -100,11 +100,11 @@ def test_tunes_stop_in_report_becomes_run_stopped(monkeypatch):
 
     monkeypatch.setattr(tune, "report", exit_with(0))
     with pytest.raises(RunStopped) as raised:
-        _report_or_stop({"maa": 0.0})
+        report_or_stop({"maa": 0.0})
     assert raised.value.code == 0 and raised.value.tags == {EARLY_STOPPED_TAG: "true"}
     monkeypatch.setattr(tune, "report", exit_with(3))
     with pytest.raises(SystemExit) as raised:
-        _report_or_stop({"maa": 0.0})
+        report_or_stop({"maa": 0.0})
     assert not isinstance(raised.value, RunStopped) and raised.value.code == 3
 
 
@@ -112,7 +112,8 @@ def test_tunes_stop_in_report_becomes_run_stopped(monkeypatch):
 def test_asha_stops_the_trial_that_does_not_learn(local_ray, tmp_path, generated_root):
     from mlflow import MlflowClient
 
-    from mcl.sweep import TRIAL_STOPPED_FILE, run_sweep, sweep_config_from_dict
+    from mcl.run.rundir import RunDir
+    from mcl.sweep import run_sweep, sweep_config_from_dict
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     sweep = sweep_config_from_dict(
@@ -144,18 +145,18 @@ def test_asha_stops_the_trial_that_does_not_learn(local_ray, tmp_path, generated
     assert [r["method"] for r in summary.results] == ["sequential_lora lr=0.003"], lines
     assert not summary.failed, lines
     trials = Path(summary.sweep_dir) / "trials"
-    stopped = [p.parent.name for p in trials.glob(f"*/{TRIAL_STOPPED_FILE}")]
+    stopped = [p.name for p in trials.iterdir() if RunDir(p).read_trial_stopped() is not None]
     assert len(stopped) == 1 and "1e-07" in stopped[0], stopped
-    assert json.loads((trials / stopped[0] / TRIAL_STOPPED_FILE).read_text())["tasks_done"] == [0]
+    assert RunDir(trials / stopped[0]).read_trial_stopped()["tasks_done"] == [0]
 
     client = MlflowClient(uri)
     assert client.get_run(summary.run_id).info.status == "FINISHED"
-    progress = json.loads((trials / stopped[0] / "progress.json").read_text())
+    progress = RunDir(trials / stopped[0]).read_progress()
     # The trial run is stopped mid-stream (KILLED); its task run finished before the stop.
-    parent = client.get_run(progress["run_id"])
+    parent = client.get_run(progress.run_id)
     assert parent.info.status == "KILLED", parent.info.status
     assert parent.data.tags["mcl.early_stopped"] == "true"
-    assert [client.get_run(r).info.status for r in progress["task_runs"].values()] == ["FINISHED"]
+    assert [client.get_run(r).info.status for r in progress.task_runs.values()] == ["FINISHED"]
 
     # A re-run neither resumes the stopped trial nor re-runs the finished one.
     again = run_sweep(sweep, log=lines.append)
