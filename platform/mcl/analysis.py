@@ -351,12 +351,12 @@ def leaderboard_across_sweeps(
 # ------------------------------------------------------------------------------------------------ figures
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def _new_figure(width: float, height: float, layout: str | None = "constrained") -> Figure:
     """A Figure on an Agg canvas: no pyplot, so no global backend switch and no figure registry."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), layout="constrained")
+    fig = Figure(figsize=(width, height), layout=layout)
     FigureCanvasAgg(fig)
     return fig
 
@@ -473,6 +473,36 @@ def plot_leaderboard(
     return fig
 
 
+def leaderboard_png(
+    entries: Sequence[Entry], path: str | Path, metrics: tuple[str, ...] = ("mfn", "maa", "bwt")
+) -> Path:
+    """Bars of mean ± std over seeds per leaderboard row, one panel per metric (and per stream), as a PNG at
+    ``path`` (the sweep writes its ``leaderboard.png`` with it)."""
+    streams = list(dict.fromkeys(e.stream for e in entries))
+    fig = _new_figure(4.5 * len(metrics), 0.45 * max(4, len(entries)) + 1.5, layout=None)
+    axes = fig.subplots(len(streams), len(metrics), squeeze=False)
+    for r, stream in enumerate(streams):
+        rows = [e for e in entries if e.stream == stream]
+        labels = [e.method for e in rows]
+        for c, metric in enumerate(metrics):
+            ax = axes[r][c]
+            ax.barh(
+                range(len(rows)),
+                [e.mean[metric] for e in rows],
+                xerr=[e.std[metric] for e in rows],
+                color="#4c72b0",
+                capsize=3,
+            )
+            ax.set_yticks(range(len(rows)), labels if c == 0 else [""] * len(rows))
+            ax.invert_yaxis()
+            ax.axvline(0, color="black", linewidth=0.6)
+            ax.set_title(f"{stream}: {metric.upper()} (%)")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def plot_stability_plasticity(
     sweep_data: SweepData, by: GroupBy = "variant", stream: str | None = None
 ) -> Figure:
@@ -522,6 +552,7 @@ __all__ = [
     "leaderboard_across_sweeps",
     "leaderboard_entries",
     "leaderboard_frame",
+    "leaderboard_png",
     "list_sweeps",
     "load_sweep",
     "mean_matrix",

@@ -28,6 +28,7 @@ from mcl.analysis import (
     TrialData,
     leaderboard_across_sweeps,
     leaderboard_frame,
+    leaderboard_png,
     list_sweeps,
     load_sweep,
     plot_leaderboard,
@@ -37,6 +38,7 @@ from mcl.analysis import (
     save_figure,
     trial_metrics,
 )
+from mcl.evaluation.leaderboard import leaderboard
 
 SQRT2 = math.sqrt(2.0)
 
@@ -243,3 +245,16 @@ def test_figures_render_with_more_groups_than_columns(store, tmp_path):
     for plot in (plot_matrices, plot_task_curves, plot_leaderboard, plot_stability_plasticity):
         path = save_figure(plot(beta, by="variant"), Path(tmp_path) / f"{plot.__name__}.png")
         assert path.stat().st_size > 5000
+
+
+def test_leaderboard_png_writes_a_png(tmp_path):
+    records = [
+        {"method": m, "stream": s, "seed": seed, "mfn": 10.0 * seed, "maa": 20.0, "bwt": -1.0}
+        for m in ("a", "b")
+        for s in ("g", "h")
+        for seed in (0, 1)
+    ]
+    entries = leaderboard(records, metrics=("mfn", "maa", "bwt"))
+    path = leaderboard_png(entries, tmp_path / "leaderboard.png")
+    assert path == tmp_path / "leaderboard.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

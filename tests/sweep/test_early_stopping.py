@@ -12,7 +12,6 @@ and how the stop Tune raises in ``tune.report`` becomes that stop.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -88,7 +87,8 @@ def test_tunes_stop_in_report_becomes_run_stopped(monkeypatch):
     from ray import tune
 
     from mcl.errors import RunStopped
-    from mcl.sweep import EARLY_STOPPED_TAG, _report_or_stop
+    from mcl.sweep import EARLY_STOPPED_TAG
+    from mcl.sweep.trainable import report_or_stop
 
     def exit_with(code):
         def report(_metrics, **_kwargs):
@@ -98,11 +98,11 @@ def test_tunes_stop_in_report_becomes_run_stopped(monkeypatch):
 
     monkeypatch.setattr(tune, "report", exit_with(0))
     with pytest.raises(RunStopped) as raised:
-        _report_or_stop({"maa": 0.0})
+        report_or_stop({"maa": 0.0})
     assert raised.value.code == 0 and raised.value.tags == {EARLY_STOPPED_TAG: "true"}
     monkeypatch.setattr(tune, "report", exit_with(3))
     with pytest.raises(SystemExit) as raised:
-        _report_or_stop({"maa": 0.0})
+        report_or_stop({"maa": 0.0})
     assert not isinstance(raised.value, RunStopped) and raised.value.code == 3
 
 
@@ -110,7 +110,8 @@ def test_tunes_stop_in_report_becomes_run_stopped(monkeypatch):
 def test_asha_stops_the_trial_that_does_not_learn(local_ray, tmp_path, generated_root):
     from mlflow import MlflowClient
 
-    from mcl.sweep import TRIAL_STOPPED_FILE, run_sweep, sweep_config_from_dict
+    from mcl.run.rundir import RunDir
+    from mcl.sweep import run_sweep, sweep_config_from_dict
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     sweep = sweep_config_from_dict(
@@ -142,18 +143,18 @@ def test_asha_stops_the_trial_that_does_not_learn(local_ray, tmp_path, generated
     assert [r["method"] for r in summary.results] == ["sequential_lora lr=0.003"], lines
     assert not summary.failed, lines
     trials = Path(summary.sweep_dir) / "trials"
-    stopped = [p.parent.name for p in trials.glob(f"*/{TRIAL_STOPPED_FILE}")]
+    stopped = [p.name for p in trials.iterdir() if RunDir(p).read_trial_stopped() is not None]
     assert len(stopped) == 1 and "1e-07" in stopped[0], stopped
-    assert json.loads((trials / stopped[0] / TRIAL_STOPPED_FILE).read_text())["tasks_done"] == [0]
+    assert RunDir(trials / stopped[0]).read_trial_stopped()["tasks_done"] == [0]
 
     client = MlflowClient(uri)
     assert client.get_run(summary.run_id).info.status == "FINISHED"
-    progress = json.loads((trials / stopped[0] / "progress.json").read_text())
+    progress = RunDir(trials / stopped[0]).read_progress()
     # The trial run is stopped mid-stream (KILLED); its task run finished before the stop.
-    parent = client.get_run(progress["run_id"])
+    parent = client.get_run(progress.run_id)
     assert parent.info.status == "KILLED", parent.info.status
     assert parent.data.tags["mcl.early_stopped"] == "true"
-    assert [client.get_run(r).info.status for r in progress["task_runs"].values()] == ["FINISHED"]
+    assert [client.get_run(r).info.status for r in progress.task_runs.values()] == ["FINISHED"]
 
     # A re-run neither resumes the stopped trial nor re-runs the finished one.
     again = run_sweep(sweep, log=lines.append)

@@ -201,6 +201,7 @@ def test_killed_sweep_resumes_with_one_run_per_trial_and_task(resumed_sweep):
 def test_final_states_are_registered_once_and_reload(resumed_sweep, tmp_path):
     from mcl.config import load_config
     from mcl.registry import download_model_version
+    from mcl.run.rundir import RunDir
 
     uri = resumed_sweep.uri
     for method in METHODS:
@@ -213,7 +214,7 @@ def test_final_states_are_registered_once_and_reload(resumed_sweep, tmp_path):
         folder = download_model_version(uri, name, versions[0]["version"], tmp_path / method)
         trial_dir = resumed_sweep.storage / SWEEP / "trials" / tags["trial"]
         assert load_config(folder / "config.yaml") == load_config(trial_dir / "config.yaml")
-        last_phase = Path(json.loads((trial_dir / "trial_done.json").read_text())["final_state"])
+        last_phase = Path(RunDir(trial_dir).read_trial_done()["final_state"])
         saved = sorted(p.relative_to(last_phase) for p in last_phase.rglob("*") if p.is_file())
         got = sorted(p.relative_to(folder / "state") for p in (folder / "state").rglob("*") if p.is_file())
         assert saved and saved == got
@@ -305,8 +306,10 @@ def test_killed_train_worker_is_retried_and_gives_the_same_matrix(resumed_sweep,
     """SIGKILL one of the two Train workers as task 2 starts; Ray Train restarts the run's worker group
     (scaling.max_failures=1), which skips the published task 1 and trains task 2 again, and the run ends with
     the same matrix as the sweep's uninterrupted trial with the same config and seed."""
+    from mcl.run.rundir import RunDir
+
     trial_dir = resumed_sweep.storage / SWEEP / "trials" / "sequential_lora-generated-s0"
-    reference = json.loads((trial_dir / "trial_done.json").read_text())["matrix"]
+    reference = RunDir(trial_dir).read_trial_done()["matrix"]
     cmd = [
         sys.executable, str(REPO / "jobs" / "run_stream.py"), "--config", str(trial_dir / "config.yaml"),
         "tracking.run_name=worker-kill", f"tracking.output_dir={tmp_path}", f"tracking.uri=sqlite:///{tmp_path}/m.db",
@@ -372,11 +375,11 @@ def test_job_submit_runs_the_edited_working_copy_on_both_nodes(ray_cluster, tmp_
         if (REPO / rel).is_file():
             (copy / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, copy / rel)
-    sweep_py = copy / "platform" / "mcl" / "sweep.py"
-    source = sweep_py.read_text()
+    trainable_py = copy / "platform" / "mcl" / "sweep" / "trainable.py"
+    source = trainable_py.read_text()
     anchor = '    trial = TrialSpec(**config["trial"])\n'
     assert anchor in source
-    sweep_py.write_text(source.replace(anchor, anchor + '    print("EDITED-WORKING-COPY", flush=True)\n'))
+    trainable_py.write_text(source.replace(anchor, anchor + '    print("EDITED-WORKING-COPY", flush=True)\n'))
     config = _sweep_yaml(
         copy / "submit.yaml", tmp_path / "data", tmp_path / "storage", f"sqlite:///{tmp_path}/mlflow.db",
         name="submit", methods=["sequential_lora"], seeds=[0, 1], register_models=False,

@@ -1,0 +1,165 @@
+"""The trials of a sweep: their fixed, ordered expansion, what each needs to run, and its leaderboard record."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from mcl.config import ExperimentConfig, config_from_dict, set_dotted
+from mcl.errors import ConfigError, MclError, UnknownNameError
+from mcl.sweep.config import MethodEntry, StreamEntry, SweepConfig
+
+
+@dataclass
+class TrialSpec:
+    """One trial: a fully resolved experiment config plus what identifies it in the sweep."""
+
+    key: str
+    label: str  # method plus its searched values: the leaderboard row (seeds are averaged)
+    method: str
+    stream: str
+    seed: int
+    values: dict[str, Any]
+    config: dict[str, Any]
+
+
+def expand_trials(sweep: SweepConfig) -> list[TrialSpec]:
+    """Every trial of the sweep, in a fixed order (stream, method, grid point, sample, seed). Random spaces
+    are drawn with an RNG seeded by the sweep's name, so a re-run sees the same trials. Each trial's
+    experiment config is validated here, so a bad value fails before anything runs."""
+    from mcl.config import load_config
+
+    base = load_config(sweep.base).to_dict()
+    for dotted, value in sweep.overrides.items():
+        set_dotted(base, dotted.split("."), value)
+    rng = random.Random(f"mcl-sweep-{sweep.name}")
+    trials: list[TrialSpec] = []
+    keys: set[str] = set()
+    for stream, stream_tag in zip(sweep.streams, _stream_tags(sweep.streams), strict=True):
+        for method in sweep.methods:
+            for values in _search_points(sweep, method, rng):
+                label = method.name + "".join(f" {k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in values.items())
+                slug = re.sub(r"[^A-Za-z0-9_.=-]+", "-", label.replace(" ", "-"))
+                for seed in sweep.seeds:
+                    key = f"{slug}-{stream_tag}-s{seed}"
+                    if key in keys:
+                        key = f"{key}-{len(trials)}"
+                    keys.add(key)
+                    tree = _trial_tree(base, method, stream, seed, values)
+                    tree["tracking"]["run_name"] = key
+                    tree["tracking"]["experiment"] = sweep.tracking.experiment
+                    cfg = _validated(tree, key)
+                    trials.append(
+                        TrialSpec(key, label, method.name, stream.name, seed, values, cfg.to_dict())
+                    )
+    return trials
+
+
+def trial_resources(trial: TrialSpec) -> dict[str, float]:
+    """What one running trial needs: its Ray Train workers plus 1 CPU for the Ray Data tasks that feed them.
+    (The trial's own actor only waits on its Train jobs and reserves a sliver of a CPU: with every CPU held by workers
+    and trial actors, Ray Data could never run and the trials would hang.)"""
+    scaling = trial.config["scaling"]
+    return {
+        "CPU": scaling["num_workers"] * scaling["cpus_per_worker"] + 1,
+        "GPU": scaling["num_workers"] if scaling["use_gpu"] else 0,
+    }
+
+
+def max_concurrent(trials: list[TrialSpec], cluster: dict[str, float]) -> int:
+    """How many trials fit the cluster at once (Tune alone would not count the Train workers)."""
+    need_cpu = max(trial_resources(t)["CPU"] for t in trials)
+    need_gpu = max(trial_resources(t)["GPU"] for t in trials)
+    fit = int(cluster.get("CPU", 0) // need_cpu)
+    if need_gpu:
+        fit = min(fit, int(cluster.get("GPU", 0) // need_gpu))
+    return max(1, fit)
+
+
+def trial_record(trial: TrialSpec, done: dict[str, Any]) -> dict[str, Any]:
+    """The leaderboard record of a finished trial (``done``: what its trainable recorded when it finished)."""
+    return {
+        "method": trial.label,
+        "stream": trial.stream,
+        "seed": trial.seed,
+        "trial": trial.key,
+        "run_id": done["run_id"],
+        **done["metrics"],
+    }
+
+
+def _stream_tags(streams: list[StreamEntry]) -> list[str]:
+    """The stream part of trial keys: its name, plus its position where two entries share a name."""
+    if len(streams) == len({s.name for s in streams}):
+        return [s.name for s in streams]
+    return [f"{s.name}{i}" for i, s in enumerate(streams)]
+
+
+def _search_points(sweep: SweepConfig, method: MethodEntry, rng: random.Random) -> list[dict[str, Any]]:
+    """The searched values of ``method``'s trials: every grid point, times ``num_samples`` draws of the random
+    spaces (in this order, so the RNG is drawn the same way on every expansion)."""
+    spaces = {**sweep.search, **{f"method.params.{k}": v for k, v in method.search.items()}}
+    grid_keys = [k for k, v in spaces.items() if "grid" in v]
+    random_keys = [k for k in spaces if k not in grid_keys]
+    grid_points: list[dict[str, Any]] = [{}]
+    for k in grid_keys:
+        grid_points = [{**p, k: v} for p in grid_points for v in spaces[k]["grid"]]
+    return [
+        {**point, **{k: _draw(spaces[k], rng) for k in random_keys}}
+        for point in grid_points
+        for _ in range(sweep.num_samples if random_keys else 1)
+    ]
+
+
+def _draw(spec: dict[str, Any], rng: random.Random) -> Any:
+    kind, values = next(iter(spec.items()))
+    if kind == "choice":
+        return rng.choice(values)
+    if kind == "uniform":
+        return rng.uniform(values[0], values[1])
+    return math.exp(rng.uniform(math.log(values[0]), math.log(values[1])))
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def _trial_tree(
+    base: dict[str, Any], method: MethodEntry, stream: StreamEntry, seed: int, values: dict[str, Any]
+) -> dict[str, Any]:
+    """A copy of the base experiment config with the trial's method, stream, seed and searched values."""
+    tree = json.loads(json.dumps(base))
+    tree["method"] = {"name": method.name, "params": dict(method.params)}
+    tree["stream"]["name"] = stream.name
+    if stream.root:
+        tree["stream"]["root"] = stream.root
+    if stream.options:
+        tree["stream"]["options"] = dict(stream.options)
+    tree["train"]["seed"] = seed
+    for dotted, value in values.items():
+        set_dotted(tree, dotted.split("."), value)
+    return tree
+
+
+def _validated(tree: dict[str, Any], key: str) -> ExperimentConfig:
+    """The trial's experiment config, its method's name and params and its stream's name checked."""
+    from mcl.methods_api import build_method
+    from mcl.streams import available_streams
+
+    try:
+        cfg = config_from_dict(tree)
+        build_method(cfg.method.name, cfg.method.params)  # names and params
+        if cfg.stream.name not in available_streams():
+            raise UnknownNameError(
+                f"stream.name: unknown stream {cfg.stream.name!r}; valid streams: "
+                + ", ".join(available_streams())
+            )
+    except MclError as exc:
+        raise ConfigError(f"trial {key}: {exc}") from None
+    return cfg
