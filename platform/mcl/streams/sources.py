@@ -162,35 +162,8 @@ def parse_options(
         return ConfigError(f"stream {stream!r}: option {name!r} must be {what}, got {values[name]!r}")
 
     source = values["source"]
-    if source not in SOURCES:
-        raise bad("source", "one of " + ", ".join(SOURCES))
-    for name in ("path", "hf_config", "image_root", "cache_dir"):
-        value = values[name]
-        if value is not None and (not isinstance(value, str | Path) or not str(value).strip()):
-            raise bad(name, "a non-empty path or name")
-    if source == "published":
-        for name in ("path", "hf_config", "image_root"):
-            if values[name] is not None:
-                raise ConfigError(
-                    f"stream {stream!r}: option {name!r} applies to source hf, parquet or jsonl, "
-                    "not 'published'"
-                )
-    elif values["layout"] is not None:
-        raise ConfigError(f"stream {stream!r}: option 'layout' applies to source 'published' only")
-    if values["hf_config"] is not None and source != "hf":
-        raise ConfigError(f"stream {stream!r}: option 'hf_config' applies to source 'hf' only")
-    tasks = values["tasks"]
-    if tasks is not None:
-        if (
-            isinstance(tasks, str)
-            or not isinstance(tasks, Sequence)
-            or not tasks
-            or not all(isinstance(t, str) for t in tasks)
-        ):
-            raise bad("tasks", "a non-empty list of task names")
-        if len(set(tasks)) != len(tasks):
-            raise bad("tasks", "a list without repeats")
-        tasks = tuple(tasks)
+    _check_source_options(stream, values, bad)
+    tasks = _task_names_option(values["tasks"], bad)
     for name in ("max_train_per_task", "max_test_per_task"):
         value = values[name]
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -215,6 +188,45 @@ def parse_options(
         layout={str(k): v for k, v in (layout or {}).items()},
         extra={name: values.get(name, default) for name, default in extra_defaults.items()},
     )
+
+
+def _check_source_options(
+    stream: str, values: dict[str, Any], bad: Callable[[str, str], ConfigError]
+) -> None:
+    """The options that say where the data comes from: each only with the sources it applies to."""
+    source = values["source"]
+    if source not in SOURCES:
+        raise bad("source", "one of " + ", ".join(SOURCES))
+    for name in ("path", "hf_config", "image_root", "cache_dir"):
+        value = values[name]
+        if value is not None and (not isinstance(value, str | Path) or not str(value).strip()):
+            raise bad(name, "a non-empty path or name")
+    if source == "published":
+        for name in ("path", "hf_config", "image_root"):
+            if values[name] is not None:
+                raise ConfigError(
+                    f"stream {stream!r}: option {name!r} applies to source hf, parquet or jsonl, "
+                    "not 'published'"
+                )
+    elif values["layout"] is not None:
+        raise ConfigError(f"stream {stream!r}: option 'layout' applies to source 'published' only")
+    if values["hf_config"] is not None and source != "hf":
+        raise ConfigError(f"stream {stream!r}: option 'hf_config' applies to source 'hf' only")
+
+
+def _task_names_option(tasks: Any, bad: Callable[[str, str], ConfigError]) -> tuple[str, ...] | None:
+    if tasks is None:
+        return None
+    if (
+        isinstance(tasks, str)
+        or not isinstance(tasks, Sequence)
+        or not tasks
+        or not all(isinstance(t, str) for t in tasks)
+    ):
+        raise bad("tasks", "a non-empty list of task names")
+    if len(set(tasks)) != len(tasks):
+        raise bad("tasks", "a list without repeats")
+    return tuple(tasks)
 
 
 def folder_option(opts: StreamOptions, name: str) -> str:
