@@ -247,6 +247,16 @@ class EWC(Method):
             self._grad_sq[name] = self._grad_sq[name] + sq if name in self._grad_sq else sq
         self._fisher_batches += 1
 
+    def step_state(self, ctx: TaskContext) -> dict[str, Any] | None:
+        """The Fisher phase's running sums, so a phase resumed from a step checkpoint counts every batch."""
+        if ctx.phase != FISHER_PHASE:
+            return None
+        return {"grad_sq": dict(self._grad_sq), "fisher_batches": self._fisher_batches}
+
+    def load_step_state(self, state: dict[str, Any], ctx: TaskContext) -> None:
+        self._grad_sq = dict(state["grad_sq"])
+        self._fisher_batches = int(state["fisher_batches"])
+
     def after_task(self, model: torch.nn.Module, ctx: TaskContext) -> None:
         if ctx.phase != FISHER_PHASE:
             return

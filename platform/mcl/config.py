@@ -90,7 +90,14 @@ class MethodConfig:
 
 @dataclass
 class TrainConfig:
-    """Per-task optimisation. ``batch_size`` is the global batch (split evenly over the workers)."""
+    """Per-task optimisation. ``batch_size`` is the global batch (split evenly over the workers).
+
+    ``checkpoint_every_steps`` > 0 makes the Ray Train workers save a step checkpoint every that many optimiser
+    steps (trainable state, optimizer and scheduler state, RNG states), keeping the last ``keep_checkpoints``;
+    a restarted worker group, or a resumed run, continues the phase from the last one instead of from the
+    phase's start. ``checkpoint_storage`` is where they go: empty = the run folder, else a folder or URI Ray
+    Train's storage layer reads (``/shared/ckpt``, ``file:///...``, ``s3://bucket/path``, ``gs://...``).
+    """
 
     epochs: int = 3
     batch_size: int = 16
@@ -100,6 +107,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     log_every: int = 5
+    checkpoint_every_steps: int = 0
+    keep_checkpoints: int = 2
+    checkpoint_storage: str = ""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "must be >= 1", self.epochs)
@@ -114,6 +124,13 @@ class TrainConfig:
             self.max_grad_norm,
         )
         _check(self.log_every >= 1, "train.log_every", "must be >= 1", self.log_every)
+        _check(
+            self.checkpoint_every_steps >= 0,
+            "train.checkpoint_every_steps",
+            "must be >= 0 (0 = no step checkpoints)",
+            self.checkpoint_every_steps,
+        )
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1", self.keep_checkpoints)
 
 
 @dataclass

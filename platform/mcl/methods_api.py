@@ -187,6 +187,16 @@ class Method:
         """Whether :meth:`on_gradients` should run in this phase."""
         return False
 
+    def step_state(self, ctx: TaskContext) -> dict[str, Any] | None:
+        """What the method accumulates across the steps of a phase outside its parameters and the optimizer
+        (e.g. sums of squared gradients), saved with every step checkpoint (``train.checkpoint_every_steps``)
+        and given back to :meth:`load_step_state` when the phase resumes from one. Tensors and plain Python
+        values; this rank's own. Default: nothing."""
+        return None
+
+    def load_step_state(self, state: dict[str, Any], ctx: TaskContext) -> None:
+        """Put back what :meth:`step_state` returned when the checkpoint was saved."""
+
     def after_task(self, model: torch.nn.Module, ctx: TaskContext) -> None:
         """Called once after the last training step of each phase, before evaluation and saving."""
 

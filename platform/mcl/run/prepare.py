@@ -18,7 +18,14 @@ from mcl.streams.formats import check_images
 from mcl.streams.store import ChainedSamples
 
 # Settings that may change between an interrupted run and its resumption (where and how it runs).
-RESUMABLE_CHANGES = ("scaling.ray_address", "scaling.ray_num_cpus", "scaling.max_failures")
+RESUMABLE_CHANGES = (
+    "scaling.ray_address",
+    "scaling.ray_num_cpus",
+    "scaling.max_failures",
+    "train.checkpoint_every_steps",
+    "train.keep_checkpoints",
+    "train.log_every",
+)
 
 
 @dataclass

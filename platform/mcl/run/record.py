@@ -132,6 +132,8 @@ class RunRecorder:
             tracker.log_metric_series(task_run, key.replace("_loss", "_extra_loss"), extra)
         prefix = "" if phase.name == "train" else f"{phase.name}_"
         tracker.log_metrics(task_run, {prefix + k: v for k, v in result.timing.items()})
+        if result.resumed_at_step:
+            tracker.log_metrics(task_run, {prefix + "resumed_at_step": result.resumed_at_step})
         self.count_steps(result, phase)
 
     def count_steps(self, result: TaskResult, phase: Phase) -> None:

@@ -170,13 +170,17 @@ class RunDir:
     def clear_abort(self) -> None:
         (self.path / ABORT_FILE).unlink(missing_ok=True)
 
-    # -- Ray Train's storage for the run's worker group
-    @property
-    def ray_storage(self) -> tuple[str, str]:
-        """(``storage_path``, ``name``) of the run's Ray Train ``RunConfig``."""
+    # -- Ray Train's storage for the run's worker group (its step checkpoints)
+    def ray_storage(self, checkpoint_storage: str = "") -> tuple[str, str]:
+        """(``storage_path``, ``name``) of the run's Ray Train ``RunConfig``: ``<run>/ray-train``, or with
+        ``train.checkpoint_storage`` (a shared folder or a URI: ``file://``, ``s3://``, ``gs://``)
+        ``<checkpoint_storage>/<run folder name>``."""
+        if checkpoint_storage:
+            return checkpoint_storage, self.path.name
         return str(self.path), RAY_TRAIN_DIR
 
     def clear_ray_storage(self) -> None:
+        """Forget Ray Train's earlier attempts in the run folder (a fit with the same storage restores them)."""
         shutil.rmtree(self.path / RAY_TRAIN_DIR, ignore_errors=True)
 
     # -- results

@@ -60,6 +60,7 @@ class TaskResult:
     memory: dict[str, float] = field(default_factory=dict)
     method_metrics: dict[str, float] = field(default_factory=dict)
     phase: str = "train"
+    resumed_at_step: int = 0  # > 0: the phase continued from a step checkpoint taken after that many steps
 
     def save(self, out_dir: str | Path) -> Path:
         return PhaseDir(out_dir).write_result(asdict(self))

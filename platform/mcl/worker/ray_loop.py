@@ -4,6 +4,10 @@ Phase ``k`` streams this rank's shard ``p<k>_train_<rank>`` (and ``eval_<rank>``
 the state the previous phase left, and rank 0 publishes the phase folder in the run folder as a whole (the
 driver waits for it). After a worker failure Ray Train restarts the group and this function again: phases
 already published are skipped, so the run continues from the last finished phase with the same seeds.
+
+With ``train.checkpoint_every_steps``, the workers also report a step checkpoint every that many steps
+(:mod:`mcl.worker.checkpoint`); a restarted group, or the fit of a resumed run, continues the phase in
+progress from the last one (``ray.train.get_checkpoint()``) instead of from its start.
 """
 
 from __future__ import annotations
@@ -16,8 +20,28 @@ from pathlib import Path
 from typing import Any
 
 from mcl.run.rundir import RunDir
+from mcl.worker.engine import StepEngine
 from mcl.worker.job import TaskJob
 from mcl.worker.recipe import train_and_evaluate_task
+
+
+class RayStepCheckpoints:
+    """Step checkpoints through Ray Train: reported with ``ray.train.report(checkpoint=...)`` into the run's
+    storage, restored from ``ray.train.get_checkpoint()``."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+
+    def save(self, engine: StepEngine, key: str, step: int, meta: dict[str, Any]) -> None:
+        from mcl.worker.checkpoint import report_step_checkpoint
+
+        report_step_checkpoint({"phase_key": key}, engine, step=step, phase_key=key, client_state=meta)
+
+    def restore(self, engine: StepEngine, key: str) -> tuple[int, dict[str, Any]] | None:
+        from mcl.worker.checkpoint import restore_from_ray
+
+        meta = restore_from_ray(engine, key)
+        return None if meta is None else (meta.step, meta.client_state or {})
 
 
 def train_phases(loop_config: dict[str, Any]) -> None:
@@ -71,6 +95,7 @@ def _run_phase(
             ),
             out,
             device=ray.train.torch.get_device(),
+            checkpoints=RayStepCheckpoints(job.config["train"]["checkpoint_every_steps"]),
         )
         if rank == 0:
             run_dir.publish(folder)  # atomic: the driver sees a whole phase or none

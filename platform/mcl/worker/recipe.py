@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -34,6 +34,18 @@ from mcl.worker.losses import per_sample_loss
 Batches = Iterable[dict[str, np.ndarray]]
 
 
+class StepCheckpoints(Protocol):
+    """Mid-phase step checkpoints (see :mod:`mcl.worker.checkpoint`): ``every`` optimiser steps (0 = never),
+    :meth:`save` writes this rank's part with ``meta`` (JSON); :meth:`restore` loads the last one of phase
+    ``key`` into ``engine`` and returns ``(step, meta)``, or None when there is none."""
+
+    every: int
+
+    def save(self, engine: StepEngine, key: str, step: int, meta: dict[str, Any]) -> None: ...
+
+    def restore(self, engine: StepEngine, key: str) -> tuple[int, dict[str, Any]] | None: ...
+
+
 class PhaseRecipe:
     """The steps of one phase on one rank; :func:`train_and_evaluate_task` runs them in order."""
 
@@ -49,6 +61,8 @@ class PhaseRecipe:
         self.micro = self.cfg.train.batch_size // self.world
         self.train_log: list[dict[str, float]] = []
         self.timing: dict[str, float] = {}
+        self.baseline: dict[str, float] | None = None
+        self.start_step = 0  # > 0 when the phase resumes from a step checkpoint
 
     # -- setup
     def setup(self) -> None:
@@ -100,11 +114,34 @@ class PhaseRecipe:
         )
 
     # -- evaluate
-    def evaluate_baseline(self, batches: Batches) -> dict[str, float] | None:
+    def evaluate_baseline(self, batches: Batches) -> None:
         """Accuracy of the untrained model on every task (rank 0; None elsewhere)."""
         self.say(f"{self.tag} evaluating the untrained model on all tasks (baseline for forward transfer)")
         records = self.evaluator.predict(batches, self.ctx)
-        return score_records(records, self.job.task_names) if self.rank == 0 else None
+        self.baseline = score_records(records, self.job.task_names) if self.rank == 0 else None
+
+    # -- step checkpoints
+    def resume_from(self, checkpoints: StepCheckpoints) -> bool:
+        """Continue from the last step checkpoint of this phase, if there is one (after :meth:`setup`)."""
+        found = checkpoints.restore(self.engine, self.job.key)
+        if found is None:
+            return False
+        self.start_step, meta = found
+        self.train_log, self.baseline = meta["train_log"], meta["baseline"]
+        if meta.get("method") is not None:
+            self.method.load_step_state(meta["method"], self.ctx)
+        self.say(f"{self.tag} resuming at step {self.start_step}/{self.job.steps} from a step checkpoint")
+        return True
+
+    def _checkpoint(self, checkpoints: StepCheckpoints | None, step: int) -> None:
+        if checkpoints is None or not checkpoints.every or step % checkpoints.every or step == self.job.steps:
+            return
+        meta = {
+            "train_log": self.train_log,
+            "baseline": self.baseline,
+            "method": self.method.step_state(self.ctx),
+        }
+        checkpoints.save(self.engine, self.job.key, step, meta)
 
     def evaluate(self, batches: Batches) -> list[dict[str, Any]]:
         """Prediction records of every task after training (rank 0; ``[]`` elsewhere)."""
@@ -114,22 +151,25 @@ class PhaseRecipe:
         return records
 
     # -- train
-    def train(self, batches: Batches) -> None:
-        """One optimiser step per batch of this rank's shard; ``job.steps`` of them."""
+    def train(self, batches: Batches, checkpoints: StepCheckpoints | None = None) -> None:
+        """One optimiser step per batch of this rank's shard; ``job.steps`` of them. After a resume from a
+        step checkpoint, the batches of the steps already taken are skipped (rows are sharded by position, so
+        the rest are exactly those of the uninterrupted phase)."""
         self.engine.module.train()
         wants_gradients = self.method.wants_gradients(self.ctx)
         clock = _StepClock()
-        step = 0
-        for np_batch in clock.timed(batches):
+        step = self.start_step
+        for np_batch in clock.timed(_skip(batches, self.start_step)):
             loss, extra = self._train_step(np_batch, wants_gradients)
             step += 1
-            clock.step_done(step, self.micro * self.world)
+            clock.step_done(step - self.start_step, self.micro * self.world)
             self._log_step(step, loss, extra, clock)
+            self._checkpoint(checkpoints, step)
         if step != self.job.steps:
             raise RuntimeError(
                 f"{self.tag} rank {self.rank} got {step} training batches, expected {self.job.steps}"
             )
-        self.timing.update(clock.timing(step * self.micro * self.world))
+        self.timing.update(clock.timing((step - self.start_step) * self.micro * self.world))
         self.method.after_task(self.engine.module, self.ctx)
 
     def _train_step(self, np_batch: dict[str, np.ndarray], wants_gradients: bool) -> tuple[Any, Any]:
@@ -154,8 +194,9 @@ class PhaseRecipe:
             entry["extra_loss"] = all_reduce_mean(extra_value, self.world, self.device)
         self.train_log.append(entry)
         if step % self.cfg.train.log_every == 0 or step == self.job.steps:
-            rate = clock.samples_per_s(step * self.micro * self.world)
-            eta = (self.job.steps - step) * clock.elapsed() / step
+            done = step - self.start_step
+            rate = clock.samples_per_s(done * self.micro * self.world)
+            eta = (self.job.steps - step) * clock.elapsed() / done
             self.say(
                 f"{self.tag} step {step}/{self.job.steps} epoch {entry['epoch'] + 1} loss {loss_value:.4f} "
                 f"({rate:.1f} samples/s, ETA {eta:.0f}s)"
@@ -177,7 +218,7 @@ class PhaseRecipe:
 
             td.barrier()
 
-    def result(self, records: list[dict[str, Any]], baseline: dict[str, float] | None) -> TaskResult:
+    def result(self, records: list[dict[str, Any]]) -> TaskResult:
         """The phase's result (rank 0), printed as it is built."""
         job = self.job
         accuracy = score_records(records, job.task_names) if job.evaluate else {}
@@ -191,13 +232,14 @@ class PhaseRecipe:
             task_index=job.task_index,
             task_names=list(job.task_names),
             accuracy=accuracy,
-            baseline_accuracy=baseline,
+            baseline_accuracy=self.baseline,
             train_log=self.train_log,
             predictions=records,
             timing={k: timing[k] for k in _TIMING_KEYS},
             memory=self.method.memory_report(self.engine.module),
             method_metrics=method_metrics,
             phase=job.phase,
+            resumed_at_step=self.start_step,
         )
 
     # -- cleanup
@@ -267,6 +309,14 @@ class _StepClock:
         }
 
 
+def _skip(batches: Batches, n: int) -> Iterable[dict[str, np.ndarray]]:
+    """``batches`` without its first ``n``."""
+    iterator = iter(batches)
+    for _ in range(n):
+        next(iterator)
+    return iterator
+
+
 def train_and_evaluate_task(
     job: TaskJob,
     train_batches: Batches,
@@ -274,6 +324,7 @@ def train_and_evaluate_task(
     out_dir: str | Path,
     device: Any = None,
     log: Callable[[str], None] = print,
+    checkpoints: StepCheckpoints | None = None,
 ) -> TaskResult | None:
     """Train the method through one phase, evaluate all tasks, save state. Returns the result on rank 0.
 
@@ -285,17 +336,20 @@ def train_and_evaluate_task(
         out_dir: Where rank 0 writes the phase folder (state and result).
         device: Torch device (default: CUDA if available, else CPU).
         log: Progress printer (rank 0 only).
+        checkpoints: Step checkpoints to save during training and to resume from (None: neither).
     """
     recipe = PhaseRecipe(job, device, log)
     recipe.setup()
-    baseline = recipe.evaluate_baseline(eval_batches()) if job.evaluate_before else None
-    recipe.train(train_batches)
+    resumed = checkpoints is not None and recipe.resume_from(checkpoints)
+    if job.evaluate_before and not resumed:
+        recipe.evaluate_baseline(eval_batches())
+    recipe.train(train_batches, checkpoints)
     records = recipe.evaluate(eval_batches() if job.evaluate else [])
     out = PhaseDir(out_dir)
     recipe.save(out)
     recipe.cleanup()
     if recipe.rank != 0:
         return None
-    result = recipe.result(records, baseline)
+    result = recipe.result(records)
     result.save(out.path)
     return result

@@ -89,17 +89,20 @@ class RayTrainExecutor:
 def fit_phases(prep: PreparedRun, phases: list[PlannedPhase], run_dir: RunDir) -> None:
     """Train ``phases`` in order in one Ray Train worker group (one ``TorchTrainer.fit``); each phase's
     folder appears in ``run_dir`` as it finishes."""
-    from ray.train import DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from mcl.worker.ray_loop import train_phases
 
     cfg = prep.config
-    run_dir.clear_ray_storage()  # Ray Train would restore an earlier attempt
+    if not cfg.train.checkpoint_every_steps:
+        run_dir.clear_ray_storage()  # nothing to resume from: start Ray Train's run afresh
+    # With step checkpoints, the storage is kept: Ray Train restores the run's last checkpoint, and the phase
+    # it belongs to (if it is still to train) resumes from it.
     # Ray Train gives workers 60 s to start (imports, runtime env); a busy small host can need more. Ray
     # propagates this variable from the driver to the controller; an explicit setting wins.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
-    storage_path, name = run_dir.ray_storage
+    storage_path, name = run_dir.ray_storage(cfg.train.checkpoint_storage)
     trainer = TorchTrainer(
         train_phases,
         train_loop_config={
@@ -118,6 +121,7 @@ def fit_phases(prep: PreparedRun, phases: list[PlannedPhase], run_dir: RunDir) -
             name=name,
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             # Ray Train's per-report INFO lines drown mcl's own progress; warnings and errors still show.
             logging_config=LoggingConfig(log_level="WARNING"),
         ),

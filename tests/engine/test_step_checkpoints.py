@@ -1,0 +1,200 @@
+"""Step checkpoints on the real path: Ray Train workers under DeepSpeed ZeRO, a fault in the middle of a phase.
+
+Each run is ``jobs/run_stream.py`` in its own process (its own local Ray), 2 workers, 2 tasks of 12 optimiser
+steps with a step checkpoint every 3. A watcher reads Ray Train's checkpoint record in the run folder and
+strikes as soon as a step checkpoint of the phase it waits for is registered: it SIGKILLs one Train worker
+(Ray Train restarts the group, which resumes from ``get_checkpoint()``), or the whole driver process tree
+(``--resume`` then continues the phase from the last step checkpoint). Every faulty run must end with the
+same matrix, predictions and saved state as an uninterrupted run of the same config and seed, and its
+interrupted phase must record that it resumed at a step > 0.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS, EVERY = 12, 3  # optimiser steps per phase (48 samples x 4 epochs / 16), a step checkpoint every 3
+
+
+@pytest.fixture(scope="module")
+def stream_root(tmp_path_factory):
+    from mcl.streams import build_stream
+
+    root = tmp_path_factory.mktemp("data") / "generated"
+    build_stream("generated", root, {"train_per_task": 48, "test_per_task": 8})
+    return root
+
+
+def _command(root: Path, out: Path, name: str, zero_stage: int, *extra: str) -> list[str]:
+    return [
+        sys.executable, str(REPO / "jobs" / "run_stream.py"), *extra,
+        f"stream.root={root}", "stream.options.tasks=[aerial,underwater]",
+        "train.epochs=4", f"train.checkpoint_every_steps={EVERY}", "train.log_every=3",
+        "eval.max_new_tokens=2", f"scaling.zero_stage={zero_stage}", "scaling.zero3_param_persistence_threshold=0",
+        "scaling.max_failures=1", "scaling.ray_num_cpus=4",
+        f"tracking.uri=sqlite:///{out}/mlflow.db", f"tracking.output_dir={out}", f"tracking.run_name={name}",
+    ]  # fmt: skip
+
+
+def _registered_step(run_dir: Path, phase_key: str) -> bool:
+    """Whether Ray Train registered a step checkpoint of ``phase_key`` ("<task>-<phase>") in the run."""
+    snapshot = run_dir / "ray-train" / "checkpoint_manager_snapshot.json"
+    try:
+        return f"step-{phase_key}-" in snapshot.read_text()
+    except OSError:
+        return False
+
+
+def _train_workers(driver: int) -> list:
+    """This run's Ray Train worker processes (the driver's local Ray starts them as its descendants)."""
+    import psutil
+
+    found = []
+    for proc in psutil.Process(driver).children(recursive=True):
+        try:
+            if (proc.cmdline() or [""])[0].startswith("ray::RayTrainWorker"):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _kill_tree(driver: int) -> None:
+    import psutil
+
+    procs = [psutil.Process(driver), *psutil.Process(driver).children(recursive=True)]
+    for proc in procs:
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            continue
+
+
+def _run(cmd: list[str], cwd: Path, *strikes) -> tuple[int, str, list[str]]:
+    """Run ``cmd`` while a thread polls the ``strikes`` in turn every 50 ms: each ``strike(proc)`` returns None
+    until it has struck, then what it did. Returns the exit code, the output and what was done."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    done: list[str] = []
+
+    def watch() -> None:
+        while proc.poll() is None and len(done) < len(strikes):
+            what = strikes[len(done)](proc)
+            if what:
+                done.append(what)
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    assert proc.stdout is not None
+    out = proc.stdout.read()
+    proc.wait(timeout=900)
+    watcher.join(timeout=30)
+    return proc.returncode, out, done
+
+
+def _kill_a_worker_at(run_dir: Path, phase_key: str):
+    def strike(proc) -> str | None:
+        if not _registered_step(run_dir, phase_key):
+            return None
+        workers = _train_workers(proc.pid)
+        if not workers:
+            return None
+        workers[-1].send_signal(signal.SIGKILL)
+        return f"killed worker {workers[-1].pid} during {phase_key}"
+
+    return strike
+
+
+def _outcome(run_dir: Path) -> dict:
+    """What a finished run leaves that must not depend on faults: matrix, predictions and saved state."""
+    from mcl.run import RunDir
+
+    run = RunDir(run_dir)
+    progress = run.read_progress()
+    phases = {}
+    for key, folder in sorted(progress.phases.items()):
+        phase = run.phase(Path(folder).name)
+        result = phase.read_result()
+        state = {
+            str(f.relative_to(phase.state)): f.read_bytes()
+            for f in sorted(phase.state.rglob("*"))
+            if f.is_file() and f.name != "adapter_config.json"  # holds peft's absolute base-model path
+        }
+        losses = [e["loss"] for e in result["train_log"]]
+        phases[key] = (result["predictions"], result["accuracy"], losses, state)
+    return {"matrix": json.loads(run.matrix_json.read_text())["matrix"], "phases": phases}
+
+
+def _resumed_at(run_dir: Path, folder: str) -> int:
+    from mcl.run import RunDir
+
+    return RunDir(run_dir).phase(folder).read_result()["resumed_at_step"]
+
+
+@pytest.fixture(scope="module")
+def reference(stream_root, tmp_path_factory):
+    """Uninterrupted runs with the same settings, by ZeRO stage (built when first asked for)."""
+    cache: dict[int, dict] = {}
+
+    def get(zero_stage: int) -> dict:
+        if zero_stage not in cache:
+            out = tmp_path_factory.mktemp(f"reference{zero_stage}")
+            code, log, _ = _run(_command(stream_root, out, "reference", zero_stage), out)
+            assert code == 0, log[-5000:]
+            assert "resuming at step" not in log
+            cache[zero_stage] = _outcome(out / "reference")
+        return cache[zero_stage]
+
+    return get
+
+
+def test_zero2_worker_then_driver_killed_mid_phase_give_the_uninterrupted_result(
+    reference, stream_root, tmp_path
+):
+    """ZeRO-2: a Train worker is killed in task 1's phase after a step checkpoint (the restarted group resumes
+    it), then the whole driver is killed in task 2's phase after a step checkpoint, and ``--resume`` continues
+    that phase from it."""
+    run_dir = tmp_path / "faults"
+    cmd = _command(stream_root, tmp_path, "faults", 2)
+    code, log, done = _run(
+        cmd, tmp_path, _kill_a_worker_at(run_dir, "0-train"), _kill_driver_at(run_dir, "1-train")
+    )
+    assert len(done) == 2, (done, log[-5000:])
+    assert code != 0
+    code, resumed_log, _ = _run(_command(stream_root, tmp_path, "faults", 2, "--resume"), tmp_path)
+    assert code == 0, resumed_log[-5000:]
+    assert 0 < _resumed_at(run_dir, "task00-aerial") < STEPS, log[-5000:]
+    assert 0 < _resumed_at(run_dir, "task01-underwater") < STEPS, resumed_log[-5000:]
+    assert _outcome(run_dir) == reference(2)
+
+
+def _kill_driver_at(run_dir: Path, phase_key: str):
+    def strike(proc) -> str | None:
+        if not _registered_step(run_dir, phase_key):
+            return None
+        _kill_tree(proc.pid)
+        return f"killed the driver during {phase_key}"
+
+    return strike
+
+
+def test_zero3_worker_killed_mid_phase_gives_the_uninterrupted_result(reference, stream_root, tmp_path):
+    """ZeRO-3 (every parameter partitioned, the threshold at 0): a Train worker killed in task 2's phase after
+    a step checkpoint; the restarted group resumes the phase from it."""
+    run_dir = tmp_path / "worker-killed"
+    cmd = _command(stream_root, tmp_path, "worker-killed", 3)
+    code, log, done = _run(cmd, tmp_path, _kill_a_worker_at(run_dir, "1-train"))
+    assert code == 0 and done, (done, log[-5000:])
+    assert 0 < _resumed_at(run_dir, "task01-underwater") < STEPS, log[-5000:]
+    assert _outcome(run_dir) == reference(3)
