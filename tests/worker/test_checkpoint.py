@@ -1,0 +1,199 @@
+"""Step checkpoints: a phase stopped after k steps and resumed from its checkpoint in a fresh process state
+gives the same per-step losses and the same trainable weights, bit for bit, as the phase run without a
+stop (plain torch, DeepSpeed ZeRO-2, ZeRO-3 with every LoRA tensor partitioned). LoRA dropout is on, so the
+restored RNG state is exercised. The checkpoint holds no frozen base weights, and a checkpoint from another
+world size or engine is refused."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from mcl.adapters import new_lora
+from mcl.config import ExperimentConfig, load_config
+from mcl.data import Preprocessor, collate, local_batches, training_order
+from mcl.models import load_model_and_processor
+from mcl.streams import build_stream
+from mcl.training import (
+    _init_single_process_group,
+    _Trainer,
+    _zero3_loading_context,
+    seed_everything,
+    to_device,
+)
+from mcl.worker.checkpoint import (
+    META_FILE,
+    check_compatible,
+    load_step_checkpoint,
+    read_step_checkpoint_meta,
+    save_step_checkpoint,
+    should_checkpoint,
+    skip_batches,
+    step_checkpoint_name,
+    trainable_parameters,
+)
+from mcl.worker.losses import per_sample_loss
+
+DEFAULT = "jobs/configs/default.yaml"
+STEPS, SPLIT, BATCH = 4, 2, 4
+CPU = torch.device("cpu")
+
+
+def _config(stage: int | None) -> ExperimentConfig:
+    """Plain torch (``stage`` None) or DeepSpeed ZeRO-``stage``; dropout and a warm-up the checkpoint must carry."""
+    engine = ["scaling.deepspeed=false"] if stage is None else ["scaling.deepspeed=true"]
+    cfg = load_config(
+        DEFAULT,
+        [
+            "scaling.num_workers=1",
+            *engine,
+            f"train.batch_size={BATCH}",
+            "train.warmup_steps=3",
+            "model.lora.dropout=0.1",
+            "model.lora.r=2",  # trainable ~1/11 of the tiny base, so a leaked base copy shows in the size
+        ],
+    )
+    if stage is None:
+        return cfg
+    scaling = dataclasses.replace(cfg.scaling, zero_stage=stage, zero3_param_persistence_threshold=0)
+    return dataclasses.replace(cfg, scaling=scaling)
+
+
+@pytest.fixture(scope="module")
+def batches(tiny_model_path: str, generated_root: Path) -> list[dict[str, np.ndarray]]:
+    task = build_stream("generated", generated_root, {}).tasks[0]
+    rows = training_order(task.train[: STEPS * BATCH], epochs=1, global_batch=BATCH, seed=0)
+    return list(local_batches(rows, Preprocessor(tiny_model_path, train=True), BATCH))
+
+
+@dataclasses.dataclass
+class _Run:
+    trainer: _Trainer
+    pad_id: int
+    keep: Any  # ZeRO-3's HfDeepSpeedConfig stays alive while the engine is used
+
+
+def _build(cfg: ExperimentConfig, model_path: str) -> _Run:
+    """A fresh model + LoRA + step engine, as the per-phase function builds them (seeded the same way)."""
+    if cfg.scaling.deepspeed:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        _init_single_process_group()
+    seed_everything(cfg.train.seed)
+    keep = _zero3_loading_context(cfg, 1) if cfg.scaling.deepspeed else None
+    base, processor = load_model_and_processor(model_path)
+    trainer = _Trainer(new_lora(base, cfg.model.lora), cfg, 1, CPU)
+    trainer.module.train()
+    return _Run(trainer, processor.tokenizer.pad_token_id, keep)
+
+
+def _train(run: _Run, batches: Any) -> list[float]:
+    losses = []
+    for np_batch in batches:
+        batch = to_device(collate(np_batch, run.pad_id, left_pad=False), CPU, torch.float32)
+        loss = per_sample_loss(run.trainer.forward(batch).logits, batch["labels"])
+        run.trainer.backward(loss)
+        run.trainer.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def _weights(trainer: _Trainer) -> dict[str, torch.Tensor]:
+    params = trainable_parameters(trainer.module)
+    with trainer.gathered(list(params.values())):
+        return {n: p.detach().clone() for n, p in params.items()}
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+@pytest.mark.parametrize("stage", [None, 2, 3], ids=["torch", "zero2", "zero3"])
+def test_a_resumed_phase_equals_the_uninterrupted_one(stage, tiny_model_path, batches, tmp_path):
+    cfg = _config(stage)
+    full = _build(cfg, tiny_model_path)
+    full_losses = _train(full, batches)
+    full_weights = _weights(full.trainer)
+    frozen = [p for p in full.trainer.module.parameters() if not p.requires_grad]
+    frozen_bytes = sum(
+        getattr(p, "ds_numel", p.numel()) * p.element_size() for p in frozen
+    )  # ZeRO-3: partitioned
+    trainable_bytes = sum(w.numel() * w.element_size() for w in full_weights.values())
+    del full
+
+    first = _build(cfg, tiny_model_path)
+    first_losses = _train(first, batches[:SPLIT])
+    folder = tmp_path / "ckpt"
+    save_step_checkpoint(
+        first.trainer, folder, step=SPLIT, phase_key="0:train", client_state={"losses": first_losses}
+    )
+    del first
+
+    resumed = _build(cfg, tiny_model_path)
+    torch.rand(13), random.random(), np.random.rand()  # a restart's streams differ: loading must reset them
+    meta = load_step_checkpoint(resumed.trainer, folder)
+    assert (meta.step, meta.phase_key, meta.world_size) == (SPLIT, "0:train", 1)
+    assert (meta.engine, meta.zero_stage) == (("torch", 0) if stage is None else ("deepspeed", stage))
+    losses = meta.client_state["losses"] + _train(resumed, skip_batches(batches, meta.step))
+
+    assert losses == full_losses  # bitwise: same parameters, optimizer moments, LR schedule and dropout masks
+    resumed_weights = _weights(resumed.trainer)
+    assert resumed_weights.keys() == full_weights.keys()
+    assert all(torch.equal(resumed_weights[n], full_weights[n]) for n in full_weights)
+
+    # Only the trainable state: weights + fp32 master + 2 Adam moments, each the size of the trainable
+    # parameters, plus pickling and DeepSpeed's recovery script; one copy of the frozen base would not fit.
+    size = _folder_bytes(folder)
+    assert size < 5 * trainable_bytes + 96 * 1024, (size, trainable_bytes)
+    assert size < frozen_bytes, (size, frozen_bytes)
+    if stage is None:
+        saved = torch.load(folder / "torch_state.pt", weights_only=False)["params"]
+        assert saved.keys() == full_weights.keys()
+    for states in (folder / "deepspeed").glob("*model_states.pt"):
+        state = torch.load(states, map_location="cpu", weights_only=False)
+        assert set(state["module"]) <= set(full_weights), sorted(set(state["module"]) - set(full_weights))[:5]
+        assert state["frozen_param_fragments"] is None
+
+    # The same folder written by 2 ranks cannot be resumed by 1.
+    meta_path = folder / META_FILE
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "world_size": 2}))
+    with pytest.raises(ValueError, match="saved by 2 ranks, this run has 1"):
+        load_step_checkpoint(resumed.trainer, folder)
+
+
+def test_another_engine_or_zero_stage_is_refused(tmp_path):
+    def fake(stage: int | None) -> Any:
+        if stage is None:
+            return SimpleNamespace(deepspeed=False)
+        return SimpleNamespace(deepspeed=True, engine=SimpleNamespace(zero_optimization_stage=lambda: stage))
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    torch_trainer = SimpleNamespace(deepspeed=False, module=model, optimizer=optimizer, scheduler=None)
+    save_step_checkpoint(torch_trainer, tmp_path, step=3, phase_key="1:train")
+    meta = read_step_checkpoint_meta(tmp_path)
+    check_compatible(meta, fake(None))
+    with pytest.raises(ValueError, match="saved by plain torch, this run trains with DeepSpeed ZeRO-2"):
+        load_step_checkpoint(fake(2), tmp_path)
+    zero2 = dataclasses.replace(meta, engine="deepspeed", zero_stage=2)
+    with pytest.raises(ValueError, match="saved by DeepSpeed ZeRO-2, this run trains with DeepSpeed ZeRO-3"):
+        check_compatible(zero2, fake(3))
+    (tmp_path / META_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="not a complete step checkpoint"):
+        load_step_checkpoint(fake(None), tmp_path)
+
+
+def test_schedule_and_names():
+    assert [s for s in range(1, 11) if should_checkpoint(s, 3, 10)] == [3, 6, 9]
+    assert not any(should_checkpoint(s, 0, 10) for s in range(1, 11))
+    assert not should_checkpoint(10, 5, 10)  # the last step publishes the phase instead
+    assert list(skip_batches(iter(range(6)), 4)) == [4, 5]
+    assert step_checkpoint_name("2:fisher", 40) == "step-2-fisher-0000040"
