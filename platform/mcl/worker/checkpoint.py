@@ -55,7 +55,13 @@ How Ray Train V2 (Ray 2.60, ``ray/train/v2/_internal/execution/``) handles check
 3. The controller waits until every rank has reported, checks all ranks reported the same path, and
    registers rank 0's checkpoint (``checkpoint/report_handler.py:67-127``). Only then is the checkpoint
    "the latest" (``checkpoint/checkpoint_manager.py:143`` ``register_checkpoint``): a group that dies
-   mid-upload leaves a folder that is never handed out.
+   mid-upload leaves a folder that is never handed out. The controller learns of reports by polling the
+   workers, so a rank that dies right after its ``report`` returned can beat the poll: that checkpoint is
+   then never registered and the group resumes from the one before (still exact, only more steps redone;
+   measured in ``tests/worker/test_checkpoint.py``). ``ray.train.get_all_reported_checkpoints(
+   consistency_mode=CheckpointConsistencyMode.COMMITTED)`` blocks until the reports so far are registered.
+   The redone steps report the same folder name again; every rank overwrites its own files with the same
+   bytes.
 4. ``CheckpointConfig(num_to_keep=K)`` keeps the K newest registered checkpoints (report order when no
    ``checkpoint_score_attribute``) and never deletes the latest; older folders are deleted after the
    manager's snapshot ``checkpoint_manager_snapshot.json`` is written (``checkpoint_manager.py:263-307``).
@@ -70,7 +76,9 @@ How Ray Train V2 (Ray 2.60, ``ray/train/v2/_internal/execution/``) handles check
    Ray checks a marker file and refuses to upload otherwise (``storage.py:501`` ``_check_validation_file``).
 7. Upload modes: ``SYNC`` (default) copies before ``report`` returns; ``ASYNC`` copies on a background
    thread and deletes the local folder afterwards (``delete_local_checkpoint_after_upload`` defaults to
-   True for it); ``NO_UPLOAD`` reports a folder already inside the run's storage.
+   True for it); ``NO_UPLOAD`` reports a folder already inside the run's storage. Ray's local mode
+   (``ScalingConfig(num_workers=0)``) uploads nothing and keeps a reference to the reported folder, which
+   :func:`report_step_checkpoint` deletes: mcl's in-process runs do not go through Ray at all.
 """
 
 from __future__ import annotations
