@@ -24,8 +24,9 @@ Which file each rank writes (folder ``F``, DeepSpeed 0.19.8 ``runtime/engine.py`
 ``engine.save_checkpoint`` is collective (barriers and an all-reduce validating the tag, :4869-4982): every
 rank must call it. ``exclude_frozen_parameters=True`` drops frozen weights from the module state dict
 (``module_state_dict``, :4008) and, under ZeRO-2, stops DeepSpeed writing every frozen parameter's fragment
-(``save_frozen_param``, :5383). On load, every ZeRO-0/1/2 rank reads rank 0's ``mp_rank_00`` file (``_get_all_ckpt_names``, :4383)
-and its own optimizer partition, so all ranks' files must end up in one folder: Ray Train does exactly that (below).
+(``save_frozen_param``, :5383). On load, every ZeRO-0/1/2 rank reads rank 0's ``mp_rank_00`` file
+(``_get_all_ckpt_names``, :4383) and its own optimizer partition, so all ranks' files must end up in one
+folder: Ray Train does exactly that (below).
 ``load_checkpoint`` refuses a different data-parallel world size itself (``_load_zero_checkpoint``, :4733);
 :func:`load_step_checkpoint` checks world size, engine and ZeRO stage first, with a clearer message.
 
