@@ -50,7 +50,8 @@ CPU = torch.device("cpu")
 
 
 def _config(stage: int | None) -> ExperimentConfig:
-    """Plain torch (``stage`` None) or DeepSpeed ZeRO-``stage``; dropout and a warm-up the checkpoint must carry."""
+    """Plain torch (``stage`` None) or DeepSpeed ZeRO-``stage``, with dropout and a warm-up that the
+    checkpoint must carry across the stop."""
     engine = ["scaling.deepspeed=false"] if stage is None else ["scaling.deepspeed=true"]
     cfg = load_config(
         DEFAULT,

@@ -372,8 +372,8 @@ def should_checkpoint(step: int, every: int, total: int) -> bool:
 
 
 def skip_batches(batches: Iterable[Any], done: int) -> Iterator[Any]:
-    """``batches`` without the first ``done`` (the steps a resumed checkpoint already took). Rows are sharded by
-    position and read in order, so this rank's batch ``i`` is the same batch in every attempt."""
+    """``batches`` without the first ``done`` (the steps a resumed checkpoint already took). Rows are sharded
+    by position and read in order, so this rank's batch ``i`` is the same batch in every attempt."""
     return islice(iter(batches), done, None)
 
 
