@@ -24,13 +24,6 @@ from mcl.config import ExperimentConfig, load_config
 from mcl.data import Preprocessor, collate, local_batches, training_order
 from mcl.models import load_model_and_processor
 from mcl.streams import build_stream
-from mcl.training import (
-    _init_single_process_group,
-    _Trainer,
-    _zero3_loading_context,
-    seed_everything,
-    to_device,
-)
 from mcl.worker.checkpoint import (
     META_FILE,
     check_compatible,
@@ -42,6 +35,8 @@ from mcl.worker.checkpoint import (
     step_checkpoint_name,
     trainable_parameters,
 )
+from mcl.worker.engine import StepEngine, seed_everything, to_device, zero3_loading_context
+from mcl.worker.local import init_single_process_group
 from mcl.worker.losses import per_sample_loss
 
 DEFAULT = "jobs/configs/default.yaml"
@@ -79,7 +74,7 @@ def batches(tiny_model_path: str, generated_root: Path) -> list[dict[str, np.nda
 
 @dataclasses.dataclass
 class _Run:
-    trainer: _Trainer
+    trainer: StepEngine
     pad_id: int
     keep: Any  # ZeRO-3's HfDeepSpeedConfig stays alive while the engine is used
 
@@ -88,11 +83,11 @@ def _build(cfg: ExperimentConfig, model_path: str) -> _Run:
     """A fresh model + LoRA + step engine, as the per-phase function builds them (seeded the same way)."""
     if cfg.scaling.deepspeed:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        _init_single_process_group()
+        init_single_process_group()
     seed_everything(cfg.train.seed)
-    keep = _zero3_loading_context(cfg, 1) if cfg.scaling.deepspeed else None
+    keep = zero3_loading_context(cfg, 1)
     base, processor = load_model_and_processor(model_path)
-    trainer = _Trainer(new_lora(base, cfg.model.lora), cfg, 1, CPU)
+    trainer = StepEngine(new_lora(base, cfg.model.lora), cfg, 1, CPU)
     trainer.module.train()
     return _Run(trainer, processor.tokenizer.pad_token_id, keep)
 
@@ -108,7 +103,7 @@ def _train(run: _Run, batches: Any) -> list[float]:
     return losses
 
 
-def _weights(trainer: _Trainer) -> dict[str, torch.Tensor]:
+def _weights(trainer: StepEngine) -> dict[str, torch.Tensor]:
     params = trainable_parameters(trainer.module)
     with trainer.gathered(list(params.values())):
         return {n: p.detach().clone() for n, p in params.items()}
@@ -347,7 +342,7 @@ def test_a_worker_killed_mid_phase_resumes_from_rays_checkpoint(tmp_path):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from mcl.runner import init_ray
+    from mcl.run.cluster import init_ray
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the loop lives in this test module
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")

@@ -92,24 +92,19 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from mcl.worker.engine import dist_rank_world
+
+if TYPE_CHECKING:
+    from mcl.worker.engine import StepEngine
 
 META_FILE = "meta.json"
 TORCH_STATE_FILE = "torch_state.pt"
 DEEPSPEED_TAG = "deepspeed"  # DeepSpeed's own sub-folder (its "tag")
 FORMAT_VERSION = 1
-
-
-class StepEngine(Protocol):
-    """What a step checkpoint needs of the trainer (``mcl.training._Trainer`` and its successor)."""
-
-    deepspeed: bool
-    engine: Any
-    optimizer: Any
-    scheduler: Any
-    module: Any
 
 
 @dataclass
@@ -139,14 +134,6 @@ class StepCheckpointMeta:
         data = asdict(self)
         data.pop("client_state")
         return json.dumps(data, indent=1)
-
-
-def _dist() -> tuple[int, int]:
-    import torch.distributed as td
-
-    if td.is_available() and td.is_initialized():
-        return td.get_rank(), td.get_world_size()
-    return 0, 1
 
 
 def _barrier() -> None:
@@ -236,7 +223,7 @@ def save_step_checkpoint(
 
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    rank, world = _dist()
+    rank, world = dist_rank_world()
     engine, stage = engine_kind(trainer)
     if trainer.deepspeed:
         # Collective; frozen base weights stay out (module state dict and ZeRO-2's frozen fragments).
@@ -279,7 +266,7 @@ def read_step_checkpoint_meta(folder: str | Path) -> StepCheckpointMeta:
 
 def check_compatible(meta: StepCheckpointMeta, trainer: StepEngine, folder: str | Path = "") -> None:
     """Raise ``ValueError`` when ``trainer`` cannot resume ``meta``'s checkpoint exactly."""
-    _, world = _dist()
+    _, world = dist_rank_world()
     engine, stage = engine_kind(trainer)
     if (meta.engine, meta.zero_stage) != (engine, stage):
         raise ValueError(
@@ -313,7 +300,7 @@ def load_step_checkpoint(trainer: StepEngine, folder: str | Path) -> StepCheckpo
     src = Path(folder)
     meta = read_step_checkpoint_meta(src)
     check_compatible(meta, trainer, src)
-    rank, _ = _dist()
+    rank, _ = dist_rank_world()
     rng_path = src / _rng_file(rank)
     if not rng_path.exists():
         raise FileNotFoundError(

@@ -20,6 +20,7 @@ from mcl.data import collate
 from mcl.evaluation.generation import GenerationEvaluator, score_records
 from mcl.methods_api import TaskContext, build_method
 from mcl.run.rundir import PhaseDir
+from mcl.worker.checkpoint import should_checkpoint, skip_batches
 from mcl.worker.engine import (
     StepEngine,
     all_reduce_mean,
@@ -134,7 +135,7 @@ class PhaseRecipe:
         return True
 
     def _checkpoint(self, checkpoints: StepCheckpoints | None, step: int) -> None:
-        if checkpoints is None or not checkpoints.every or step % checkpoints.every or step == self.job.steps:
+        if checkpoints is None or not should_checkpoint(step, checkpoints.every, self.job.steps):
             return
         meta = {
             "train_log": self.train_log,
@@ -159,7 +160,7 @@ class PhaseRecipe:
         wants_gradients = self.method.wants_gradients(self.ctx)
         clock = _StepClock()
         step = self.start_step
-        for np_batch in clock.timed(_skip(batches, self.start_step)):
+        for np_batch in clock.timed(skip_batches(batches, self.start_step)):
             loss, extra = self._train_step(np_batch, wants_gradients)
             step += 1
             clock.step_done(step - self.start_step, self.micro * self.world)
@@ -307,14 +308,6 @@ class _StepClock:
             "steady_data_wait_s": self.data_wait_s,
             "steady_train_s": steady_s,
         }
-
-
-def _skip(batches: Batches, n: int) -> Iterable[dict[str, np.ndarray]]:
-    """``batches`` without its first ``n``."""
-    iterator = iter(batches)
-    for _ in range(n):
-        next(iterator)
-    return iterator
 
 
 def train_and_evaluate_task(
