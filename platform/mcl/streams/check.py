@@ -29,10 +29,14 @@ from typing import Any
 from mcl.errors import DataError, SampleError
 from mcl.evaluation.scoring import SCORERS
 from mcl.streams.formats import image_problems
-from mcl.streams.registry import Stream, TaskData, read_stream
+from mcl.streams.registry import Stream, StreamProblemHandler, TaskData, read_stream
+from mcl.streams.samples import Sample
 from mcl.streams.sources import SPLITS
 
 EXAMPLES_PER_KIND = 5
+
+_SampleKey = tuple[str, str, int]  # (task, split, index in the split)
+_Located = tuple[str, str, int, Sample]  # (task, split, index in the split, sample)
 
 
 @dataclass(frozen=True)
@@ -175,46 +179,86 @@ def inspect_stream(
     """
     say = log or (lambda _line: None)
     report = DataReport(name, str(Path(root).resolve()), dict(options or {}), images, [])
-    problems: list[Problem] = []
+    read_problems: list[Problem] = []
+    say(f"reading stream {name!r} from {report.root}")
+    try:
+        stream = read_stream(name, root, options, on_problem=_collector(read_problems))
+    except DataError as exc:
+        report.fatal = str(exc)
+        _fill(report, [], read_problems)
+        return None, report
+
+    located = _locate_samples(stream)
+    found = _unknown_answer_types(located)
+    if images:
+        say(f"checking {len({s.image for *_, s in located})} images of {len(located)} samples")
+        found += _bad_images(located, workers)
+    bad = _by_sample(found)
+    clean = _without_bad_samples(stream, bad)
+    _fill(report, clean.tasks, read_problems, bad, [t.name for t in stream.tasks])
+    report.fatal = _validation_error(clean, report)
+    if report.fatal is not None:
+        return None, report
+    return clean, report
+
+
+def _collector(problems: list[Problem]) -> StreamProblemHandler:
+    """An ``on_problem`` for :func:`read_stream` that appends each row's problem to ``problems``."""
 
     def collect(error: SampleError, task: str, split: str) -> None:
         problems.append(Problem(error.kind, task, split, error.sample_id, error.image, str(error)))
 
-    say(f"reading stream {name!r} from {report.root}")
-    try:
-        stream = read_stream(name, root, options, on_problem=collect)
-    except DataError as exc:
-        report.fatal = str(exc)
-        _fill(report, [], problems)
-        return None, report
+    return collect
 
-    located = [
+
+def _locate_samples(stream: Stream) -> list[_Located]:
+    """Every sample with its task, split and index there, in stream order (train before test)."""
+    return [
         (task.name, split, index, sample)
         for task in stream.tasks
         for split, samples in zip(SPLITS, (task.train, task.test), strict=True)
         for index, sample in enumerate(samples)
     ]
-    bad: dict[tuple[str, str, int], list[Problem]] = {}  # (task, split, index) -> the sample's problems
+
+
+def _unknown_answer_types(located: list[_Located]) -> list[tuple[_SampleKey, Problem]]:
+    """Test samples whose ``answer_type`` names no registered scorer."""
+    found: list[tuple[_SampleKey, Problem]] = []
     for task, split, index, s in located:
         if split == "test" and s.answer_type not in SCORERS:
             reason = (
                 f"task {task!r} sample {s.id!r}: unknown answer_type {s.answer_type!r} "
                 "(no scorer of that name in mcl.evaluation.scoring)"
             )
-            bad.setdefault((task, split, index), []).append(
-                Problem("unknown_answer_type", task, split, s.id, s.image, reason)
+            found.append(
+                ((task, split, index), Problem("unknown_answer_type", task, split, s.id, s.image, reason))
             )
-    if images:
-        say(f"checking {len({s.image for *_, s in located})} images of {len(located)} samples")
-        found = image_problems((s.image for *_, s in located), workers)
-        for task, split, index, s in located:
-            if s.image in found:
-                kind, why = found[s.image]
-                reason = f"sample {s.id!r} (task {task!r}, {split}): image {s.image} {why}"
-                bad.setdefault((task, split, index), []).append(
-                    Problem(kind, task, split, s.id, s.image, reason)
-                )
-    clean = Stream(
+    return found
+
+
+def _bad_images(located: list[_Located], workers: int) -> list[tuple[_SampleKey, Problem]]:
+    """Samples whose image is missing or does not decode (each distinct file decoded once)."""
+    images = image_problems((s.image for *_, s in located), workers)
+    found: list[tuple[_SampleKey, Problem]] = []
+    for task, split, index, s in located:
+        if s.image in images:
+            kind, why = images[s.image]
+            reason = f"sample {s.id!r} (task {task!r}, {split}): image {s.image} {why}"
+            found.append(((task, split, index), Problem(kind, task, split, s.id, s.image, reason)))
+    return found
+
+
+def _by_sample(found: list[tuple[_SampleKey, Problem]]) -> dict[_SampleKey, list[Problem]]:
+    """The problems grouped by sample, samples in order of their first problem."""
+    bad: dict[_SampleKey, list[Problem]] = {}
+    for key, problem in found:
+        bad.setdefault(key, []).append(problem)
+    return bad
+
+
+def _without_bad_samples(stream: Stream, bad: dict[_SampleKey, list[Problem]]) -> Stream:
+    """``stream`` without the samples in ``bad`` (not validated)."""
+    return Stream(
         stream.name,
         [
             TaskData(
@@ -225,16 +269,21 @@ def inspect_stream(
             for task in stream.tasks
         ],
     )
-    _fill(report, clean.tasks, problems, bad, [t.name for t in stream.tasks])
+
+
+def _validation_error(clean: Stream, report: DataReport) -> str | None:
+    """Why the cleaned stream is unusable (e.g. a task left empty), or None.
+
+    ``report`` is already filled (:func:`_fill`): its counts tell whether leaving bad samples out emptied the split.
+    """
     try:
         clean.validate()
     except DataError as exc:
         names = set(clean.task_names)
         empty = next((s for s in report.splits if s.task in names and s.samples == 0), None)
         emptied = empty is not None and empty.skipped > 0  # the split validate() names first
-        report.fatal = f"{exc} once the bad samples are left out" if emptied else str(exc)
-        return None, report
-    return clean, report
+        return f"{exc} once the bad samples are left out" if emptied else str(exc)
+    return None
 
 
 def _fill(

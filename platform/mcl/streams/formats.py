@@ -78,8 +78,7 @@ def read_llava_conversations(
             raised; the row is left out. File-level problems still raise.
 
     Returns:
-        The samples, in file order, kept on disk (:class:`~mcl.streams.store.SampleList`): the file is read
-        as a stream, one row at a time.
+        The samples in file order, kept on disk (:class:`~mcl.streams.store.SampleList`), read row by row.
 
     Raises:
         DataError: The file is missing or malformed, a row is invalid, an id repeats or an image path is unsafe.
@@ -135,14 +134,12 @@ def read_mllmcl_test(
             category of the benchmark (e.g. MLLM-CL OCR), kept in ``Sample.extra["answer_type"]``.
         flexible_answers: Also accept numbers (stored as text) and lists of reference answers (strings,
             numbers or ``{"answer": ...}`` objects, stored as a compact JSON list, e.g. ``["yes","no"]``).
-        answer_fields: Fields holding the answer; the first one present is used (e.g.
-            ``("answer", "answer_bbox")``).
+        answer_fields: Answer fields; the first one present is used (e.g. ``("answer", "answer_bbox")``).
         on_problem: Receives each row's problem (a :class:`~mcl.errors.SampleError`) instead of it being
             raised; the row is left out. File-level problems still raise.
 
     Returns:
-        The samples, in file order, kept on disk (:class:`~mcl.streams.store.SampleList`): the file is read
-        as a stream, one row at a time.
+        The samples in file order, kept on disk (:class:`~mcl.streams.store.SampleList`), read row by row.
 
     Raises:
         DataError: The file is missing or malformed, a row is invalid, an id repeats or an image path is unsafe.
@@ -155,30 +152,52 @@ def read_mllmcl_test(
         sample_id = _require_id(obj, "question_id", where)
         image = _resolve_image(obj, root, path, where, sample_id, image_resolver)
         question = _strip_placeholder(_require_str(obj, "text", where))
-        answer_field = next((field for field in answer_fields if field in obj), answer_fields[0])
-        if flexible_answers:
-            answer = answer_text(obj.get(answer_field), where, answer_field, present=answer_field in obj)
-        else:
-            answer = _require_str(obj, answer_field, where, allow_empty=True)
-        default_type = answer_type if isinstance(answer_type, str) else answer_type(obj, question)
-        if row_answer_type == "scorer" and "answer_type" in obj:
-            row_type = _require_str(obj, "answer_type", where)
-        else:
-            row_type = default_type
-        consumed = {"question_id", "image", "text", answer_field}
-        if row_answer_type == "scorer":
-            consumed.add("answer_type")
+        answer_field, answer = _test_answer(obj, where, answer_fields, flexible_answers)
         return Sample(
             id=sample_id,
             image=image,
             question=question,
             answer=answer,
-            answer_type=row_type,
+            answer_type=_test_answer_type(obj, where, question, answer_type, row_answer_type),
             task=task,
-            extra={key: value for key, value in obj.items() if key not in consumed},
+            extra=_test_extra(obj, answer_field, row_answer_type),
         )
 
     return _collect(path, _iter_json_rows(path), parse, ("question_id",), on_problem)
+
+
+def _test_answer(
+    obj: dict[str, Any], where: str, answer_fields: tuple[str, ...], flexible: bool
+) -> tuple[str, str]:
+    """``(field used, answer text)`` of a test row: the first of ``answer_fields`` present (else the first)."""
+    field = next((name for name in answer_fields if name in obj), answer_fields[0])
+    if flexible:
+        return field, answer_text(obj.get(field), where, field, present=field in obj)
+    return field, _require_str(obj, field, where, allow_empty=True)
+
+
+def _test_answer_type(
+    obj: dict[str, Any],
+    where: str,
+    question: str,
+    default: str | AnswerTypeRule,
+    row_answer_type: Literal["scorer", "extra"],
+) -> str:
+    """The scorer of a test row: its own ``answer_type`` in ``"scorer"`` mode, else ``default`` (or its rule)."""
+    default_type = default if isinstance(default, str) else default(obj, question)
+    if row_answer_type == "scorer" and "answer_type" in obj:
+        return _require_str(obj, "answer_type", where)
+    return default_type
+
+
+def _test_extra(
+    obj: dict[str, Any], answer_field: str, row_answer_type: Literal["scorer", "extra"]
+) -> dict[str, Any]:
+    """The fields of a test row that no :class:`Sample` attribute took (``answer_type`` too in ``"extra"`` mode)."""
+    consumed = {"question_id", "image", "text", answer_field}
+    if row_answer_type == "scorer":
+        consumed.add("answer_type")
+    return {key: value for key, value in obj.items() if key not in consumed}
 
 
 def _collect(
