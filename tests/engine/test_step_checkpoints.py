@@ -48,9 +48,10 @@ def _command(root: Path, out: Path, name: str, zero_stage: int, *extra: str) -> 
     ]  # fmt: skip
 
 
-def _registered_step(run_dir: Path, phase_key: str) -> bool:
-    """Whether Ray Train registered a step checkpoint of ``phase_key`` ("<task>-<phase>") in the run."""
-    snapshot = run_dir / "ray-train" / "checkpoint_manager_snapshot.json"
+def _registered_step(storage: Path, phase_key: str) -> bool:
+    """Whether Ray Train registered a step checkpoint of ``phase_key`` ("<task>-<phase>") in the run's
+    checkpoint storage (``<run folder>/ray-train``, or ``<train.checkpoint_storage>/<run name>``)."""
+    snapshot = storage / "checkpoint_manager_snapshot.json"
     try:
         return f"step-{phase_key}-" in snapshot.read_text()
     except OSError:
@@ -104,9 +105,9 @@ def _run(cmd: list[str], cwd: Path, *strikes) -> tuple[int, str, list[str]]:
     return proc.returncode, out, done
 
 
-def _kill_a_worker_at(run_dir: Path, phase_key: str):
+def _kill_a_worker_at(storage: Path, phase_key: str):
     def strike(proc) -> str | None:
-        if not _registered_step(run_dir, phase_key):
+        if not _registered_step(storage, phase_key):
             return None
         workers = _train_workers(proc.pid)
         if not workers:
@@ -168,8 +169,9 @@ def test_zero2_worker_then_driver_killed_mid_phase_give_the_uninterrupted_result
     that phase from it."""
     run_dir = tmp_path / "faults"
     cmd = _command(stream_root, tmp_path, "faults", 2)
+    storage = run_dir / "ray-train"
     code, log, done = _run(
-        cmd, tmp_path, _kill_a_worker_at(run_dir, "0-train"), _kill_driver_at(run_dir, "1-train")
+        cmd, tmp_path, _kill_a_worker_at(storage, "0-train"), _kill_driver_at(storage, "1-train")
     )
     assert len(done) == 2, (done, log[-5000:])
     assert code != 0
@@ -180,9 +182,9 @@ def test_zero2_worker_then_driver_killed_mid_phase_give_the_uninterrupted_result
     assert _outcome(run_dir) == reference(2)
 
 
-def _kill_driver_at(run_dir: Path, phase_key: str):
+def _kill_driver_at(storage: Path, phase_key: str):
     def strike(proc) -> str | None:
-        if not _registered_step(run_dir, phase_key):
+        if not _registered_step(storage, phase_key):
             return None
         _kill_tree(proc.pid)
         return f"killed the driver during {phase_key}"
@@ -192,10 +194,15 @@ def _kill_driver_at(run_dir: Path, phase_key: str):
 
 def test_zero3_worker_killed_mid_phase_gives_the_uninterrupted_result(reference, stream_root, tmp_path):
     """ZeRO-3 (every parameter partitioned, the threshold at 0): a Train worker killed in task 2's phase after
-    a step checkpoint; the restarted group resumes the phase from it."""
+    a step checkpoint; the restarted group resumes the phase from it. The checkpoints go to a storage URI
+    (``file://``, through Ray Train's pyarrow filesystem layer, as ``s3://`` or ``gs://`` would)."""
     run_dir = tmp_path / "worker-killed"
-    cmd = _command(stream_root, tmp_path, "worker-killed", 3)
-    code, log, done = _run(cmd, tmp_path, _kill_a_worker_at(run_dir, "1-train"))
+    storage = f"file://{tmp_path}/checkpoints"
+    cmd = _command(stream_root, tmp_path, "worker-killed", 3, f"train.checkpoint_storage={storage}")
+    code, log, done = _run(
+        cmd, tmp_path, _kill_a_worker_at(tmp_path / "checkpoints" / "worker-killed", "1-train")
+    )
     assert code == 0 and done, (done, log[-5000:])
     assert 0 < _resumed_at(run_dir, "task01-underwater") < STEPS, log[-5000:]
+    assert not (run_dir / "ray-train").exists(), "step checkpoints were written to the run folder"
     assert _outcome(run_dir) == reference(3)
