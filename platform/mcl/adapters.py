@@ -9,7 +9,8 @@
   :func:`use_eager_language_attention`. A model of no known family is refused with its model type named.
 * Adapters: :func:`new_lora`, :func:`load_lora`, :func:`continue_lora` (the previous task's adapter, or a new
   one), :func:`save_lora`, and :func:`using_adapter`, the only code that touches peft's private API.
-* :func:`full_numel`: a parameter's full size, also when ZeRO-3 has partitioned it.
+* :func:`full_numel`, :func:`full_shape`: a parameter's full size and shape, also when ZeRO-3 has
+  partitioned it.
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ def full_numel(param: torch.Tensor) -> int:
     """The number of elements of ``param``, also when ZeRO-3 has partitioned it (``numel()`` is then 0 and
     DeepSpeed keeps the full size in ``ds_numel``)."""
     return int(getattr(param, "ds_numel", param.numel()))
+
+
+def full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """The shape of ``param``, also when ZeRO-3 has partitioned it (DeepSpeed keeps it in ``ds_shape``)."""
+    return tuple(getattr(param, "ds_shape", param.shape))
 
 
 def lora_target_modules(model: torch.nn.Module, lora: LoraConfig) -> str:
@@ -141,18 +147,29 @@ def use_eager_language_attention(model: torch.nn.Module) -> None:
     model.set_attn_implementation({text_config: "eager"})
 
 
-def new_lora(model: torch.nn.Module, lora: LoraConfig, adapter_name: str = "default") -> torch.nn.Module:
-    """Wrap ``model`` in a fresh, trainable PEFT LoRA adapter (B initialised to zero: output unchanged)."""
+def peft_lora_config(lora: LoraConfig, target_modules: str, modules_to_save: list[str] | None = None) -> Any:
+    """A peft ``LoraConfig`` of the experiment's LoRA shape (rank, alpha, dropout; no bias) on
+    ``target_modules`` (a regex), with ``modules_to_save`` trained (copied per adapter) beside it."""
     from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
 
-    peft_config = PeftLoraConfig(
+    return PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=lora_target_modules(model, lora),
-        modules_to_save=projector_module_names(model) if lora.train_projector else None,
+        target_modules=target_modules,
+        modules_to_save=modules_to_save,
         bias="none",
+    )
+
+
+def new_lora(model: torch.nn.Module, lora: LoraConfig, adapter_name: str = "default") -> torch.nn.Module:
+    """Wrap ``model`` in a fresh, trainable PEFT LoRA adapter (B initialised to zero: output unchanged)."""
+    from peft import get_peft_model
+
+    peft_config = peft_lora_config(
+        lora,
+        lora_target_modules(model, lora),
+        projector_module_names(model) if lora.train_projector else None,
     )
     return get_peft_model(model, peft_config, adapter_name=adapter_name)
 

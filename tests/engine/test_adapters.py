@@ -11,6 +11,7 @@ from torch import nn
 from mcl.adapters import (
     PEFT_VERSION_CHECKED,
     full_numel,
+    full_shape,
     language_attention_modules,
     projector_modules,
     using_adapter,
@@ -111,8 +112,8 @@ def test_using_an_adapter_no_layer_holds_is_an_error():
 def test_full_numel_reads_the_zero3_full_size():
     p = nn.Parameter(torch.zeros(3, 4))
     assert full_numel(p) == 12
-    p.ds_numel = 120  # what DeepSpeed sets on a partitioned parameter (numel() is then 0)
-    assert full_numel(p) == 120
+    p.ds_numel, p.ds_shape = 120, torch.Size([10, 12])  # DeepSpeed's on a partitioned parameter
+    assert full_numel(p) == 120 and full_shape(p) == (10, 12)
 
 
 def _with_type(model: nn.Module, model_type: str | None) -> nn.Module:
