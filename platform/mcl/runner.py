@@ -28,7 +28,7 @@ from mcl.config import ExperimentConfig, save_config
 from mcl.data import Preprocessor, SampleRows, ray_dataset, shard
 from mcl.errors import ConfigError, DataError, UnknownNameError
 from mcl.evaluation.metrics import accuracy_matrix_json, cl_metrics, heatmap_png
-from mcl.methods_api import Method, Phase, TrainingData, build_method, load_driver_state
+from mcl.methods_api import Method, Phase, TrainingData, TrainingRequest, build_method, load_driver_state
 from mcl.models import resolve_model_path
 from mcl.streams import Stream, build_stream
 from mcl.streams.check import DataReport, read_clean_stream
@@ -271,13 +271,15 @@ def phase_training_data(
     the workers of that phase train on, before sharding. Chosen by the method."""
     cfg = phase_config(prep.config, phase)
     data = prep.method.training_data(
-        phase,
-        task_index,
-        prep.stream.tasks,
-        driver_state,
-        epochs=cfg.train.epochs,
-        global_batch=cfg.train.batch_size,
-        seed=cfg.train.seed + task_index,
+        TrainingRequest(
+            phase,
+            task_index,
+            prep.stream.tasks,
+            driver_state,
+            epochs=cfg.train.epochs,
+            global_batch=cfg.train.batch_size,
+            seed=cfg.train.seed + task_index,
+        )
     )
     if not data.rows or len(data.rows) % cfg.train.batch_size:
         raise RuntimeError(

@@ -11,6 +11,7 @@ either way.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -395,7 +396,8 @@ def train_and_evaluate_task(
     baseline = None
     if job.evaluate_before:
         say(f"{tag} evaluating the untrained model on all tasks (baseline for forward transfer)")
-        records = evaluate(trainer, method, ctx, eval_batches(), processor, cfg, device, dtype)
+        baseline_ctx = dataclasses.replace(ctx, stage="baseline")
+        records = evaluate(trainer, method, baseline_ctx, eval_batches(), processor, cfg, device, dtype)
         baseline = score_records(records, job.task_names) if rank == 0 else None
 
     trainer.module.train()
