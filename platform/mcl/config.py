@@ -198,7 +198,7 @@ class ExperimentConfig:
 
     def flat(self) -> dict[str, Any]:
         """Dotted ``section.key`` view, for MLflow params."""
-        return _flatten(self.to_dict())
+        return flatten_dotted(self.to_dict())
 
 
 def _check(ok: bool, name: str, rule: str, value: Any) -> None:
@@ -206,12 +206,13 @@ def _check(ok: bool, name: str, rule: str, value: Any) -> None:
         raise ConfigError(f"{name}: {rule}, got {value!r}")
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as one level of dotted keys (``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``)."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{name}."))
+            out.update(flatten_dotted(value, f"{name}."))
         else:
             out[name] = value
     return out

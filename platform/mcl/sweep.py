@@ -32,10 +32,10 @@ from typing import Any
 import yaml
 
 from mcl.config import (
-    _flatten,
     apply_overrides,
     changed_fields,
     config_from_dict,
+    flatten_dotted,
     read_yaml_file,
     set_dotted,
 )
@@ -105,7 +105,7 @@ class SweepConfig:
     ray_address: str = ""
 
     def flat(self) -> dict[str, Any]:
-        return _flatten(asdict(self))
+        return flatten_dotted(asdict(self))
 
 
 @dataclass
