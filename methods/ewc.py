@@ -55,17 +55,15 @@ import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from mcl.adapters import ADAPTER_DIR, load_lora, new_lora, save_lora
-from mcl.methods_api import Method, Phase, TaskContext, TrainingData, register_method
-
-if TYPE_CHECKING:
-    from mcl.streams.registry import TaskData
+from mcl.adapters import ADAPTER_DIR, continue_lora, full_shape, save_lora
+from mcl.data import training_order
+from mcl.methods_api import Method, Phase, TaskContext, TrainingData, TrainingRequest, register_method
 
 FISHER_FILE = "ewc_fisher.safetensors"
 ANCHOR_FILE = "ewc_anchor.safetensors"
@@ -76,27 +74,21 @@ FISHER_PHASE = "fisher"
 class EWCParams:
     """EWC's hyper-parameters (see the module docstring)."""
 
-    ewc_lambda: float = 2e4
-    gamma: float = 1.0
-    fisher_samples: int = 160
+    ewc_lambda: float = field(default=2e4, metadata={"help": "Penalty strength lambda (finite, >= 0)."})
+    gamma: float = field(
+        default=1.0, metadata={"help": "Decay of the accumulated Fisher in [0, 1] (1 = sum over tasks)."}
+    )
+    fisher_samples: int = field(
+        default=160, metadata={"help": "Training samples of a task its Fisher is estimated on (>= 1)."}
+    )
 
     def __post_init__(self) -> None:
-        if (
-            not isinstance(self.ewc_lambda, int | float)
-            or isinstance(self.ewc_lambda, bool)
-            or not math.isfinite(self.ewc_lambda)
-        ):
+        if not math.isfinite(self.ewc_lambda):
             raise ValueError(f"ewc_lambda must be a finite number, got {self.ewc_lambda!r}")
         if self.ewc_lambda < 0:
             raise ValueError(f"ewc_lambda must be >= 0, got {self.ewc_lambda!r}")
-        if (
-            not isinstance(self.gamma, int | float)
-            or isinstance(self.gamma, bool)
-            or not 0.0 <= self.gamma <= 1.0
-        ):
+        if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {self.gamma!r}")
-        if not isinstance(self.fisher_samples, int) or isinstance(self.fisher_samples, bool):
-            raise ValueError(f"fisher_samples must be an integer, got {self.fisher_samples!r}")
         if self.fisher_samples < 1:
             raise ValueError(f"fisher_samples must be >= 1, got {self.fisher_samples!r}")
 
@@ -174,39 +166,27 @@ class EWC(Method):
     def phases(self, task_index: int) -> list[Phase]:
         return [Phase("train"), Phase(FISHER_PHASE, evaluate=False, optimize=False, epochs=1)]
 
-    def training_data(
-        self,
-        phase: Phase,
-        task_index: int,
-        tasks: Sequence[TaskData],
-        driver_state: dict[str, Any] | None,
-        *,
-        epochs: int,
-        global_batch: int,
-        seed: int,
-    ) -> TrainingData:
-        if phase.name != FISHER_PHASE:
-            return super().training_data(
-                phase, task_index, tasks, driver_state, epochs=epochs, global_batch=global_batch, seed=seed
-            )
-        from mcl.data import training_order
-
-        samples = tasks[task_index].train
+    def training_data(self, request: TrainingRequest) -> TrainingData:
+        if request.phase.name != FISHER_PHASE:
+            return super().training_data(request)
+        samples = request.task.train
         if self.params.fisher_samples < len(samples):
-            samples = random.Random(seed).sample(samples, self.params.fisher_samples)
-        return TrainingData(training_order(samples, epochs=epochs, global_batch=global_batch, seed=seed))
+            samples = random.Random(request.seed).sample(samples, self.params.fisher_samples)
+        return TrainingData(
+            training_order(
+                samples, epochs=request.epochs, global_batch=request.global_batch, seed=request.seed
+            )
+        )
 
     # -- worker side ---------------------------------------------------------------------------------
     def setup_model(self, model: torch.nn.Module, ctx: TaskContext) -> torch.nn.Module:
         previous = ctx.previous_state_dir
-        if previous is None:
-            return new_lora(model, ctx.lora)
-        if (previous / FISHER_FILE).exists():
+        if previous is not None and (previous / FISHER_FILE).exists():
             self.fisher = _load_tensors(previous / FISHER_FILE)
             self.anchor = _load_tensors(previous / ANCHOR_FILE)
             if set(self.fisher) != set(self.anchor):
                 raise RuntimeError(f"EWC state in {previous}: Fisher and anchor name different parameters")
-        return load_lora(model, previous / ADAPTER_DIR, trainable=True)
+        return continue_lora(model, ctx)
 
     def before_task(self, model: torch.nn.Module, ctx: TaskContext) -> None:
         missing = [n for n in self.fisher if n not in dict(_trainable(model))]
@@ -264,7 +244,7 @@ class EWC(Method):
             raise RuntimeError("EWC: the fisher phase saw no batches")
         fisher: dict[str, torch.Tensor] = {}
         for name, p in _trainable(model):
-            shape = tuple(getattr(p, "ds_shape", p.shape))
+            shape = full_shape(p)
             task_fisher = self._grad_sq.get(name)
             if task_fisher is None:
                 task_fisher = torch.zeros(shape, dtype=torch.float32)

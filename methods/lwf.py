@@ -15,7 +15,7 @@ How it is implemented here:
   as a frozen peft adapter ``teacher`` beside it: the model as it was after the previous task. The
   student's trainable parameters are exactly sequential LoRA's (loading the teacher adds only frozen ones).
 * The teacher's logits come from a no-grad forward of the same batch with every peft layer switched to the
-  teacher adapter and every module in eval mode (see :func:`_teacher_active` for why not peft's
+  teacher adapter and every module in eval mode (:func:`mcl.adapters.using_adapter`, which says why not peft's
   ``set_adapter`` or ``adapter_names``); adapters and modes are restored afterwards. The teacher runs
   without dropout and draws no random numbers (the student's dropout stream is sequential LoRA's); its
   parameters never enter the optimiser, so they stay bit-identical. Under ZeRO-3 the teacher forward is one
@@ -44,16 +44,14 @@ Hyper-parameters (paper defaults):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from mcl.adapters import ADAPTER_DIR, load_lora, new_lora
+from mcl.adapters import ADAPTER_DIR, continue_lora, full_numel, using_adapter
 from mcl.data import IGNORE_INDEX
 from mcl.methods_api import Method, TaskContext, register_method
 
@@ -65,13 +63,17 @@ TEACHER = "teacher"
 class LwFParams:
     """LwF's hyper-parameters (see the module docstring)."""
 
-    distill_lambda: float = 1.0
-    temperature: float = 2.0
+    distill_lambda: float = field(
+        default=1.0, metadata={"help": "Weight lambda_o of the distillation term (finite, >= 0; paper: 1)."}
+    )
+    temperature: float = field(
+        default=2.0, metadata={"help": "Softening temperature T (finite, > 0; paper: 2)."}
+    )
 
     def __post_init__(self) -> None:
         for field_name in ("distill_lambda", "temperature"):
             value = getattr(self, field_name)
-            if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            if not math.isfinite(value):
                 raise ValueError(f"{field_name} must be a finite number, got {value!r}")
         if self.distill_lambda < 0:
             raise ValueError(f"distill_lambda must be >= 0, got {self.distill_lambda!r}")
@@ -95,41 +97,10 @@ def distillation_kl(
     return (per_sample * has_target).sum() / has_target.sum().clamp(min=1)
 
 
-@contextmanager
-def _teacher_active(model: torch.nn.Module) -> Iterator[None]:
-    """Route every peft layer (LoRA layers and the ``modules_to_save`` projector) through the teacher
-    adapter, with every module in eval mode; the previous active adapters and modes are restored after.
-
-    peft's public switches do not fit: ``set_adapter`` also sets ``requires_grad`` (the student's would be
-    frozen and unfrozen every step, under the optimiser's and DeepSpeed's hooks), and mixed-adapter batches
-    (``adapter_names``) do not support a ``modules_to_save`` wrapper around a composite module such as LLaVA's
-    projector. So this sets the layers' ``_active_adapter``, the attribute ``set_adapter`` itself sets (peft
-    0.21), and nothing else.
-    """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils.other import AuxiliaryTrainingWrapper
-
-    modes = [(m, m.training) for m in model.modules()]
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer | AuxiliaryTrainingWrapper)]
-    if not layers:
-        raise RuntimeError("LwF: the model has no peft layers to switch to the teacher")
-    active = [(m, m._active_adapter) for m in layers]
-    model.eval()
-    try:
-        for m in layers:
-            m._active_adapter = TEACHER
-        yield
-    finally:
-        for m, name in active:
-            m._active_adapter = name
-        for m, training in modes:
-            m.training = training
-
-
 @torch.no_grad()
 def teacher_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits of the frozen ``teacher`` adapter on ``batch`` (no dropout, no random numbers drawn)."""
-    with _teacher_active(model):
+    with using_adapter(model, TEACHER):
         return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
 
 
@@ -141,12 +112,11 @@ class LwF(Method):
     Params = LwFParams
 
     def setup_model(self, model: torch.nn.Module, ctx: TaskContext) -> torch.nn.Module:
-        if ctx.previous_state_dir is None:
-            return new_lora(model, ctx.lora, adapter_name=STUDENT)
-        adapter = ctx.previous_state_dir / ADAPTER_DIR
-        peft_model = load_lora(model, adapter, trainable=True)
-        # add_adapter keeps the active (student) adapter and its trainability; the teacher comes in frozen.
-        peft_model.load_adapter(str(adapter), adapter_name=TEACHER, is_trainable=False)
+        peft_model = continue_lora(model, ctx, adapter_name=STUDENT)
+        if ctx.previous_state_dir is not None:
+            # load_adapter keeps the active (student) adapter and its trainability; the teacher comes in frozen.
+            adapter = ctx.previous_state_dir / ADAPTER_DIR
+            peft_model.load_adapter(str(adapter), adapter_name=TEACHER, is_trainable=False)
         return peft_model
 
     def before_task(self, model: torch.nn.Module, ctx: TaskContext) -> None:
@@ -174,13 +144,11 @@ class LwF(Method):
 
     def memory_report(self, model: torch.nn.Module) -> dict[str, float]:
         teacher = [p for n, p in model.named_parameters() if f".{TEACHER}." in n]
-        numel = sum(getattr(p, "ds_numel", p.numel()) for p in teacher)
+        numel = sum(full_numel(p) for p in teacher)
         return {
             **super().memory_report(model),
             "lwf_teacher_params": float(numel),
-            "lwf_teacher_bytes": float(
-                sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in teacher)
-            ),
+            "lwf_teacher_bytes": float(sum(full_numel(p) * p.element_size() for p in teacher)),
         }
 
 

@@ -45,19 +45,15 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mcl.adapters import lora_target_modules, projector_module_names
-from mcl.methods_api import Method, TaskContext, register_method
-
-if TYPE_CHECKING:
-    from mcl.config import LoraConfig
+from mcl.adapters import full_numel, lora_target_modules, projector_modules
+from mcl.methods_api import LoraConfig, Method, TaskContext, register_method
 
 STATE_WEIGHTS = "moelora.safetensors"
 STATE_FILE = "moelora.json"
@@ -67,9 +63,15 @@ STATE_FILE = "moelora.json"
 class MoELoRAParams:
     """MoELoRA hyper-parameters (see the module docstring for CoIN's values)."""
 
-    num_experts: int = 2
-    expert_rank: int = 0
-    top_k: int = 0
+    num_experts: int = field(
+        default=2, metadata={"help": "LoRA experts per layer (>= 1; CoIN's scripts: 2)."}
+    )
+    expert_rank: int = field(
+        default=0, metadata={"help": "Rank of each expert (>= 0; 0 splits model.lora.r over the experts)."}
+    )
+    top_k: int = field(
+        default=0, metadata={"help": "Gate weights kept per token, in [0, num_experts] (0 = all experts)."}
+    )
 
     def __post_init__(self) -> None:
         if self.num_experts < 1:
@@ -179,11 +181,11 @@ def wrap_linear_layers(
 
 
 def _projector_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    projectors = set(projector_module_names(model))
     return {
-        name: p
-        for name, p in model.named_parameters()
-        if projectors & set(name.split(".")) and ".lora_A" not in name and ".lora_B" not in name
+        f"{path}.{name}": p
+        for path, projector in projector_modules(model)
+        for name, p in projector.named_parameters()
+        if ".lora_A" not in f".{name}" and ".lora_B" not in f".{name}"
     }
 
 
@@ -195,10 +197,6 @@ def _expert_params(model: nn.Module) -> dict[str, nn.Parameter]:
             params[f"{name}.lora_B"] = module.lora_B
             params[f"{name}.gate.weight"] = module.gate.weight
     return params
-
-
-def _full_numel(p: torch.nn.Parameter) -> int:
-    return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 partitions report numel() 0
 
 
 def _copy_into(param: nn.Parameter, value: torch.Tensor) -> None:
@@ -308,13 +306,13 @@ class MoELoRA(Method):
         experts = gates = 0
         for name, p in _expert_params(model).items():
             if name.endswith("gate.weight"):
-                gates += _full_numel(p)
+                gates += full_numel(p)
             else:
-                experts += _full_numel(p)
+                experts += full_numel(p)
         projector = (
-            sum(_full_numel(p) for p in _projector_params(model).values()) if self.train_projector else 0
+            sum(full_numel(p) for p in _projector_params(model).values()) if self.train_projector else 0
         )
-        trainable = sum(_full_numel(p) for p in model.parameters() if p.requires_grad)
+        trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
         return {
             "expert_params": float(experts),
             "gate_params": float(gates),

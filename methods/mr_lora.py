@@ -32,7 +32,8 @@ How it is implemented here
       (and can crash on an unparsable answer). Fallbacks are counted (``router_fallback`` per sample,
       ``router_fallback_rate`` per evaluation).
     * The evaluation the engine runs before training the first task's evaluating phase (the baseline row
-      for forward transfer) answers with the untouched base model (``__base__``), as for other methods.
+      for forward transfer; ``TaskContext.stage == "baseline"``) answers with the untouched base model
+      (``__base__``), as for other methods.
     * State: one peft folder per adapter (``expert_0/``, ..., ``router/``) plus ``mr_lora.json``.
 
 Hyper-parameters
@@ -54,18 +55,23 @@ import json
 import random
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from mcl.adapters import lora_target_modules, projector_module_names
+from mcl.adapters import full_numel, lora_target_modules, peft_lora_config, projector_modules
 from mcl.data import build_prompt, training_order
-from mcl.methods_api import Method, Phase, TaskContext, TrainingData, register_method
-
-if TYPE_CHECKING:
-    from mcl.streams.registry import TaskData
+from mcl.methods_api import (
+    Method,
+    Phase,
+    TaskContext,
+    TaskData,
+    TrainingData,
+    TrainingRequest,
+    register_method,
+)
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 ROUTER = "router"
@@ -261,11 +267,8 @@ def projector_layers(model: torch.nn.Module) -> list[str]:
     peft copies a module per adapter; with ``adapter_names`` it routes each sample through its adapter's
     copy only for single layers (Linear, Conv, Embedding), so the projector's layers are listed one by one.
     """
-    roots = set(projector_module_names(model))
     names: list[str] = []
-    for full, module in model.named_modules():
-        if full.split(".")[-1] not in roots:
-            continue
+    for full, module in projector_modules(model):
         root = full.split(".")[-1]
         for sub, layer in module.named_modules():
             if not sub or not any(True for _ in layer.parameters(recurse=False)):
@@ -281,17 +284,9 @@ def projector_layers(model: torch.nn.Module) -> list[str]:
 
 
 def _peft_config(model: torch.nn.Module, ctx: TaskContext) -> Any:
-    from peft import LoraConfig as PeftLoraConfig
-
     lora = ctx.lora
-    return PeftLoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora_target_modules(model, lora),
-        modules_to_save=projector_layers(model) if lora.train_projector else None,
-        bias="none",
-    )
+    projector = projector_layers(model) if lora.train_projector else None
+    return peft_lora_config(lora, lora_target_modules(model, lora), projector)
 
 
 def read_state(state_dir: str | Path) -> dict[str, Any]:
@@ -323,7 +318,7 @@ def adapter_parameter_counts(model: torch.nn.Module) -> dict[str, int]:
     for name, p in model.named_parameters():
         match = _ADAPTER_OF_PARAM.search(name)
         if match:
-            counts[match.group(1)] = counts.get(match.group(1), 0) + int(getattr(p, "ds_numel", p.numel()))
+            counts[match.group(1)] = counts.get(match.group(1), 0) + full_numel(p)
     return counts
 
 
@@ -337,33 +332,25 @@ class MRLoRA(Method):
     class Params:
         """MR-LoRA hyper-parameters (see the module docstring)."""
 
-        router_samples_per_task: int = 20
-        router_epochs: int = 10
-        router_lr: float | None = None
+        router_samples_per_task: int = field(
+            default=20, metadata={"help": "Training samples per seen task the router trains on (>= 1)."}
+        )
+        router_epochs: int = field(default=10, metadata={"help": "Epochs of the router phase (>= 1)."})
+        router_lr: float | None = field(
+            default=None, metadata={"help": "Learning rate of the router phase (> 0; null: train.lr)."}
+        )
 
         def __post_init__(self) -> None:
-            if isinstance(self.router_samples_per_task, bool) or not isinstance(
-                self.router_samples_per_task, int
-            ):
-                raise ValueError(
-                    f"router_samples_per_task must be an integer, got {self.router_samples_per_task!r}"
-                )
             if self.router_samples_per_task < 1:
                 raise ValueError(f"router_samples_per_task must be >= 1, got {self.router_samples_per_task}")
-            if isinstance(self.router_epochs, bool) or not isinstance(self.router_epochs, int):
-                raise ValueError(f"router_epochs must be an integer, got {self.router_epochs!r}")
             if self.router_epochs < 1:
                 raise ValueError(f"router_epochs must be >= 1, got {self.router_epochs}")
-            if self.router_lr is not None:
-                if isinstance(self.router_lr, bool) or not isinstance(self.router_lr, (int, float)):
-                    raise ValueError(f"router_lr must be a number or null, got {self.router_lr!r}")
-                if not self.router_lr > 0:
-                    raise ValueError(f"router_lr must be > 0, got {self.router_lr}")
+            if self.router_lr is not None and not self.router_lr > 0:
+                raise ValueError(f"router_lr must be > 0, got {self.router_lr}")
 
     def __init__(self, params: Any) -> None:
         super().__init__(params)
         self._tokens: dict[int, RouterTokens] = {}
-        self._trained = False
 
     # -- driver side ---------------------------------------------------------------------------------
     def phases(self, task_index: int) -> list[Phase]:
@@ -373,24 +360,17 @@ class MRLoRA(Method):
             Phase(ROUTER_PHASE, evaluate=True, epochs=self.params.router_epochs, lr=lr),
         ]
 
-    def training_data(
-        self,
-        phase: Phase,
-        task_index: int,
-        tasks: Sequence[TaskData],
-        driver_state: dict[str, Any] | None,
-        *,
-        epochs: int,
-        global_batch: int,
-        seed: int,
-    ) -> TrainingData:
+    def training_data(self, request: TrainingRequest) -> TrainingData:
         """``train``: the task's training samples. ``router``: ``router_samples_per_task`` samples of every
         seen task, as routing questions answered by their expert's letter (images kept)."""
+        phase, task_index, tasks = request.phase, request.task_index, request.tasks
+        driver_state = request.driver_state
+        order = {"epochs": request.epochs, "global_batch": request.global_batch, "seed": request.seed}
         if task_index >= len(LETTERS):
             raise ValueError(f"MR-LoRA names experts by letter: at most {len(LETTERS)} tasks")
         if phase.name == "train":
             samples = tasks[task_index].train
-            return TrainingData(training_order(samples, epochs=epochs, global_batch=global_batch, seed=seed))
+            return TrainingData(training_order(samples, **order))
         if phase.name != ROUTER_PHASE:
             raise ValueError(f"MR-LoRA has no phase {phase.name!r}")
         chosen: dict[str, list[str]] = dict((driver_state or {}).get("router_samples", {}))
@@ -398,7 +378,9 @@ class MRLoRA(Method):
         for i in range(task_index + 1):
             task = tasks[i]
             if task.name not in chosen:  # first seen now: pick its router samples once, keep them
-                chosen[task.name] = select_router_samples(task, self.params.router_samples_per_task, seed)
+                chosen[task.name] = select_router_samples(
+                    task, self.params.router_samples_per_task, request.seed
+                )
             wanted = set(chosen[task.name])
             by_id = {s.id: s for s in task.train if s.id in wanted}
             missing = [sid for sid in chosen[task.name] if sid not in by_id]
@@ -413,7 +395,7 @@ class MRLoRA(Method):
                         s, question=router_question(s.question, task_index + 1), answer=LETTERS[i]
                     )
                 )
-        rows = training_order(router_samples, epochs=epochs, global_batch=global_batch, seed=seed)
+        rows = training_order(router_samples, **order)
         return TrainingData(rows, {**(driver_state or {}), "router_samples": chosen})
 
     # -- worker side -----------------------------------------------------------------------------------
@@ -446,11 +428,7 @@ class MRLoRA(Method):
         stray = [n for n in trainable if (m := _ADAPTER_OF_PARAM.search(n)) is None or m.group(1) != new]
         if stray or not trainable:
             raise RuntimeError(f"MR-LoRA: parameters outside adapter {new!r} are trainable: {stray[:3]}")
-        self._trained = False
         return peft_model
-
-    def after_task(self, model: torch.nn.Module, ctx: TaskContext) -> None:
-        self._trained = True
 
     def router_tokens(self, processor: Any, num_experts: int) -> RouterTokens:
         if num_experts not in self._tokens:
@@ -466,8 +444,8 @@ class MRLoRA(Method):
     ) -> tuple[torch.Tensor, dict[str, list[Any]]]:
         """Route every sample (one router forward), then answer each with its expert (one generate)."""
         n = batch["input_ids"].shape[0]
-        if ctx.phase != ROUTER_PHASE or not self._trained:
-            # The baseline evaluation before any training of this phase: the untouched model answers.
+        if ctx.stage == "baseline" or ctx.phase != ROUTER_PHASE:
+            # The baseline evaluation (the untrained model), or no router yet: the untouched model answers.
             tokens = routed_generate(model, batch, generate_kwargs, [-1] * n)
             return tokens, {"expert": [-1] * n, "router_fallback": [False] * n}
         experts, fell_back = route(model, batch, self.router_tokens(ctx.processor, ctx.task_index + 1))
@@ -511,7 +489,7 @@ class MRLoRA(Method):
         """Experts held, parameters per expert (mean), router parameters, all adapter parameters."""
         counts = adapter_parameter_counts(model)
         experts = [v for k, v in counts.items() if k.startswith("expert_")]
-        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+        trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
         return {
             "experts": float(len(experts)),
             "params_per_expert": float(sum(experts) / len(experts)) if experts else 0.0,

@@ -47,17 +47,14 @@ import json
 import math
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from mcl.adapters import lora_target_modules, projector_module_names
-from mcl.methods_api import Method, TaskContext, register_method
-
-if TYPE_CHECKING:
-    from mcl.config import LoraConfig
+from mcl.adapters import full_numel, lora_target_modules, peft_lora_config, projector_modules
+from mcl.methods_api import LoraConfig, Method, TaskContext, register_method
 
 ADAPTERS_DIR = "adapters"
 STATE_FILE = "olora.json"
@@ -69,9 +66,16 @@ _ORTHOGONALITY = ("abs", "squared")
 class OLoRAParams:
     """O-LoRA hyper-parameters (see the module docstring for the paper's values)."""
 
-    lambda_1: float = 0.5
-    lambda_2: float = 0.0
-    orthogonality: str = "abs"
+    lambda_1: float = field(
+        default=0.5, metadata={"help": "Weight of the orthogonality term (>= 0; paper: 0.5)."}
+    )
+    lambda_2: float = field(
+        default=0.0, metadata={"help": "Weight of the L2 term on the new adapter's parameters (>= 0)."}
+    )
+    orthogonality: str = field(
+        default="abs",
+        metadata={"help": "Reduction of the overlap A_i A_t^T: abs (released code) or squared (paper)."},
+    )
 
     def __post_init__(self) -> None:
         if not self.lambda_1 >= 0:
@@ -91,11 +95,11 @@ def adapter_name(task_index: int) -> str:
 
 def projector_linear_names(model: torch.nn.Module) -> list[str]:
     """Full names of the linear layers inside the multimodal projector."""
-    projectors = set(projector_module_names(model))
     return [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and projectors & set(name.split("."))
+        f"{path}.{sub}" if sub else path
+        for path, projector in projector_modules(model)
+        for sub, module in projector.named_modules()
+        if isinstance(module, torch.nn.Linear)
     ]
 
 
@@ -132,10 +136,6 @@ def _is_adapter_param(name: str, adapter: str) -> bool:
     return any(p in ("lora_A", "lora_B") and q == adapter for p, q in zip(parts, parts[1:], strict=False))
 
 
-def _full_numel(p: torch.nn.Parameter) -> int:
-    return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 partitions report numel() 0
-
-
 @register_method
 class OLoRA(Method):
     name = "olora"
@@ -152,7 +152,6 @@ class OLoRA(Method):
 
     # -- model -------------------------------------------------------------------------------------------
     def setup_model(self, model: torch.nn.Module, ctx: TaskContext) -> torch.nn.Module:
-        from peft import LoraConfig as PeftLoraConfig
         from peft import PeftModel, get_peft_model
 
         new = adapter_name(ctx.task_index)
@@ -161,13 +160,7 @@ class OLoRA(Method):
             raise RuntimeError(
                 f"O-LoRA: the previous state already holds adapter {new!r} (task {ctx.task_index})"
             )
-        config = PeftLoraConfig(
-            r=ctx.lora.r,
-            lora_alpha=ctx.lora.alpha,
-            lora_dropout=ctx.lora.dropout,
-            target_modules=target_regex(model, ctx.lora),
-            bias="none",
-        )
+        config = peft_lora_config(ctx.lora, target_regex(model, ctx.lora))
         if not old:
             peft_model = get_peft_model(model, config, adapter_name=new)
         else:
@@ -284,8 +277,8 @@ class OLoRA(Method):
         adapter_params = frozen = 0
         for name, p in model.named_parameters():
             if "lora_" in name:
-                adapter_params += _full_numel(p)
-                frozen += 0 if p.requires_grad else _full_numel(p)
+                adapter_params += full_numel(p)
+                frozen += 0 if p.requires_grad else full_numel(p)
         return {
             "adapters": float(len(self.adapters)),
             "adapter_params": float(adapter_params),

@@ -26,17 +26,18 @@ How it is implemented here:
   (``quad_teacher``) next to the trainable one (``default``, continued from the same weights, so student ==
   teacher when task ``t`` starts). The teacher forward runs once per step on the whole batch, without
   gradients and in eval mode, by pointing every LoRA layer and saved module (the projector) at the teacher
-  adapter for that one call (peft's ``_active_adapter``; restored afterwards). peft's public switches do not
-  fit: ``set_adapter`` changes ``requires_grad`` (which DeepSpeed and the optimiser already hold) and mixed
-  batches (``adapter_names``) do not support a saved projector module. Every rank runs it (a collective
-  under ZeRO-3).
+  adapter for that one call (:func:`mcl.adapters.using_adapter`; restored afterwards). peft's public switches
+  do not fit: ``set_adapter`` changes ``requires_grad`` (which DeepSpeed and the optimiser already hold) and
+  mixed batches (``adapter_names``) do not support a saved projector module. Every rank runs it (a
+  collective under ZeRO-3).
 * QR: on the question rows (labels all ``-100``), the KL divergence ``KL(teacher || student)`` of the
   next-token distributions at the answer position (the last prompt token, which predicts the first answer
   token), averaged over the rows. Only the first answer token is distilled: the student's outputs come from
   the engine's forward, which has no answer appended to these rows (decoding the teacher's whole answer
   would need generation inside the training step). On the generated stream every answer is one word.
 * ACD: on the current task's rows (the paper distills attention on the current data), the attention maps of
-  every self-attention layer of the language model, captured with forward hooks on its attention modules
+  every self-attention layer of the language model (the model family's, see
+  :func:`mcl.adapters.language_attention_modules`), captured with forward hooks on its attention modules
   (the student's from the engine's own forward, the teacher's from its forward); the language model runs
   with ``eager`` attention (``sdpa`` returns no weights) from task 2 on. For every prompt token (image and
   question tokens: intra-modal image-image and question-question and inter-modal question-image attention)
@@ -66,17 +67,23 @@ Hyper-parameters:
 
 from __future__ import annotations
 
-import contextlib
 import random
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from mcl.adapters import ADAPTER_DIR, load_lora, new_lora
+from mcl.adapters import (
+    ADAPTER_DIR,
+    continue_lora,
+    full_numel,
+    language_attention_modules,
+    use_eager_language_attention,
+    using_adapter,
+)
 from mcl.data import (
     IGNORE_INDEX,
     SampleRows,
@@ -85,10 +92,15 @@ from mcl.data import (
     reservoir_sample,
     training_order,
 )
-from mcl.methods_api import Method, Phase, TaskContext, TrainingData, load_driver_state, register_method
-
-if TYPE_CHECKING:
-    from mcl.streams.registry import TaskData
+from mcl.methods_api import (
+    Method,
+    TaskContext,
+    TrainingData,
+    TrainingRequest,
+    load_driver_state,
+    register_method,
+)
+from mcl.worker.losses import per_sample_loss
 
 QUESTIONS_KEY = "questions"
 STUDENT = "default"
@@ -100,13 +112,15 @@ _EPS = 1e-12
 class QUADParams:
     """QUAD's hyper-parameters (see the module docstring)."""
 
-    questions_per_task: int = 20
-    replay_ratio: float = 0.25
-    distill_weight: float = 0.5
+    questions_per_task: int = field(default=20, metadata={"help": "Questions kept per finished task (>= 0)."})
+    replay_ratio: float = field(
+        default=0.25, metadata={"help": "Fraction of every global batch that are question rows, in [0, 1)."}
+    )
+    distill_weight: float = field(
+        default=0.5, metadata={"help": "l in (1 - l) * task + l * (QR + ACD), in [0, 1] (paper: 0.5)."}
+    )
 
     def __post_init__(self) -> None:
-        if not isinstance(self.questions_per_task, int) or isinstance(self.questions_per_task, bool):
-            raise ValueError(f"questions_per_task must be an integer, got {self.questions_per_task!r}")
         if self.questions_per_task < 0:
             raise ValueError(f"questions_per_task must be >= 0, got {self.questions_per_task}")
         for name, low, high, closed in (
@@ -114,8 +128,6 @@ class QUADParams:
             ("distill_weight", 0.0, 1.0, True),
         ):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or isinstance(value, bool):
-                raise ValueError(f"{name} must be a number, got {value!r}")
             if not (low <= value <= high if closed else low <= value < high):
                 raise ValueError(f"{name} must be in [{low:g}, {high:g}{']' if closed else ')'}, got {value}")
 
@@ -178,12 +190,6 @@ def question_replay_order(
     )
 
 
-def _adapter_names(module: torch.nn.Module) -> set[str]:
-    if hasattr(module, "_all_available_adapter_names"):  # peft BaseTunerLayer
-        return set(module._all_available_adapter_names())
-    return set(getattr(module, "_adapters", ()))  # peft AuxiliaryTrainingWrapper (modules_to_save)
-
-
 def kl_rows(teacher_probs: torch.Tensor, student_probs: torch.Tensor) -> torch.Tensor:
     """``KL(teacher || student)`` of probability rows along the last dim (zeros of the teacher add 0)."""
     t, s = teacher_probs.float(), student_probs.float()
@@ -199,25 +205,14 @@ class QUAD(Method):
         super().__init__(params)
         self._distill = False
         self._questions: list[dict[str, str]] = []
-        self._switch: list[tuple[torch.nn.Module, Any]] = []  # (peft module, its teacher-active value)
         self._student_attn: dict[int, torch.Tensor] = {}
         self._teacher_attn: dict[int, torch.Tensor] | None = None  # set only during the teacher forward
         self._hooks: list[Any] = []
 
     # -- driver side ------------------------------------------------------------------------------------
-    def training_data(
-        self,
-        phase: Phase,
-        task_index: int,
-        tasks: Sequence[TaskData],
-        driver_state: dict[str, Any] | None,
-        *,
-        epochs: int,
-        global_batch: int,
-        seed: int,
-    ) -> TrainingData:
-        task = tasks[task_index]
-        store = [q for q in stored_questions(driver_state) if q["task"] != task.name]
+    def training_data(self, request: TrainingRequest) -> TrainingData:
+        task, epochs, global_batch, seed = request.task, request.epochs, request.global_batch, request.seed
+        store = [q for q in stored_questions(request.driver_state) if q["task"] != task.name]
         current = task.train
         per_batch = extra_rows_per_batch(self.params.replay_ratio, global_batch, len(store))
         if per_batch == 0:
@@ -243,26 +238,14 @@ class QUAD(Method):
     def setup_model(self, model: torch.nn.Module, ctx: TaskContext) -> torch.nn.Module:
         self._questions = stored_questions(load_driver_state(ctx.previous_state_dir))
         self._distill = ctx.previous_state_dir is not None
-        if not self._distill:
-            return new_lora(model, ctx.lora, adapter_name=STUDENT)
-        _use_eager_attention(model)
+        if self._distill:
+            use_eager_language_attention(model)
+        peft_model = continue_lora(model, ctx, adapter_name=STUDENT)
+        if ctx.previous_state_dir is None:
+            return peft_model
         adapter = ctx.previous_state_dir / ADAPTER_DIR
-        peft_model = load_lora(model, adapter, trainable=True)
         peft_model.load_adapter(str(adapter), adapter_name=TEACHER, is_trainable=False)
-        self._switch = []
-        for module in peft_model.modules():
-            if TEACHER in _adapter_names(module):
-                if not hasattr(module, "_active_adapter"):
-                    raise RuntimeError(f"QUAD: peft module {type(module).__name__} has no _active_adapter")
-                active = module._active_adapter
-                self._switch.append((module, [TEACHER] if isinstance(active, list) else TEACHER))
-        if not self._switch:
-            raise RuntimeError(f"QUAD: the teacher adapter {TEACHER!r} was loaded into no module")
-        attention = [
-            m for n, m in peft_model.named_modules() if n.endswith("self_attn") and "language_model" in n
-        ]
-        if not attention:
-            raise RuntimeError("QUAD: found no self-attention module of the language model to distill")
+        attention = [m for _, m in language_attention_modules(peft_model)]
         self._hooks = [m.register_forward_hook(self._attention_hook(i)) for i, m in enumerate(attention)]
         return peft_model
 
@@ -276,33 +259,16 @@ class QUAD(Method):
 
         return hook
 
-    @contextlib.contextmanager
-    def _teacher_active(self, model: torch.nn.Module) -> Iterator[None]:
-        """Every adapted module computes with the teacher adapter, in eval mode, for the duration."""
-        saved = [(module, module._active_adapter) for module, _ in self._switch]
-        was_training = model.training
-        model.eval()
-        try:
-            for module, teacher in self._switch:
-                module._active_adapter = teacher
-            yield
-        finally:
-            for module, active in saved:
-                module._active_adapter = active
-            model.train(was_training)
-
     def distillation_terms(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], outputs: Any
     ) -> dict[str, torch.Tensor]:
         """``task`` (the engine's task loss), ``qr`` and ``acd`` for a training batch whose student forward
         (``outputs``) has just run; runs the teacher forward."""
-        from mcl.worker.losses import per_sample_loss
-
         student_attn, self._student_attn = self._student_attn, {}
         labels, mask = batch["labels"], batch["attention_mask"]
         self._teacher_attn = {}
         try:
-            with torch.no_grad(), self._teacher_active(model):
+            with torch.no_grad(), using_adapter(model, TEACHER):
                 teacher = model(**{k: v for k, v in batch.items() if k != "labels"})
             teacher_attn = self._teacher_attn
         finally:
@@ -357,9 +323,7 @@ class QUAD(Method):
         )
 
     def memory_report(self, model: torch.nn.Module) -> dict[str, float]:
-        teacher = sum(
-            getattr(p, "ds_numel", p.numel()) for n, p in model.named_parameters() if f".{TEACHER}." in n
-        )
+        teacher = sum(full_numel(p) for n, p in model.named_parameters() if f".{TEACHER}." in n)
         return {
             **super().memory_report(model),
             "teacher_params": float(teacher),
@@ -370,10 +334,3 @@ class QUAD(Method):
 
 def _is_student_adapter(name: str) -> bool:
     return ("lora_" in name or "modules_to_save" in name) and f".{TEACHER}." not in name
-
-
-def _use_eager_attention(model: torch.nn.Module) -> None:
-    """Switch the language model to eager attention (the only one that returns attention weights)."""
-    config = model.config
-    text_configs = [k for k in getattr(config, "sub_configs", {}) if "text" in k]
-    model.set_attn_implementation({k: "eager" for k in text_configs} if text_configs else "eager")

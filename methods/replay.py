@@ -44,13 +44,13 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from mcl.adapters import ADAPTER_DIR, load_lora, new_lora, save_lora
+from mcl.adapters import ADAPTER_DIR, continue_lora, save_lora
 from mcl.data import (
     SampleRows,
     extra_rows_per_batch,
@@ -58,10 +58,14 @@ from mcl.data import (
     reservoir_sample,
     training_order,
 )
-from mcl.methods_api import Method, Phase, TaskContext, TrainingData, load_driver_state, register_method
-
-if TYPE_CHECKING:
-    from mcl.streams.registry import TaskData
+from mcl.methods_api import (
+    Method,
+    TaskContext,
+    TrainingData,
+    TrainingRequest,
+    load_driver_state,
+    register_method,
+)
 
 BUFFER_KEY = "buffer"
 # What a buffer row keeps of a sample (the image by path): the row keys minus the engine's ``supervised``.
@@ -72,16 +76,14 @@ BUFFER_ROW_KEYS = ("id", "image", "question", "answer", "answer_type", "task")
 class ReplayParams:
     """Experience replay's hyper-parameters (see the module docstring)."""
 
-    buffer_per_task: int = 20
-    replay_ratio: float = 0.25
+    buffer_per_task: int = field(default=20, metadata={"help": "Samples kept per finished task (>= 0)."})
+    replay_ratio: float = field(
+        default=0.25, metadata={"help": "Fraction of every global batch taken from the buffer, in [0, 1)."}
+    )
 
     def __post_init__(self) -> None:
-        if not isinstance(self.buffer_per_task, int) or isinstance(self.buffer_per_task, bool):
-            raise ValueError(f"buffer_per_task must be an integer, got {self.buffer_per_task!r}")
         if self.buffer_per_task < 0:
             raise ValueError(f"buffer_per_task must be >= 0, got {self.buffer_per_task}")
-        if not isinstance(self.replay_ratio, int | float) or isinstance(self.replay_ratio, bool):
-            raise ValueError(f"replay_ratio must be a number, got {self.replay_ratio!r}")
         if not 0.0 <= self.replay_ratio < 1.0:
             raise ValueError(f"replay_ratio must be in [0, 1), got {self.replay_ratio}")
 
@@ -137,20 +139,10 @@ class ExperienceReplay(Method):
         self._replayed: list[dict[str, Any]] = []
 
     # -- driver side ------------------------------------------------------------------------------------
-    def training_data(
-        self,
-        phase: Phase,
-        task_index: int,
-        tasks: Sequence[TaskData],
-        driver_state: dict[str, Any] | None,
-        *,
-        epochs: int,
-        global_batch: int,
-        seed: int,
-    ) -> TrainingData:
-        task = tasks[task_index]
+    def training_data(self, request: TrainingRequest) -> TrainingData:
+        task, epochs, global_batch, seed = request.task, request.epochs, request.global_batch, request.seed
         # A re-run of a task (never the case in a normal stream) must not replay that task's own rows.
-        buffer = [row for row in buffer_rows(driver_state) if row["task"] != task.name]
+        buffer = [row for row in buffer_rows(request.driver_state) if row["task"] != task.name]
         current = task.train
         replay_per_batch = extra_rows_per_batch(self.params.replay_ratio, global_batch, len(buffer))
         if replay_per_batch == 0:
@@ -176,9 +168,7 @@ class ExperienceReplay(Method):
     def setup_model(self, model: torch.nn.Module, ctx: TaskContext) -> torch.nn.Module:
         # The buffer replayed in this task, for memory_report (which only gets the model).
         self._replayed = buffer_rows(load_driver_state(ctx.previous_state_dir))
-        if ctx.previous_state_dir is None:
-            return new_lora(model, ctx.lora)
-        return load_lora(model, ctx.previous_state_dir / ADAPTER_DIR, trainable=True)
+        return continue_lora(model, ctx)
 
     def save_state(self, model: torch.nn.Module, out_dir: Path, ctx: TaskContext) -> None:
         save_lora(model, out_dir / ADAPTER_DIR)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from mcl.adapters import ADAPTER_DIR, load_lora, new_lora, save_lora
+from mcl.adapters import ADAPTER_DIR, continue_lora, save_lora
 from mcl.methods_api import Method, TaskContext, register_method
 
 
@@ -20,9 +20,7 @@ class SequentialLoRA(Method):
     name = "sequential_lora"
 
     def setup_model(self, model: torch.nn.Module, ctx: TaskContext) -> torch.nn.Module:
-        if ctx.previous_state_dir is None:
-            return new_lora(model, ctx.lora)
-        return load_lora(model, ctx.previous_state_dir / ADAPTER_DIR, trainable=True)
+        return continue_lora(model, ctx)
 
     def save_state(self, model: torch.nn.Module, out_dir: Path, ctx: TaskContext) -> None:
         save_lora(model, out_dir / ADAPTER_DIR)

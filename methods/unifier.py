@@ -22,13 +22,13 @@ What the method does:
 
 How it is implemented here:
 
-* The vision tower is found generically (:func:`find_vision_blocks`): the outermost module named
-  ``vision_tower``, ``visual``, ``vision_model``, ``vision_encoder`` or ``vision`` (or ``vision_module``),
-  and in it the encoder blocks, i.e. the members of a ``ModuleList`` with an MLP-like child (``mlp``,
-  ``feed_forward`` or ``ffn``) whose first ``Linear`` reads the hidden size the last one writes. This
-  covers CLIP and SigLIP (``vision_tower.encoder.layers[i].mlp``), Qwen2-VL and Qwen2.5-VL
-  (``visual.blocks[i].mlp``, whose inputs are 2-D ``(tokens, hidden)``), InternVL, Idefics3 and others;
-  patch mergers and pooling heads (not in a block list) are left alone. The hidden size comes from
+* The vision tower is the one the model-family table names (:func:`mcl.adapters.vision_tower`; or the
+  outermost module named ``vision_module`` when set, for a model of no known family), and in it
+  :func:`find_vision_blocks` takes the encoder blocks, i.e. the members of a ``ModuleList`` with the family's
+  MLP child (:func:`mcl.adapters.vision_mlp_names`) whose first ``Linear`` reads the hidden size the last
+  one writes. This covers CLIP and SigLIP (``vision_tower.encoder.layers[i].mlp``), Qwen2.5-VL
+  (``visual.blocks[i].mlp``, whose inputs are 2-D ``(tokens, hidden)``), InternVL and others; patch mergers
+  and pooling heads (not in a block list) are left alone. The hidden size comes from
   ``in_features`` of the MLP's first ``Linear`` (also valid under ZeRO-3, where weights are partitioned).
 * The branches of a block are a :class:`ScenarioBranches` child module of the block (``unifier_branches``)
   applied by a forward hook on the MLP, so the base model's parameter names are untouched. Up-projections
@@ -68,7 +68,7 @@ Hyper-parameters (``method.params``); the paper's text we hold gives no values, 
 * ``vcc_temperature`` (1.0): softmax temperature over channels in both KL terms.
 * ``scenarios`` (None): scenario names, see above; None = one scenario per distinct task name.
 * ``language_lora`` (True): train a LoRA on the language model too, see above.
-* ``vision_module`` (""): name of the vision tower module when the automatic search does not find it.
+* ``vision_module`` (""): name of the vision tower module, for a model the model-family table does not know.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -86,16 +86,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mcl.adapters import ADAPTER_DIR, load_lora, new_lora, projector_module_names, save_lora
-from mcl.errors import ConfigError
-from mcl.methods_api import Method, Phase, TaskContext, TrainingData, register_method
+from mcl.adapters import (
+    ADAPTER_DIR,
+    continue_lora,
+    full_numel,
+    projector_modules,
+    save_lora,
+    vision_mlp_names,
+    vision_tower,
+)
+from mcl.methods_api import ConfigError, Method, TaskContext, TrainingData, TrainingRequest, register_method
 
 BRANCH_ATTR = "unifier_branches"
 BRANCHES_FILE = "unifier_branches.safetensors"
 META_FILE = "unifier.json"
 PROJECTOR_FILE = "multimodal_projector.safetensors"
-VISION_TOWER_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder", "vision")
-MLP_NAMES = ("mlp", "feed_forward", "ffn")
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 
@@ -103,39 +108,43 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "si
 class UnifierParams:
     """UNIFIER's hyper-parameters (see the module docstring; all defaults are ours)."""
 
-    bottleneck: int = 16
-    activation: str = "gelu"
-    vcc_weight: float = 1.0
-    vcc_temperature: float = 1.0
-    scenarios: list[str] | None = None
-    language_lora: bool = True
-    vision_module: str = ""
+    bottleneck: int = field(default=16, metadata={"help": "Width of each branch's down-projection (>= 1)."})
+    activation: str = field(
+        default="gelu", metadata={"help": f"Branch non-linearity, one of {', '.join(ACTIVATIONS)}."}
+    )
+    vcc_weight: float = field(default=1.0, metadata={"help": "lambda, the weight of the VCC term (>= 0)."})
+    vcc_temperature: float = field(
+        default=1.0, metadata={"help": "Softmax temperature over channels in both KL terms (> 0)."}
+    )
+    scenarios: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Scenario names (a task trains the first its name starts with); null: one per task."
+        },
+    )
+    language_lora: bool = field(
+        default=True, metadata={"help": "Also train a LoRA on the language model through the stream."}
+    )
+    vision_module: str = field(
+        default="", metadata={"help": "Name of the vision tower module, for a model of no known family."}
+    )
 
     def __post_init__(self) -> None:
-        if isinstance(self.bottleneck, bool) or not isinstance(self.bottleneck, int) or self.bottleneck < 1:
+        if self.bottleneck < 1:
             raise ValueError(f"bottleneck: must be an integer >= 1, got {self.bottleneck!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation: must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
-        if not isinstance(self.vcc_weight, int | float) or not self.vcc_weight >= 0:
+        if not self.vcc_weight >= 0:
             raise ValueError(f"vcc_weight: must be a number >= 0, got {self.vcc_weight!r}")
-        if not isinstance(self.vcc_temperature, int | float) or not self.vcc_temperature > 0:
+        if not self.vcc_temperature > 0:
             raise ValueError(f"vcc_temperature: must be a number > 0, got {self.vcc_temperature!r}")
         if self.scenarios is not None:
             names = self.scenarios
-            if (
-                isinstance(names, str)
-                or not isinstance(names, list | tuple)
-                or not names
-                or not all(isinstance(n, str) and n for n in names)
-            ):
+            if not names or not all(n for n in names):
                 raise ValueError(f"scenarios: must be a non-empty list of non-empty names, got {names!r}")
             if len(set(names)) != len(names):
                 raise ValueError(f"scenarios: names must be unique, got {names!r}")
             self.scenarios = list(names)
-        if not isinstance(self.language_lora, bool):
-            raise ValueError(f"language_lora: must be true or false, got {self.language_lora!r}")
-        if not isinstance(self.vision_module, str):
-            raise ValueError(f"vision_module: must be a module name, got {self.vision_module!r}")
 
 
 # -- the Vision Consistency Constraint (pure functions) ------------------------------------------------------
@@ -279,28 +288,28 @@ def _linears(module: nn.Module) -> list[nn.Linear]:
 
 
 def find_vision_tower(model: nn.Module, name: str = "") -> tuple[str, nn.Module]:
-    """The outermost module named ``name`` (or one of :data:`VISION_TOWER_NAMES`) and its path."""
-    wanted = (name,) if name else VISION_TOWER_NAMES
-    found = [(n, m) for n, m in model.named_modules() if n and n.rsplit(".", 1)[-1] in wanted]
-    if not found:
-        field = "method.params.vision_module"
+    """The vision tower and its path: the outermost module named ``name`` if given, else the one the
+    model-family table names (:func:`mcl.adapters.vision_tower`)."""
+    try:
+        return vision_tower(model, name)
+    except ConfigError as exc:
+        field_name = "method.params.vision_module"
         raise ConfigError(
-            f"{field}: no vision tower named {' or '.join(map(repr, wanted))} in {type(model).__name__}; "
-            f"set {field} to the name of its vision encoder module"
-        )
-    return min(found, key=lambda item: item[0].count("."))
+            f"{field_name}: {exc}; set {field_name} to the name of its vision encoder module"
+        ) from None
 
 
 def find_vision_blocks(model: nn.Module, vision_module: str = "") -> tuple[str, list[VisionBlock]]:
-    """The vision tower's path and its encoder blocks: members of a ``ModuleList`` that have an MLP-like
-    child (``mlp``/``feed_forward``/``ffn``) mapping the hidden size back onto itself."""
+    """The vision tower's path and its encoder blocks: members of a ``ModuleList`` that have the family's
+    MLP child (:func:`mcl.adapters.vision_mlp_names`) mapping the hidden size back onto itself."""
     tower_name, tower = find_vision_tower(model, vision_module)
+    mlp_names = vision_mlp_names(model)
     blocks: list[VisionBlock] = []
     for list_name, container in tower.named_modules():
         if not isinstance(container, nn.ModuleList):
             continue
         for index, block in enumerate(container):
-            for child_name in MLP_NAMES:
+            for child_name in mlp_names:
                 mlp = getattr(block, child_name, None)
                 linears = _linears(mlp) if isinstance(mlp, nn.Module) else []
                 if linears and linears[0].in_features == linears[-1].out_features:
@@ -310,7 +319,7 @@ def find_vision_blocks(model: nn.Module, vision_module: str = "") -> tuple[str, 
     if not blocks:
         raise ConfigError(
             f"method.params.vision_module: the vision tower {tower_name!r} ({type(tower).__name__}) has no "
-            f"encoder blocks with an MLP child named {', '.join(MLP_NAMES)}"
+            f"encoder blocks with an MLP child named {', '.join(mlp_names)}"
         )
     return tower_name, blocks
 
@@ -348,10 +357,6 @@ def attach_branches(
 def branch_modules(model: nn.Module) -> list[ScenarioBranches]:
     """Every :class:`ScenarioBranches` of ``model`` (also inside a peft wrapper), in block order."""
     return [m for m in model.modules() if isinstance(m, ScenarioBranches)]
-
-
-def _numel(p: torch.Tensor) -> int:
-    return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 partitions report their full size here
 
 
 def _metric_name(text: str) -> str:
@@ -397,23 +402,11 @@ class Unifier(Method):
         """Branches of the scenarios trained so far, the current one included (the VCC compares these)."""
         return sorted({self.scenario_index(n, ctx.task_names) for n in ctx.task_names[: ctx.task_index + 1]})
 
-    def training_data(
-        self,
-        phase: Phase,
-        task_index: int,
-        tasks: Sequence[Any],
-        driver_state: dict[str, Any] | None,
-        *,
-        epochs: int,
-        global_batch: int,
-        seed: int,
-    ) -> TrainingData:
-        names = [t.name for t in tasks]
+    def training_data(self, request: TrainingRequest) -> TrainingData:
+        names = [t.name for t in request.tasks]
         for name in names:  # fail in the driver, before any worker starts, if a task has no scenario
             self.scenario_index(name, names)
-        return super().training_data(
-            phase, task_index, tasks, driver_state, epochs=epochs, global_batch=global_batch, seed=seed
-        )
+        return super().training_data(request)
 
     # -- worker side ---------------------------------------------------------------------------------------
     def _meta(self, task_names: Sequence[str], branches: Sequence[ScenarioBranches]) -> dict[str, Any]:
@@ -441,9 +434,7 @@ class Unifier(Method):
             b.snapshot_projector()
             b.vcc_branches = seen if p.vcc_weight > 0 else []
         if p.language_lora:
-            if previous is None:
-                return new_lora(model, ctx.lora)
-            return load_lora(model, previous / ADAPTER_DIR, trainable=True)
+            return continue_lora(model, ctx)
         if previous is not None and ctx.lora.train_projector:
             self._load_projector(model, previous)
         return model
@@ -556,13 +547,13 @@ class Unifier(Method):
         projector = old_copy = 0
         for b in branches:
             for k in range(b.num_branches):
-                per_branch[k] += sum(_numel(p) for p in (*b.down[k].parameters(), *b.up[k].parameters()))
-            projector += sum(_numel(p) for p in b.projector.parameters())
+                per_branch[k] += sum(full_numel(p) for p in (*b.down[k].parameters(), *b.up[k].parameters()))
+            projector += sum(full_numel(p) for p in b.projector.parameters())
             old_copy += b.old_weight.numel() + b.old_bias.numel()
         for name, count in zip(names, per_branch, strict=True):
             report[f"branch_params_{name}"] = float(count)
-        lora = sum(_numel(p) for n, p in model.named_parameters() if "lora_" in n)
-        saved_modules = sum(_numel(p) for n, p in model.named_parameters() if "modules_to_save" in n)
+        lora = sum(full_numel(p) for n, p in model.named_parameters() if "lora_" in n)
+        saved_modules = sum(full_numel(p) for n, p in model.named_parameters() if "modules_to_save" in n)
         report.update(
             branch_params_total=float(sum(per_branch)),
             shared_projector_params=float(projector),
@@ -575,8 +566,6 @@ class Unifier(Method):
 
 
 def multimodal_projectors(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The multimodal projector modules of ``model`` (see :func:`mcl.adapters.projector_module_names`)
-    with their full paths."""
-    wanted = set(projector_module_names(model))
-    found = [(n, m) for n, m in model.named_modules() if n and n.rsplit(".", 1)[-1] in wanted]
-    return [(n, m) for n, m in found if not any(n.startswith(o + ".") for o, _ in found)]
+    """The multimodal projector modules of ``model`` with their full paths
+    (:func:`mcl.adapters.projector_modules`)."""
+    return projector_modules(model)

@@ -11,6 +11,7 @@ import dataclasses
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -235,6 +236,25 @@ def flatten_dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float)
+
+
+def _is_integer(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int)
+
+
+# Plain types: (what the error says a value must be, the check, the conversion).
+_SCALARS: dict[Any, tuple[str, Callable[[Any], bool], Callable[[Any], Any]]] = {
+    float: ("a number", _is_number, float),
+    int: ("an integer", _is_integer, int),
+    bool: ("true or false", lambda v: isinstance(v, bool), bool),
+    str: ("a string", lambda v: isinstance(v, str), str),
+    dict: ("a mapping", lambda v: isinstance(v, dict), dict),
+    list: ("a list", lambda v: isinstance(v, list), list),
+}
+
+
 def _coerce(value: Any, hint: Any, name: str) -> Any:
     """Check ``value`` against a type hint, allowing int -> float; raise ConfigError naming ``name``."""
     origin = typing.get_origin(hint)
@@ -248,41 +268,27 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
             raise ConfigError(f"{name}: must be one of {list(allowed)}, got {value!r}")
         return value
     if origin in (types.UnionType, typing.Union):
-        for option in typing.get_args(hint):
-            try:
-                return _coerce(value, option, name)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{name}: has the wrong type, got {value!r}")
+        return _coerce_union(value, hint, name)
     if hint is type(None):
         if value is not None:
             raise ConfigError(f"{name}: must be null, got {value!r}")
         return None
-    if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{name}: must be a mapping, got {value!r}")
-        return dict(value)
-    if origin is list or hint is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{name}: must be a list, got {value!r}")
-        return list(value)
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{name}: must be a number, got {value!r}")
-        return float(value)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name}: must be an integer, got {value!r}")
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name}: must be true or false, got {value!r}")
-        return value
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{name}: must be a string, got {value!r}")
-        return value
+    plain = origin if origin in (dict, list) else hint
+    if plain in _SCALARS:
+        what, ok, convert = _SCALARS[plain]
+        if not ok(value):
+            raise ConfigError(f"{name}: must be {what}, got {value!r}")
+        return convert(value)
     return value
+
+
+def _coerce_union(value: Any, hint: Any, name: str) -> Any:
+    for option in typing.get_args(hint):
+        try:
+            return _coerce(value, option, name)
+        except ConfigError:
+            continue
+    raise ConfigError(f"{name}: has the wrong type, got {value!r}")
 
 
 def _field_names(cls: type) -> list[str]:

@@ -2,14 +2,20 @@
 
 The engine runs a fixed loop per task (set up the model, train on the task's batches, evaluate every task,
 save state) and calls a method's hooks at named points. A method overrides only the hooks it needs and gets
-what a hook needs as arguments (:class:`TaskContext`), never by reaching into the trainer. Methods import
-only this module (and :mod:`mcl.adapters`); the engine never imports a specific method.
+what a hook needs as arguments (:class:`TaskContext`, :class:`TrainingRequest`), never by reaching into the
+trainer. Methods import only the engine's public API (this module, :mod:`mcl.adapters`, :mod:`mcl.data`,
+:mod:`mcl.worker.losses`; ``tests/test_layout.py`` checks it); the engine never imports a specific method.
 
 A task is trained in one or more *phases* (:meth:`Method.phases`; e.g. MR-LoRA trains its expert, then its
 router). Each phase is one training pass (in the run's ``TorchTrainer`` worker group) that starts from the
 state the previous phase or task saved. Driver-side hooks (:meth:`Method.phases`, :meth:`Method.training_tasks`,
 :meth:`Method.training_data`) choose the data; worker-side hooks run on every Ray Train worker (rank 0 alone
 saves).
+
+A method's ``Params`` is a dataclass whose fields carry a default and help text
+(``field(default=..., metadata={"help": "..."})``, as peft's configs do); :func:`build_method` checks every
+field's type against its annotation (:func:`check_param_types`), so ``__post_init__`` keeps only the value
+rules (ranges, choices).
 """
 
 from __future__ import annotations
@@ -17,19 +23,23 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
+import types
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from mcl.adapters import full_numel
+from mcl.config import LoraConfig
 from mcl.errors import ConfigError, UnknownNameError
 from mcl.run.rundir import DRIVER_STATE_FILE, read_driver_state
+from mcl.streams.registry import TaskData
 
 if TYPE_CHECKING:
     import torch
 
-    from mcl.config import LoraConfig
-    from mcl.streams.registry import TaskData
+STAGES = ("baseline", "trained")
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,10 @@ class TaskContext:
         seed: The experiment seed.
         processor: The model's processor (tokenizer + image processor), for methods that build prompts
             (e.g. a router) or tokenise stored questions.
+        phase: The name of the phase being trained (:attr:`Phase.name`).
+        stage: ``"baseline"`` while the engine evaluates the untrained model (before the first task's
+            training, the baseline row for forward transfer); ``"trained"`` otherwise (training, and the
+            evaluation after it).
     """
 
     task_index: int
@@ -56,6 +70,11 @@ class TaskContext:
     seed: int = 0
     processor: Any = field(default=None, compare=False, repr=False)
     phase: str = "train"
+    stage: Literal["baseline", "trained"] = "trained"
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"TaskContext.stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
 
     @property
     def task_name(self) -> str:
@@ -87,6 +106,35 @@ class Phase:
     lr: float | None = None
 
 
+@dataclass(frozen=True)
+class TrainingRequest:
+    """What the driver asks :meth:`Method.training_data` for: the rows of one phase of one task.
+
+    Attributes:
+        phase: The phase to train (:meth:`Method.phases`).
+        task_index: Position of the task in the stream (0-based).
+        tasks: Every task of the stream (its training and test samples), in order.
+        driver_state: What the previous phase's :class:`TrainingData` left (None at the start of the stream).
+        epochs: Epochs of this phase (the phase's own, else ``train.epochs``).
+        global_batch: Rows per optimiser step over all workers (``train.batch_size``); the rows returned must
+            be a positive multiple of it.
+        seed: The seed of this task's data order (already differs per task: ``train.seed + task_index``).
+    """
+
+    phase: Phase
+    task_index: int
+    tasks: Sequence[TaskData]
+    driver_state: dict[str, Any] | None
+    epochs: int
+    global_batch: int
+    seed: int
+
+    @property
+    def task(self) -> TaskData:
+        """The task being trained."""
+        return self.tasks[self.task_index]
+
+
 @dataclass
 class TrainingData:
     """What one phase trains on, chosen in the driver.
@@ -116,8 +164,8 @@ class NoParams:
 class Method:
     """Base class: every hook has a do-nothing default except :meth:`setup_model`.
 
-    Subclasses set ``name`` and optionally ``Params`` (a dataclass validated in ``__post_init__``), and
-    register themselves with :func:`register_method`.
+    Subclasses set ``name`` and optionally ``Params`` (a dataclass: typed fields with help text, value rules
+    in ``__post_init__``), and register themselves with :func:`register_method`.
     """
 
     name: ClassVar[str] = ""
@@ -135,25 +183,18 @@ class Method:
         """Indices of the tasks whose training data the default :meth:`training_data` uses."""
         return [task_index]
 
-    def training_data(
-        self,
-        phase: Phase,
-        task_index: int,
-        tasks: Sequence[TaskData],
-        driver_state: dict[str, Any] | None,
-        *,
-        epochs: int,
-        global_batch: int,
-        seed: int,
-    ) -> TrainingData:
-        """The rows phase ``phase`` of task ``task_index`` trains on. Default: every training sample of
-        :meth:`training_tasks`, shuffled per epoch. ``driver_state`` is what the previous phase left
-        (None at the start of the stream); ``seed`` already differs per task."""
+    def training_data(self, request: TrainingRequest) -> TrainingData:
+        """The rows phase ``request.phase`` of task ``request.task_index`` trains on. Default: every training
+        sample of :meth:`training_tasks`, shuffled per epoch."""
         from mcl.data import training_order
         from mcl.streams.store import ChainedSamples
 
-        samples = ChainedSamples([tasks[i].train for i in self.training_tasks(task_index)])
-        return TrainingData(training_order(samples, epochs=epochs, global_batch=global_batch, seed=seed))
+        samples = ChainedSamples([request.tasks[i].train for i in self.training_tasks(request.task_index)])
+        return TrainingData(
+            training_order(
+                samples, epochs=request.epochs, global_batch=request.global_batch, seed=request.seed
+            )
+        )
 
     # -- worker side -----------------------------------------------------------------------------------
     def setup_model(self, model: torch.nn.Module, ctx: TaskContext) -> torch.nn.Module:
@@ -239,8 +280,7 @@ class Method:
 
     def memory_report(self, model: torch.nn.Module) -> dict[str, float]:
         """Extra memory the method holds (e.g. ``{"trainable_params": n}``), logged per task."""
-        # Under ZeRO-3 a partitioned parameter has numel() == 0; ds_numel is its full size.
-        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+        trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
         return {"trainable_params": float(trainable)}
 
     @classmethod
@@ -292,11 +332,87 @@ def build_method(name: str, params: dict[str, Any] | None = None) -> Method:
                 f"method.params.{key}: unknown parameter of method {name!r}; "
                 f"allowed: {', '.join(sorted(allowed)) or '(none)'}"
             )
+    check_param_types(cls.Params, params or {})
     try:
         parsed = cls.Params(**(params or {}))
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"method.params: {exc}") from None
     return cls(parsed)
+
+
+def check_param_types(params_class: type, values: dict[str, Any]) -> None:
+    """Check every value of ``values`` against the annotation of its field in the ``params_class`` dataclass.
+
+    Annotations may combine ``bool``, ``int``, ``float``, ``str``, ``None``, ``list[...]``, ``tuple[...]``,
+    ``dict[str, ...]`` and ``Literal[...]`` with ``|``; an int is accepted for a float, a bool never for a
+    number. Raises ConfigError naming ``method.params.<field>``, the expected type and the value given.
+    """
+    hints = typing.get_type_hints(params_class)
+    for f in dataclasses.fields(params_class):
+        if f.name in values and f.name in hints and not _matches(values[f.name], hints[f.name]):
+            raise ConfigError(
+                f"method.params.{f.name}: must be {_type_name(hints[f.name])}, got {values[f.name]!r}"
+            )
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return True
+    if annotation is None or annotation is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if origin in (list, Sequence, tuple):
+        if not isinstance(value, list | tuple):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args, strict=True))
+        return not args or all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and (
+            not args or all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
+        )
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    raise TypeError(f"method params: unsupported annotation {annotation!r}")
+
+
+def _type_name(annotation: Any) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is None or annotation is type(None):
+        return "null"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if annotation is float:
+        return "a number"
+    if annotation is int:
+        return "an integer"
+    if annotation is bool:
+        return "true or false"
+    if annotation is str:
+        return "a string"
+    if origin in (list, Sequence, tuple):
+        plural = {str: "strings", int: "integers", float: "numbers", bool: "booleans"}
+        return f"a list of {plural.get(args[0], 'values')}" if args else "a list"
+    if origin is dict:
+        return "a mapping"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def param_help(params_class: type) -> dict[str, str]:
+    """The help text of every field of a ``Params`` dataclass (``metadata["help"]``; empty where none)."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(params_class)}
 
 
 def params_dict(method: Method) -> dict[str, Any]:
@@ -305,13 +421,21 @@ def params_dict(method: Method) -> dict[str, Any]:
 
 __all__ = [
     "DRIVER_STATE_FILE",
+    "STAGES",
+    "ConfigError",
+    "LoraConfig",
     "Method",
     "NoParams",
     "Phase",
-    "TrainingData",
-    "load_driver_state",
     "TaskContext",
+    "TaskData",
+    "TrainingData",
+    "TrainingRequest",
     "available_methods",
     "build_method",
+    "check_param_types",
+    "load_driver_state",
+    "param_help",
+    "params_dict",
     "register_method",
 ]

@@ -4,8 +4,9 @@ Every model, real or tiny, goes through :func:`load_model_and_processor`: a loca
 loaded with ``AutoModelForImageTextToText`` and :func:`load_processor` (``AutoProcessor``). Built-in names
 (``tiny-llava``, ``tiny-qwen2.5-vl``, ``tiny-internvl``, see :mod:`mcl.tiny_models`) are first materialised
 as ordinary Hugging Face checkpoint folders and then loaded through that same path. :func:`model_family`
-tells, from a config's ``model_type``, where LoRA goes by default and which module is the multimodal
-projector.
+tells, from a config's ``model_type``, where LoRA goes by default and where the parts of the model are
+(multimodal projector, vision tower, the language model's attention); methods reach it through the accessors
+of :mod:`mcl.adapters`, never by guessing module names.
 """
 
 from __future__ import annotations
@@ -24,26 +25,63 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ModelFamily:
-    """What the engine needs to know about an architecture.
+    """What the engine (and the methods, through :mod:`mcl.adapters`) know about an architecture.
 
     Attributes:
         lora_targets: Default LoRA target regex over module names: the language model only (a bare
             ``q_proj`` would also hit the vision tower's attention).
         projector: Name (last path component) of the multimodal projector module, trained with the adapter
             when ``model.lora.train_projector`` is on.
+        vision_tower: Name (last path component) of the vision encoder module (the outermost one of that
+            name); None where unknown.
+        vision_mlp: Name of the MLP child of each of the vision encoder's blocks; None where unknown.
+        language_attention: Regex fully matching the module names of the language model's self-attention
+            layers (whose forward returns the attention weights under eager attention); None where unknown.
+        text_config: Key of the language model's sub-config (``config.sub_configs``), where its attention
+            implementation is set; None where unknown.
     """
 
     lora_targets: str
     projector: str
+    vision_tower: str | None = None
+    vision_mlp: str | None = None
+    language_attention: str | None = None
+    text_config: str | None = None
 
 
 LANGUAGE_MODEL_LINEARS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+LANGUAGE_MODEL_ATTENTION = r".*language_model.*self_attn"
+# MLP child names of vision encoder blocks tried for a vision tower of a model of no known family.
+GENERIC_VISION_MLP_NAMES = ("mlp", "feed_forward", "ffn")
 # By config.model_type. Module paths as transformers 5 names them: LLaVA and InternVL put the projector at
-# model.multi_modal_projector, Qwen2.5-VL at model.visual.merger; all three at model.language_model.
+# model.multi_modal_projector and the vision encoder at model.vision_tower (blocks encoder.layers[i].mlp,
+# InternVL encoder.layer[i].mlp), Qwen2.5-VL the projector at model.visual.merger and the encoder at
+# model.visual (blocks[i].mlp); all three the language model at model.language_model (layers[i].self_attn).
 MODEL_FAMILIES: dict[str, ModelFamily] = {
-    "llava": ModelFamily(LANGUAGE_MODEL_LINEARS, "multi_modal_projector"),
-    "qwen2_5_vl": ModelFamily(LANGUAGE_MODEL_LINEARS, "merger"),
-    "internvl": ModelFamily(LANGUAGE_MODEL_LINEARS, "multi_modal_projector"),
+    "llava": ModelFamily(
+        LANGUAGE_MODEL_LINEARS,
+        "multi_modal_projector",
+        vision_tower="vision_tower",
+        vision_mlp="mlp",
+        language_attention=LANGUAGE_MODEL_ATTENTION,
+        text_config="text_config",
+    ),
+    "qwen2_5_vl": ModelFamily(
+        LANGUAGE_MODEL_LINEARS,
+        "merger",
+        vision_tower="visual",
+        vision_mlp="mlp",
+        language_attention=LANGUAGE_MODEL_ATTENTION,
+        text_config="text_config",
+    ),
+    "internvl": ModelFamily(
+        LANGUAGE_MODEL_LINEARS,
+        "multi_modal_projector",
+        vision_tower="vision_tower",
+        vision_mlp="mlp",
+        language_attention=LANGUAGE_MODEL_ATTENTION,
+        text_config="text_config",
+    ),
 }
 
 

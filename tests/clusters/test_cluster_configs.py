@@ -583,9 +583,18 @@ def test_install_check_rejects_broken_setup(broken):
 
 
 @pytest.mark.parametrize(
-    "storage", ["s3://my-bucket/mcl-sweeps", "gs://my-bucket/x", "mcl_sweeps", "/tmp/mcl-sweeps",
-                "/mnt/mclx/sweeps", "/mnt/mcl/../tmp/sweeps", "", None],
-)  # fmt: skip
+    "storage",
+    [
+        "s3://my-bucket/mcl-sweeps",
+        "gs://my-bucket/x",
+        "mcl_sweeps",
+        "/tmp/mcl-sweeps",
+        "/mnt/mclx/sweeps",
+        "/mnt/mcl/../tmp/sweeps",
+        "",
+        None,
+    ],
+)
 def test_storage_check_rejects_uris_and_folders_off_the_mount(storage):
     assert storage_problems(storage, "x")
 

@@ -41,11 +41,13 @@ class _TwoPhase(Method):
             Phase("grads", evaluate=False, optimize=False, epochs=1, lr=0.5),
         ]
 
-    def training_data(self, phase, task_index, tasks, driver_state, *, epochs, global_batch, seed):
-        seen = dict(driver_state or {})
-        samples = tasks[task_index].train[:16]
-        seen[f"{task_index}:{phase.name}"] = len(samples) * epochs
-        rows = training_order(samples, epochs=epochs, global_batch=global_batch, seed=seed)
+    def training_data(self, request):
+        seen = dict(request.driver_state or {})
+        samples = request.task.train[:16]
+        seen[f"{request.task_index}:{request.phase.name}"] = len(samples) * request.epochs
+        rows = training_order(
+            samples, epochs=request.epochs, global_batch=request.global_batch, seed=request.seed
+        )
         return TrainingData(rows, driver_state=seen)
 
     def setup_model(self, model, ctx):

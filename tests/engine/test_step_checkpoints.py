@@ -38,14 +38,25 @@ def stream_root(tmp_path_factory):
 
 def _command(root: Path, out: Path, name: str, zero_stage: int, *extra: str) -> list[str]:
     return [
-        sys.executable, str(REPO / "jobs" / "run_stream.py"), *extra,
-        f"stream.root={root}", "stream.options.train_per_task=48", "stream.options.test_per_task=8",
+        sys.executable,
+        str(REPO / "jobs" / "run_stream.py"),
+        *extra,
+        f"stream.root={root}",
+        "stream.options.train_per_task=48",
+        "stream.options.test_per_task=8",
         "stream.options.tasks=[aerial,underwater]",
-        "train.epochs=4", f"train.checkpoint_every_steps={EVERY}", "train.log_every=3",
-        "eval.max_new_tokens=2", f"scaling.zero_stage={zero_stage}", "scaling.zero3_param_persistence_threshold=0",
-        "scaling.max_failures=1", "scaling.ray_num_cpus=4",
-        f"tracking.uri=sqlite:///{out}/mlflow.db", f"tracking.output_dir={out}", f"tracking.run_name={name}",
-    ]  # fmt: skip
+        "train.epochs=4",
+        f"train.checkpoint_every_steps={EVERY}",
+        "train.log_every=3",
+        "eval.max_new_tokens=2",
+        f"scaling.zero_stage={zero_stage}",
+        "scaling.zero3_param_persistence_threshold=0",
+        "scaling.max_failures=1",
+        "scaling.ray_num_cpus=4",
+        f"tracking.uri=sqlite:///{out}/mlflow.db",
+        f"tracking.output_dir={out}",
+        f"tracking.run_name={name}",
+    ]
 
 
 def _registered_step(storage: Path, phase_key: str) -> bool:

@@ -155,9 +155,19 @@ def test_extract_math_answer(prediction, expected):
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("3", 3.0), ("-2.5", -2.5), ("1,000", 1000.0), ("3/4", 0.75), ("\\frac{3}{4}", 0.75), ("50%", 50.0),
-     ("$5", 5.0), ("x", None), ("2007, 2008", None), ("1/0", None)],
-)  # fmt: skip
+    [
+        ("3", 3.0),
+        ("-2.5", -2.5),
+        ("1,000", 1000.0),
+        ("3/4", 0.75),
+        ("\\frac{3}{4}", 0.75),
+        ("50%", 50.0),
+        ("$5", 5.0),
+        ("x", None),
+        ("2007, 2008", None),
+        ("1/0", None),
+    ],
+)
 def test_parse_number(text, value):
     assert parse_number(text) == value
 
@@ -274,8 +284,10 @@ def test_token_f1(prediction, answer, expected):
 
 def test_parse_boxes_and_iou():
     assert parse_boxes("a [1, 2, 3, 4] and [[5,6.5,7,8], [0, 0, 1e1, 10]]") == [
-        (1, 2, 3, 4), (5, 6.5, 7, 8), (0, 0, 10, 10),
-    ]  # fmt: skip
+        (1, 2, 3, 4),
+        (5, 6.5, 7, 8),
+        (0, 0, 10, 10),
+    ]
     assert parse_boxes("[1, 2, 3] [1, 2, 3, 4, 5]") == []
     assert box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(1 / 3)
     assert box_iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0

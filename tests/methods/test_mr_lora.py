@@ -20,7 +20,7 @@ from mcl.config import LoraConfig, load_config
 from mcl.data import IGNORE_INDEX, Preprocessor, collate, rows_to_batch, sample_row
 from mcl.errors import ConfigError
 from mcl.evaluation.metrics import bwt, mfn
-from mcl.methods_api import Phase, TaskContext, build_method
+from mcl.methods_api import Phase, TaskContext, TrainingRequest, build_method
 from mcl.run import prepare_run, run_stream_locally
 from mcl.streams import build_stream
 
@@ -104,11 +104,15 @@ def test_router_rows_are_fixed_samples_of_every_seen_task(small_root):
     chosen = {}
     for t in range(3):
         train = method.training_data(
-            Phase("train"), t, stream.tasks, state, epochs=1, global_batch=16, seed=100 + t
+            TrainingRequest(Phase("train"), t, stream.tasks, state, epochs=1, global_batch=16, seed=100 + t)
         )
         assert {r["task"] for r in train.rows} == {stream.task_names[t]} and train.driver_state is None
-        data = method.training_data(router, t, stream.tasks, state, epochs=2, global_batch=16, seed=100 + t)
-        again = method.training_data(router, t, stream.tasks, state, epochs=2, global_batch=16, seed=100 + t)
+        data = method.training_data(
+            TrainingRequest(router, t, stream.tasks, state, epochs=2, global_batch=16, seed=100 + t)
+        )
+        again = method.training_data(
+            TrainingRequest(router, t, stream.tasks, state, epochs=2, global_batch=16, seed=100 + t)
+        )
         assert data.rows == again.rows  # deterministic
         state = data.driver_state
         epoch0 = [r for r in data.rows if r["epoch"] == 0]
@@ -135,7 +139,9 @@ def test_router_prompt_from_an_eval_batch_matches_the_router_training_rows(small
 
     stream = build_stream("generated", small_root, SMALL)
     method = build_method("mr_lora", {"router_samples_per_task": 2})
-    data = method.training_data(method.phases(3)[1], 3, stream.tasks, None, epochs=1, global_batch=8, seed=0)
+    data = method.training_data(
+        TrainingRequest(method.phases(3)[1], 3, stream.tasks, None, epochs=1, global_batch=8, seed=0)
+    )
     rows = data.rows
     originals = {(s.task, s.id): s for t in stream.tasks for s in t.train}
     plain = [sample_row(originals[(r["task"], r["id"])]) for r in rows]

@@ -21,7 +21,14 @@ import torch
 
 from mcl.config import load_config
 from mcl.errors import ConfigError
-from mcl.methods_api import DRIVER_STATE_FILE, Phase, TaskContext, build_method, load_driver_state
+from mcl.methods_api import (
+    DRIVER_STATE_FILE,
+    Phase,
+    TaskContext,
+    TrainingRequest,
+    build_method,
+    load_driver_state,
+)
 from methods.quad import TEACHER
 
 TRAIN_PER_TASK = 24
@@ -77,7 +84,7 @@ def _config(root: Path, out: Path, *overrides: str):
 
 def _data(method, task_index, tasks, state, *, epochs=1, batch=8):
     return method.training_data(
-        Phase(), task_index, tasks, state, epochs=epochs, global_batch=batch, seed=task_index
+        TrainingRequest(Phase(), task_index, tasks, state, epochs=epochs, global_batch=batch, seed=task_index)
     )
 
 
@@ -97,9 +104,9 @@ def _assert_no_images(state: dict, tasks) -> None:
     [
         ({"replay_ratio": 1.0}, r"replay_ratio must be in \[0, 1\)"),
         ({"distill_weight": 1.5}, r"distill_weight must be in \[0, 1\]"),
-        ({"distill_weight": "high"}, "distill_weight must be a number"),
+        ({"distill_weight": "high"}, r"method\.params\.distill_weight: must be a number, got .high."),
         ({"questions_per_task": -2}, "questions_per_task must be >= 0"),
-        ({"questions_per_task": 1.5}, "questions_per_task must be an integer"),
+        ({"questions_per_task": 1.5}, r"method\.params\.questions_per_task: must be an integer, got 1\.5"),
     ],
 )
 def test_params_are_validated_naming_the_field(params, message):
@@ -159,7 +166,7 @@ def _batch(prep, rows):
 
 
 def test_qr_and_acd_are_zero_when_task_two_starts_and_positive_later(two_task_run, tasks):
-    from mcl.adapters import ADAPTER_DIR, load_lora
+    from mcl.adapters import ADAPTER_DIR, load_lora, using_adapter
     from mcl.models import load_model_and_processor
 
     prep, run = two_task_run
@@ -192,7 +199,7 @@ def test_qr_and_acd_are_zero_when_task_two_starts_and_positive_later(two_task_ru
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
         expected = reference(**inputs).logits
-        with method._teacher_active(model):
+        with using_adapter(model, TEACHER):
             teacher_logits = model(**inputs).logits
     assert torch.allclose(teacher_logits, expected, atol=1e-5)
 
@@ -207,7 +214,7 @@ def test_qr_and_acd_are_zero_when_task_two_starts_and_positive_later(two_task_ru
     terms = method.distillation_terms(model, batch, model(**inputs))
     assert terms["qr"].item() > 1e-4 and terms["acd"].item() > 1e-6, terms
     assert terms["qr"].requires_grad and terms["acd"].requires_grad  # they train the student
-    with torch.no_grad(), method._teacher_active(model):
+    with torch.no_grad(), using_adapter(model, TEACHER):
         assert torch.allclose(model(**inputs).logits, expected, atol=1e-5)
 
 

@@ -20,7 +20,7 @@ import pytest
 
 from mcl.config import load_config
 from mcl.errors import ConfigError
-from mcl.methods_api import DRIVER_STATE_FILE, Phase, build_method, load_driver_state
+from mcl.methods_api import DRIVER_STATE_FILE, Phase, TrainingRequest, build_method, load_driver_state
 from methods.replay import BUFFER_ROW_KEYS, reservoir_sample
 
 TRAIN_PER_TASK = 24
@@ -65,7 +65,9 @@ def _config(root: Path, out: Path, *overrides: str):
 
 def _data(method, task_index, tasks, state, *, seed=0, epochs=1, batch=8):
     return method.training_data(
-        Phase(), task_index, tasks, state, epochs=epochs, global_batch=batch, seed=seed + task_index
+        TrainingRequest(
+            Phase(), task_index, tasks, state, epochs=epochs, global_batch=batch, seed=seed + task_index
+        )
     )
 
 
@@ -74,9 +76,9 @@ def _data(method, task_index, tasks, state, *, seed=0, epochs=1, batch=8):
     [
         ({"replay_ratio": 1.0}, r"replay_ratio must be in \[0, 1\)"),
         ({"replay_ratio": -0.1}, r"replay_ratio must be in \[0, 1\)"),
-        ({"replay_ratio": "half"}, "replay_ratio must be a number"),
+        ({"replay_ratio": "half"}, r"method\.params\.replay_ratio: must be a number, got .half."),
         ({"buffer_per_task": -1}, "buffer_per_task must be >= 0"),
-        ({"buffer_per_task": 2.5}, "buffer_per_task must be an integer"),
+        ({"buffer_per_task": 2.5}, r"method\.params\.buffer_per_task: must be an integer, got 2\.5"),
     ],
 )
 def test_params_are_validated_naming_the_field(params, message):
@@ -116,7 +118,7 @@ def test_buffer_holds_the_configured_count_per_finished_task(tasks):
     assert len(second) == 10 and {r["task"] for r in second[5:]} == {tasks[1].name}
     assert (
         build_method("replay", {"buffer_per_task": 0})
-        .training_data(Phase(), 0, tasks, None, epochs=1, global_batch=8, seed=0)
+        .training_data(TrainingRequest(Phase(), 0, tasks, None, epochs=1, global_batch=8, seed=0))
         .driver_state["buffer"]
         == []
     )

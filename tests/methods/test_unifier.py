@@ -94,11 +94,13 @@ def test_scenarios_default_to_task_names_and_map_repeated_tasks_by_prefix():
 # -- other vision architectures ------------------------------------------------------------------------------
 
 
-def _check_branches_on(model: nn.Module, run_tower, expected_blocks: int) -> None:
+def _check_branches_on(model: nn.Module, run_tower, expected_blocks: int, vision_module: str = "") -> None:
     """Zero up-projections leave the tower's output unchanged; a trained branch changes it."""
     with torch.no_grad():
         before = run_tower()
-    added = attach_branches(model, num_branches=3, bottleneck=4, activation="gelu", seed=0)
+    added = attach_branches(
+        model, num_branches=3, bottleneck=4, activation="gelu", seed=0, vision_module=vision_module
+    )
     assert len(added) == expected_blocks == len(branch_modules(model))
     with torch.no_grad():
         after = run_tower()
@@ -128,13 +130,22 @@ def test_branches_on_a_siglip_vision_tower():
         image_size=16,
         patch_size=4,
     )
-    model = nn.Module()  # a VLM holds its SigLIP encoder as `vision_tower` (LLaVA-OneVision, PaliGemma, ...)
+    # A VLM of no known family holding its SigLIP encoder as `vision_tower` (LLaVA-OneVision, PaliGemma, ...):
+    # the tower is named by method.params.vision_module, its blocks' MLPs are found by their usual names.
+    model = nn.Module()
     model.vision_tower = SiglipVisionModel(config).eval()
     pixels = torch.randn(2, 3, 16, 16)
-    _, blocks = find_vision_blocks(model)
+    with pytest.raises(ConfigError, match=r"method.params.vision_module: .*model type None"):
+        find_vision_blocks(model)
+    _, blocks = find_vision_blocks(model, "vision_tower")
     assert [b.key for b in blocks] == ["encoder.layers.0", "encoder.layers.1"]
     assert {b.hidden for b in blocks} == {24}
-    _check_branches_on(model, lambda: model.vision_tower(pixel_values=pixels).last_hidden_state, 2)
+    _check_branches_on(
+        model,
+        lambda: model.vision_tower(pixel_values=pixels).last_hidden_state,
+        2,
+        vision_module="vision_tower",
+    )
 
 
 def test_branches_on_a_qwen2_5_vl_vision_tower_with_packed_2d_tokens():

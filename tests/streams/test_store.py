@@ -252,12 +252,12 @@ def test_json_list_reader_says_what_a_non_list_is(tmp_path: Path, small_chunks) 
 def test_json_lines_reader_streams_rows_with_their_line_numbers(tmp_path: Path) -> None:
     path = tmp_path / "rows.jsonl"
     path.write_text('{"a": 1}\n\n{"b": "\u2028"}\r\n{"c": 3}', encoding="utf-8")
-    assert list(formats._iter_json_lines(path)) == [
+    assert list(formats.iter_json_lines(path)) == [
         ("row 0 (line 1)", {"a": 1}),
         ("row 1 (line 3)", {"b": "\u2028"}),
         ("row 2 (line 4)", {"c": 3}),
     ]
-    assert list(formats._iter_json_rows(path)) == list(formats._iter_json_lines(path))
+    assert list(formats._iter_json_rows(path)) == list(formats.iter_json_lines(path))
     path.write_text('{"a": 1}\n{"a": \n', encoding="utf-8")
     with pytest.raises(DataError, match="malformed JSON Lines at line 2, column 7"):
-        list(formats._iter_json_lines(path))
+        list(formats.iter_json_lines(path))

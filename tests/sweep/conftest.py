@@ -57,17 +57,29 @@ def ray_cluster(tmp_path_factory) -> Cluster:
     # Short: Ray's unix sockets live under it and socket paths are limited to ~107 characters.
     temps = [tempfile.mkdtemp(prefix="mclray-", dir="/tmp") for _ in range(2)]
     ports = lambda: [  # noqa: E731
-        f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}", f"--node-manager-port={free_port()}",
-        f"--object-manager-port={free_port()}", "--disable-usage-stats", "--num-cpus=3",
-    ]  # fmt: skip
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}",
+        "--disable-usage-stats",
+        "--num-cpus=3",
+    ]
     cluster = Cluster(env, f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", temps)
     try:
         _start_node(
-            ["--head", f"--port={gcs}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
-             f"--temp-dir={temps[0]}", f"--ray-client-server-port={free_port()}", *ports()],
-            env, cwd,
-        )  # fmt: skip
+            [
+                "--head",
+                f"--port={gcs}",
+                f"--dashboard-port={dashboard}",
+                "--dashboard-host=127.0.0.1",
+                f"--temp-dir={temps[0]}",
+                f"--ray-client-server-port={free_port()}",
+                *ports(),
+            ],
+            env,
+            cwd,
+        )
         # A second node joins the head's session (its temp dir is the head's); own ports.
         _start_node([f"--address={cluster.gcs_address}", *ports()], env, cwd)
         yield cluster
@@ -121,11 +133,26 @@ def mlflow_process(tmp_path_factory) -> MlflowServer:
     # Without MLflow's job runner (eight more processes, for GenAI jobs that mcl does not use).
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
-         "--workers", "1"],
-        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root}/mlflow.db",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        cwd=root,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         yield MlflowServer(f"http://127.0.0.1:{port}", root, proc)
     finally:

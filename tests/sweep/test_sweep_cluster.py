@@ -251,8 +251,15 @@ def test_mlflow_ui_lists_the_sweep_runs(resumed_sweep):
     artifacts = Path(os.environ.get("MCL_TEST_ARTIFACTS", REPO / "test-artifacts"))
     artifacts.mkdir(parents=True, exist_ok=True)
     shot = artifacts / "mlflow_ui_experiment.png"
-    base = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-            "--window-size=1600,1000", "--virtual-time-budget=20000"]  # fmt: skip
+    base = [
+        chromium,
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1600,1000",
+        "--virtual-time-budget=20000",
+    ]
     dom = subprocess.run([*base, "--dump-dom", page], capture_output=True, text=True, timeout=180)
     assert dom.returncode == 0, dom.stderr[-3000:]
     # The sweep run is a row of the table (its trials are nested under it, collapsed). The exact cell text,
@@ -292,10 +299,24 @@ def _train_worker_processes() -> int:
 def _alive_train_workers(cluster) -> list[dict]:
     """This cluster's live Ray Train workers, through the state API (`ray list actors`)."""
     out = subprocess.run(
-        [str(Path(sys.executable).parent / "ray"), "list", "actors", "--address", cluster.dashboard,
-         "-f", "class_name=RayTrainWorker", "-f", "state=ALIVE", "--format", "json"],
-        env=cluster.env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            str(Path(sys.executable).parent / "ray"),
+            "list",
+            "actors",
+            "--address",
+            cluster.dashboard,
+            "-f",
+            "class_name=RayTrainWorker",
+            "-f",
+            "state=ALIVE",
+            "--format",
+            "json",
+        ],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     try:
         return json.loads(out.stdout) if out.returncode == 0 else []
     except json.JSONDecodeError:
@@ -311,10 +332,15 @@ def test_killed_train_worker_is_retried_and_gives_the_same_matrix(resumed_sweep,
     trial_dir = resumed_sweep.storage / SWEEP / "trials" / "sequential_lora-generated-s0"
     reference = RunDir(trial_dir).read_trial_done()["matrix"]
     cmd = [
-        sys.executable, str(REPO / "jobs" / "run_stream.py"), "--config", str(trial_dir / "config.yaml"),
-        "tracking.run_name=worker-kill", f"tracking.output_dir={tmp_path}", f"tracking.uri=sqlite:///{tmp_path}/m.db",
+        sys.executable,
+        str(REPO / "jobs" / "run_stream.py"),
+        "--config",
+        str(trial_dir / "config.yaml"),
+        "tracking.run_name=worker-kill",
+        f"tracking.output_dir={tmp_path}",
+        f"tracking.uri=sqlite:///{tmp_path}/m.db",
         "scaling.max_failures=1",
-    ]  # fmt: skip
+    ]
     env = {**ray_cluster.env, "RAY_ADDRESS": ray_cluster.gcs_address}
     proc = subprocess.Popen(
         cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -381,17 +407,34 @@ def test_job_submit_runs_the_edited_working_copy_on_both_nodes(ray_cluster, tmp_
     assert anchor in source
     trainable_py.write_text(source.replace(anchor, anchor + '    print("EDITED-WORKING-COPY", flush=True)\n'))
     config = _sweep_yaml(
-        copy / "submit.yaml", tmp_path / "data", tmp_path / "storage", f"sqlite:///{tmp_path}/mlflow.db",
-        name="submit", methods=["sequential_lora"], seeds=[0, 1], register_models=False,
-    )  # fmt: skip
+        copy / "submit.yaml",
+        tmp_path / "data",
+        tmp_path / "storage",
+        f"sqlite:///{tmp_path}/mlflow.db",
+        name="submit",
+        methods=["sequential_lora"],
+        seeds=[0, 1],
+        register_models=False,
+    )
     data = yaml.safe_load(config.read_text())
     data["overrides"]["stream.options"]["tasks"] = ["aerial"]
     config.write_text(yaml.safe_dump(data))
     cmd = [
-        str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_cluster.dashboard,
-        "--submission-id", "mcl-two-nodes", "--working-dir", ".", "--", "python", "jobs/sweep.py", "--config",
+        str(Path(sys.executable).parent / "ray"),
+        "job",
+        "submit",
+        "--address",
+        ray_cluster.dashboard,
+        "--submission-id",
+        "mcl-two-nodes",
+        "--working-dir",
+        ".",
+        "--",
+        "python",
+        "jobs/sweep.py",
+        "--config",
         "submit.yaml",
-    ]  # fmt: skip
+    ]
     proc = subprocess.run(cmd, cwd=copy, env=ray_cluster.env, capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
@@ -401,15 +444,31 @@ def test_job_submit_runs_the_edited_working_copy_on_both_nodes(ray_cluster, tmp_
     assert "EDITED-WORKING-COPY" in out  # the trials ran the edited code
     assert "2/2 trials done" in out
     listing = subprocess.run(
-        [str(Path(sys.executable).parent / "ray"), "list", "actors", "--address", ray_cluster.dashboard,
-         "--limit", "1000", "--format", "json", "--detail"],
-        env=ray_cluster.env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            str(Path(sys.executable).parent / "ray"),
+            "list",
+            "actors",
+            "--address",
+            ray_cluster.dashboard,
+            "--limit",
+            "1000",
+            "--format",
+            "json",
+            "--detail",
+        ],
+        env=ray_cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert listing.returncode == 0, listing.stderr[-3000:]
     jobs = subprocess.run(
         [str(Path(sys.executable).parent / "ray"), "job", "list", "--address", ray_cluster.dashboard],
-        env=ray_cluster.env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        env=ray_cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     listed = jobs.stdout + jobs.stderr  # `ray job list` logs its answer
     job_id = re.search(r"job_id='([0-9a-f]+)', submission_id='mcl-two-nodes'", listed)
     assert job_id, listed[-3000:]

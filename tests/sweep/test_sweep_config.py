@@ -56,8 +56,11 @@ def test_grid_axes_multiply_and_values_reach_the_trial_config():
     assert len(trials) == 4 + 8
     ewc = [t for t in trials if t.method == "ewc"]
     assert {(t.config["train"]["lr"], t.config["method"]["params"]["ewc_lambda"]) for t in ewc} == {
-        (0.001, 100.0), (0.001, 1000.0), (0.003, 100.0), (0.003, 1000.0),
-    }  # fmt: skip
+        (0.001, 100.0),
+        (0.001, 1000.0),
+        (0.003, 100.0),
+        (0.003, 1000.0),
+    }
     assert all("lr=" in t.label for t in trials)
     # The seed is not part of the label: the leaderboard averages seeds of one configuration.
     assert len({t.label for t in ewc}) == 4

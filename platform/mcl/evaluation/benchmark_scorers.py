@@ -371,9 +371,19 @@ _CONTRACTIONS = {
 }
 _CONTRACTIONS["somebody'd"] = "somebodyd"  # sic: the official table maps this one backwards
 _NUMBER_WORDS = {
-    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
-    "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
-}  # fmt: skip
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
 _VQA_ARTICLES = frozenset({"a", "an", "the"})
 _VQA_PUNCT = tuple(';/[]"{}()=+\\_-><@`,?!')  # the official list, in its order
 _VQA_DIGIT_COMMA = re.compile(r"(\d)(,)(\d)")

@@ -12,7 +12,7 @@ from typing import Any
 
 from mcl.config import ExperimentConfig
 from mcl.data import SampleRows
-from mcl.methods_api import Phase, TrainingData
+from mcl.methods_api import Phase, TrainingData, TrainingRequest
 from mcl.run.prepare import PreparedRun
 from mcl.run.rundir import RunDir, phase_folder_name, read_driver_state
 from mcl.streams.store import ChainedSamples
@@ -44,7 +44,7 @@ def phase_training_data(
     """The global order of training rows of one phase (every epoch, padded to whole global batches): what
     the workers of that phase train on, before sharding. Chosen by the method."""
     cfg = phase_config(prep.config, phase)
-    data = prep.method.training_data(
+    request = TrainingRequest(
         phase,
         task_index,
         prep.stream.tasks,
@@ -53,6 +53,7 @@ def phase_training_data(
         global_batch=cfg.train.batch_size,
         seed=cfg.train.seed + task_index,
     )
+    data = prep.method.training_data(request)
     if not data.rows or len(data.rows) % cfg.train.batch_size:
         raise RuntimeError(
             f"method {cfg.method.name!r} gave {len(data.rows)} training rows for phase {phase.name!r} of task "

@@ -151,7 +151,7 @@ def read_mllmcl_test(
         obj = _require_object(row, where)
         sample_id = _require_id(obj, "question_id", where)
         image = _resolve_image(obj, root, path, where, sample_id, image_resolver)
-        question = _strip_placeholder(_require_str(obj, "text", where))
+        question = strip_placeholder(_require_str(obj, "text", where))
         answer_field, answer = _test_answer(obj, where, answer_fields, flexible_answers)
         return Sample(
             id=sample_id,
@@ -357,10 +357,10 @@ def _iter_json_rows(path: Path) -> Iterator[_Row]:
     with _open_text(path) as handle:
         head = handle.read(_CHUNK)
         is_list = head.lstrip().startswith("[")
-    yield from _iter_json_list(path) if is_list else _iter_json_lines(path)
+    yield from _iter_json_list(path) if is_list else iter_json_lines(path)
 
 
-def _iter_json_lines(path: Path) -> Iterator[_Row]:
+def iter_json_lines(path: Path) -> Iterator[_Row]:
     """The rows of a JSON Lines file, one line at a time (blank lines skipped); each labelled by its index and
     line number."""
     with _open_text(path) as handle:
@@ -522,7 +522,7 @@ def _require_id(obj: dict[str, Any], field: str, where: str) -> str:
     return _require_str(obj, field, where)
 
 
-def _strip_placeholder(text: str) -> str:
+def strip_placeholder(text: str) -> str:
     """``text`` without ``<image>`` placeholders and the whitespace around them."""
     return _PLACEHOLDER.sub(" ", text).strip()
 
@@ -537,7 +537,7 @@ def _first_exchange(obj: dict[str, Any], where: str) -> tuple[str, str]:
     for index, turn in enumerate(turns):
         if _turn_role(turn, index, where) != "human":
             continue
-        question = _strip_placeholder(_require_str(turn, "value", f"{where}: conversations[{index}]"))
+        question = strip_placeholder(_require_str(turn, "value", f"{where}: conversations[{index}]"))
         if index + 1 >= len(turns):
             raise SampleError(
                 f"{where}: field 'conversations' has no 'gpt' turn after the first 'human' turn"

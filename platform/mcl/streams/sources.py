@@ -44,12 +44,12 @@ from mcl.errors import ConfigError, DataError, SampleError
 from mcl.streams.formats import (
     AnswerTypeRule,
     ImageResolver,
-    _iter_json_lines,
-    _strip_placeholder,
     answer_text,
+    iter_json_lines,
     read_llava_conversations,
     read_mllmcl_test,
     safe_image_path,
+    strip_placeholder,
 )
 from mcl.streams.registry import Stream, TaskData, problem_handler
 from mcl.streams.samples import Sample
@@ -511,7 +511,7 @@ def _export_rows(opts: StreamOptions, root: Path) -> Iterator[tuple[str, Path, s
         raise DataError(f"stream {opts.stream!r}: no *{suffix} files in {local} (option 'path')")
     for file in files:
         if opts.source == "jsonl":
-            for label, row in _iter_json_lines(file):
+            for label, row in iter_json_lines(file):
                 yield f"{file}: {label}", file, None, row
         else:
             for index, row in enumerate(_read_parquet(file, opts.stream)):
@@ -631,7 +631,7 @@ def _export_sample(
     row: Mapping[str, Any], label: str, file: Path, task: TaskSpec, resolver: ImageResolver, cache: ImageCache
 ) -> Sample:
     sample_id = _column_str(row, "id", label)
-    question = _strip_placeholder(_column_str(row, "question", label))
+    question = strip_placeholder(_column_str(row, "question", label))
     answer = answer_text(row.get("answer"), label, "answer", present=row.get("answer") is not None)
     answer_type = row.get("answer_type") or task.answer_type
     if not isinstance(answer_type, str):

@@ -8,6 +8,7 @@ iterables of preprocessed numpy batches either way.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -118,7 +119,7 @@ class PhaseRecipe:
     def evaluate_baseline(self, batches: Batches) -> None:
         """Accuracy of the untrained model on every task (rank 0; None elsewhere)."""
         self.say(f"{self.tag} evaluating the untrained model on all tasks (baseline for forward transfer)")
-        records = self.evaluator.predict(batches, self.ctx)
+        records = self.evaluator.predict(batches, dataclasses.replace(self.ctx, stage="baseline"))
         self.baseline = score_records(records, self.job.task_names) if self.rank == 0 else None
 
     # -- step checkpoints
