@@ -25,6 +25,10 @@ ahead of the fit and timed as ``datasets_s``. Evaluation runs in the full path (
 is not measured. The benchmark settings (BENCH_SETTINGS: 1 worker x 2 CPUs, 12 epochs, 8 test samples per
 task) are applied on top of the config; key=value overrides on the command line win over both.
 
+Step checkpoints (``--checkpoint-every N``, default 20; 0 skips it): the full path again with
+``train.checkpoint_every_steps=N``, in the same run; the job prints the step time with and without them and
+the cost of one checkpoint (every rank saves its part, Ray Train copies it into the run's storage).
+
 Then, unless ``--no-routing``: MR-LoRA's routed evaluation (one router pass + one mixed-adapter generate per
 batch) against evaluating with a single adapter and against running every expert on every batch, from
 ``jobs/benchmark_routing.py`` (MR-LoRA trained in-process on the config's stream first).
@@ -228,8 +232,35 @@ def full_path(prep: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     }
 
 
-def run_benchmark(prep: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Both paths on task 0 of ``prep``'s stream (the bare loop first, on a machine without Ray running)."""
+def with_step_checkpoints(prep: Any, every: int) -> Any:
+    """``prep`` with ``train.checkpoint_every_steps = every``."""
+    import dataclasses
+
+    cfg = prep.config
+    train = dataclasses.replace(cfg.train, checkpoint_every_steps=every)
+    return dataclasses.replace(prep, config=dataclasses.replace(cfg, train=train))
+
+
+def checkpoint_figures(full: dict[str, Any], with_ckpt: dict[str, Any], every: int) -> dict[str, Any]:
+    """Step time with step checkpoints every ``every`` steps against none, from two full-path runs."""
+    steps = full["steps"]
+    taken = (steps - 1) // every  # none after the last step: the phase's own folder is saved then
+    step_ms = 1000 * full["train_s"] / steps
+    step_ms_ckpt = 1000 * with_ckpt["train_s"] / steps
+    return {
+        "every": every,
+        "checkpoints": taken,
+        "step_ms": step_ms,
+        "step_ms_with_checkpoints": step_ms_ckpt,
+        "seconds_per_checkpoint": (with_ckpt["train_s"] - full["train_s"]) / taken if taken else float("nan"),
+        "steady_samples_per_s": with_ckpt["steady_samples_per_s"],
+        "slowdown": step_ms_ckpt / step_ms,
+    }
+
+
+def run_benchmark(prep: Any, log: Callable[[str], None] = print, checkpoint_every: int = 0) -> dict[str, Any]:
+    """Both paths on task 0 of ``prep``'s stream (the bare loop first, on a machine without Ray running);
+    with ``checkpoint_every``, the full path once more with step checkpoints."""
     from mcl.run import task_training_rows
 
     cfg = prep.config
@@ -244,6 +275,11 @@ def run_benchmark(prep: Any, log: Callable[[str], None] = print) -> dict[str, An
         )
     ratio = full["steady_samples_per_s"] / bare_decoding["steady_samples_per_s"]
     ratio_pretokenized = full["steady_samples_per_s"] / bare["steady_samples_per_s"]
+    checkpoints = None
+    if checkpoint_every:
+        log(f"full, with a step checkpoint every {checkpoint_every} steps")
+        with_ckpt = full_path(with_step_checkpoints(prep, checkpoint_every), log)
+        checkpoints = checkpoint_figures(full, with_ckpt, checkpoint_every)
     return {
         "settings": {
             "model": cfg.model.name,
@@ -273,6 +309,7 @@ def run_benchmark(prep: Any, log: Callable[[str], None] = print) -> dict[str, An
         "ratio_vs_pretokenized": ratio_pretokenized,
         "target_ratio": TARGET_RATIO,
         "meets_target": bool(ratio >= TARGET_RATIO),
+        "step_checkpoints": checkpoints,
     }
 
 
@@ -320,6 +357,14 @@ def format_report(fig: dict[str, Any]) -> str:
         f"  {'bare: model load + LoRA':62}{bare['model_load_s']:8.2f}",
         f"  {'bare: preprocessing up front':62}{bare['preprocess_s']:8.2f}",
     ]
+    ck = fig.get("step_checkpoints")
+    if ck:
+        lines += [
+            "",
+            f"step checkpoints every {ck['every']} steps ({ck['checkpoints']} in the phase), full path:",
+            f"  step time {ck['step_ms_with_checkpoints']:.1f} ms with, {ck['step_ms']:.1f} ms without "
+            f"(x{ck['slowdown']:.2f}); {ck['seconds_per_checkpoint']:.2f} s per checkpoint",
+        ]
     if s["host_load_1min_before"] is not None and s["host_load_1min_after"] is not None:
         lines.append(
             f"host load average (1 min): {s['host_load_1min_before']:.2f} before, "
@@ -364,6 +409,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-routing", action="store_true", help="skip the MR-LoRA routed-inference measurement"
     )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=20,
+        help="also time the full path with a step checkpoint every N steps (0: skip; default %(default)s)",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.batch_size=32")
     args = parser.parse_args(argv)
 
@@ -378,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     except MclError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    figures = run_benchmark(prep)
+    figures = run_benchmark(prep, checkpoint_every=args.checkpoint_every)
     print()
     print(format_report(figures))
     if not args.no_routing:

@@ -35,6 +35,8 @@ def test_benchmark_writes_rates_for_both_paths(tmp_path: Path, monkeypatch: pyte
             "eval.batch_size=2",
             f"tracking.output_dir={tmp_path / 'runs'}",
             "--no-routing",  # measured by tests/jobs/test_benchmark_routing.py
+            "--checkpoint-every",
+            "2",
             "--out",
             str(out),
         ]
@@ -54,5 +56,9 @@ def test_benchmark_writes_rates_for_both_paths(tmp_path: Path, monkeypatch: pyte
     assert isinstance(ratio, float) and math.isfinite(ratio) and ratio > 0
     # Same model, LoRA init and first batch: both paths start from the same loss.
     assert figures["full"]["first_loss"] == pytest.approx(figures["bare"]["first_loss"], rel=1e-4)
+    # The full path once more with a step checkpoint every 2 of its 6 steps (none after the last).
+    ckpt = figures["step_checkpoints"]
+    assert ckpt["every"] == 2 and ckpt["checkpoints"] == 2
+    assert ckpt["step_ms_with_checkpoints"] > 0 and math.isfinite(ckpt["seconds_per_checkpoint"])
     # The benchmark cleans up its Ray Train storage.
     assert not list((tmp_path / "runs").glob("benchmark-*"))
