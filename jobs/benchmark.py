@@ -67,6 +67,7 @@ def bare_loop(
     import torch
 
     from mcl.data import Preprocessor, collate, rows_to_batch
+    from mcl.logs import quiet_known_warnings
     from mcl.methods_api import TaskContext, build_method
     from mcl.models import load_model_and_processor
     from mcl.training import build_optimizer, model_inputs, per_sample_loss, seed_everything, to_device
@@ -76,6 +77,7 @@ def bare_loop(
     threads = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, cfg.model.dtype)
+    quiet_known_warnings()  # as mcl.training does
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -171,13 +173,14 @@ def full_path(prep: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train task 0 exactly as mcl.runner does (one TorchTrainer); return its figures."""
     import ray
 
-    from mcl.runner import PlannedPhase, _fit_name, _fit_phases, _init_ray, phase_job
+    from mcl.run.cluster import init_ray_for_run
+    from mcl.runner import PlannedPhase, _fit_name, _fit_phases, phase_job
     from mcl.training import TaskResult
 
     cfg = prep.config
     started = not ray.is_initialized()
     t0 = time.perf_counter()
-    _init_ray(cfg)
+    init_ray_for_run(cfg)
     ray_init_s = time.perf_counter() - t0
     storage = (
         Path(cfg.tracking.output_dir).resolve() / f"benchmark-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"

@@ -11,7 +11,6 @@ metrics and records everything in MLflow, task by task.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -28,8 +27,11 @@ from mcl.config import ExperimentConfig, save_config
 from mcl.data import Preprocessor, SampleRows, ray_dataset, shard
 from mcl.errors import ConfigError, DataError, UnknownNameError
 from mcl.evaluation.metrics import accuracy_matrix_json, cl_metrics, heatmap_png
+from mcl.logs import quiet_ray_worker_logs
 from mcl.methods_api import Method, Phase, TrainingData, build_method, load_driver_state
 from mcl.models import resolve_model_path
+from mcl.run.cluster import data_tasks_per_rank
+from mcl.run.cluster import init_ray_for_run as _init_ray
 from mcl.streams import Stream, build_stream
 from mcl.streams.check import DataReport, read_clean_stream
 from mcl.streams.formats import check_images
@@ -139,19 +141,11 @@ def _ray_stream_loop(loop_config: dict[str, Any]) -> None:
     worker failure Ray Train restarts the group and this function again: phases already published are skipped,
     so the run continues from the last finished phase with the same seeds.
     """
-    import logging
-
     import ray.train
     import ray.train.torch
     import torch.distributed as td
 
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # one line per dataset execution otherwise
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
-    # One "Reporting training result" line per phase and rank, from a logger Ray names by its file's path.
-    with contextlib.suppress(ImportError):
-        from ray.train.v2._internal.execution import context as train_context
-
-        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    quiet_ray_worker_logs()
     jobs = [TaskJob(**j) for j in loop_config["jobs"]]
     names: list[str] = loop_config["fit_names"]
     run_dir = Path(loop_config["run_dir"])
@@ -211,51 +205,6 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _init_ray(cfg: ExperimentConfig) -> None:
-    import ray
-
-    need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    if ray.is_initialized():
-        total = ray.cluster_resources().get("CPU", 0)
-        if total < need:
-            raise ConfigError(
-                f"scaling: {cfg.scaling.num_workers} workers x {cfg.scaling.cpus_per_worker} CPUs need {need} "
-                f"CPUs but the running Ray instance has {total:g}"
-            )
-        return
-    address = cfg.scaling.ray_address or os.environ.get("RAY_ADDRESS", "")
-    # Room for Ray Data's preprocessing tasks beside the workers on a local instance.
-    init_ray(address, cfg.scaling.ray_num_cpus or need + 2, cfg.scaling.use_gpu)
-
-
-def init_ray(address: str, num_cpus: int, use_gpu: bool) -> None:
-    """Connect to the Ray cluster at ``address`` (or start a local instance with ``num_cpus`` logical CPUs)
-    with mcl's runtime environment: the engine and methods being run are shipped to every worker."""
-    import ray
-
-    import mcl
-    import methods
-
-    env = {
-        "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-        "TRANSFORMERS_VERBOSITY": "error",
-        "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-        # Train V2 re-routes print() through its logger and tees it when stdout is wrapped: lines doubled.
-        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    }
-    if not use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"
-    # Ship the engine and methods being run (not a stale installed copy) to every worker.
-    py_modules = [str(Path(m.__file__).resolve().parent) for m in (mcl, methods)]
-    runtime_env = {"env_vars": env, "py_modules": py_modules}
-    if address:  # an existing cluster (also under `ray job submit`, which sets RAY_ADDRESS)
-        ray.init(address=address, runtime_env=runtime_env)
-    else:
-        # The dashboard stays on: Ray Train's placement-group cleaner polls the state API it serves.
-        ray.init(num_cpus=num_cpus, runtime_env=runtime_env)
-
-
 def phase_config(cfg: ExperimentConfig, phase: Phase) -> ExperimentConfig:
     """The experiment config a phase trains with (its own epochs and learning rate, when it sets them)."""
     changes = {k: v for k, v in (("epochs", phase.epochs), ("lr", phase.lr)) if v is not None}
@@ -306,16 +255,19 @@ def _phase_datasets(prep: PreparedRun, phases: list[PlannedPhase]) -> dict[str, 
     micro = cfg.train.batch_size // world
     trust = cfg.model.trust_remote_code
     train_pre = Preprocessor(prep.model_path, train=True, trust_remote_code=trust)
+    tasks = data_tasks_per_rank(cfg)
     datasets = {}
     for k, item in enumerate(phases):
         for rank in range(world):
-            datasets[f"p{k}_train_{rank}"] = ray_dataset(shard(item.rows, rank, world), train_pre, micro)
+            datasets[f"p{k}_train_{rank}"] = ray_dataset(
+                shard(item.rows, rank, world), train_pre, micro, tasks
+            )
     if any(item.job.evaluate for item in phases):
         eval_rows = _eval_rows(prep)
         eval_pre = Preprocessor(prep.model_path, train=False, trust_remote_code=trust)
         for rank in range(world):
             datasets[f"eval_{rank}"] = ray_dataset(
-                shard(eval_rows, rank, world), eval_pre, cfg.eval.batch_size
+                shard(eval_rows, rank, world), eval_pre, cfg.eval.batch_size, tasks
             )
     return datasets
 

@@ -608,7 +608,7 @@ def run_sweep(sweep: SweepConfig, log: Callable[[str], None] = print) -> SweepSu
     """Run (or resume) a sweep; returns the leaderboard records of its finished trials."""
     import ray
 
-    from mcl.runner import init_ray
+    from mcl.run.cluster import init_ray
     from mcl.tracking import Tracker, resolve_tracking_uri
 
     t_start = time.perf_counter()

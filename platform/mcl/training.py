@@ -24,6 +24,7 @@ import numpy as np
 
 from mcl.config import ExperimentConfig, config_from_dict
 from mcl.data import Preprocessor, collate, local_batches, shard
+from mcl.logs import quiet_known_warnings
 from mcl.methods_api import DRIVER_STATE_FILE, Method, TaskContext, build_method
 from mcl.worker.losses import per_sample_loss
 
@@ -355,6 +356,7 @@ def train_and_evaluate_task(
 
     from mcl.models import load_model_and_processor
 
+    quiet_known_warnings()  # library deprecation warnings raised while the model is wrapped and trained
     cfg = config_from_dict(job.config)
     rank, world = _dist()
     out = Path(out_dir)
