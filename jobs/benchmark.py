@@ -71,6 +71,7 @@ def bare_loop(
     import torch
 
     from mcl.data import Preprocessor, collate, rows_to_batch
+    from mcl.logs import quiet_known_warnings
     from mcl.methods_api import TaskContext, build_method
     from mcl.models import load_model_and_processor
     from mcl.worker.engine import build_optimizer, model_inputs, seed_everything, to_device
@@ -81,6 +82,7 @@ def bare_loop(
     threads = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, cfg.model.dtype)
+    quiet_known_warnings()  # as mcl.worker.recipe does
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -177,14 +179,14 @@ def full_path(prep: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     import ray
 
     from mcl.run import PlannedPhase, RunDir, phase_folder, phase_job
-    from mcl.run.cluster import init_ray_for
+    from mcl.run.cluster import init_ray_for_run
     from mcl.run.executors.ray_train import fit_phases
     from mcl.worker.job import TaskResult
 
     cfg = prep.config
     started = not ray.is_initialized()
     t0 = time.perf_counter()
-    init_ray_for(cfg)
+    init_ray_for_run(cfg)
     ray_init_s = time.perf_counter() - t0
     storage = (
         Path(cfg.tracking.output_dir).resolve() / f"benchmark-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"

@@ -302,8 +302,11 @@ def arrow_blocks(rows: Sequence[dict[str, Any]]) -> Iterator[Any]:
         yield pa.Table.from_pylist(list(rows[start : start + size]))
 
 
-def ray_dataset(rows: Sequence[dict[str, Any]], preprocess: Preprocessor, batch_size: int) -> Any:
-    """A Ray Dataset that decodes and preprocesses ``rows`` lazily, in order, in Ray Data tasks.
+def ray_dataset(
+    rows: Sequence[dict[str, Any]], preprocess: Preprocessor, batch_size: int, max_tasks: int | None = None
+) -> Any:
+    """A Ray Dataset that decodes and preprocesses ``rows`` lazily, in order, in Ray Data tasks (at most
+    ``max_tasks`` at once; by default as many as the free CPUs hold).
 
     The rows go to the object store a block at a time (an Arrow table per block), so the driver never
     holds them all as Python objects: a :class:`RowOrder` is materialised one block at a time.
@@ -311,11 +314,18 @@ def ray_dataset(rows: Sequence[dict[str, Any]], preprocess: Preprocessor, batch_
     import ray
     import ray.data
 
-    ds = ray.data.from_arrow_refs([ray.put(block) for block in arrow_blocks(rows)])
+    refs = [ray.put(block) for block in arrow_blocks(rows)]
+    ds = ray.data.from_arrow_refs(refs)
     # A quarter CPU per preprocessing task: light work, and it must fit beside Train workers that hold
     # whole CPUs on nodes where fractional reservations (e.g. a sweep's trial actors) leave < 1 CPU free.
+    # A cap above the block count would draw a warning from Ray Data (one task per block at most).
+    cap = min(max_tasks, len(refs)) if max_tasks else None
     return ds.map_batches(
-        preprocess, batch_size=max(batch_size, 64), batch_format="numpy", num_cpus=DATA_TASK_CPUS
+        preprocess,
+        batch_size=max(batch_size, 64),
+        batch_format="numpy",
+        num_cpus=DATA_TASK_CPUS,
+        compute=ray.data.TaskPoolStrategy(size=cap) if cap else None,
     )
 
 

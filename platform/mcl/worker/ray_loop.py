@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from mcl.logs import quiet_ray_worker_logs
 from mcl.run.rundir import RunDir
 from mcl.worker.engine import StepEngine
 from mcl.worker.job import TaskJob
@@ -49,7 +50,7 @@ def train_phases(loop_config: dict[str, Any]) -> None:
     ``folders`` (phase folder names), the ``run_dir`` and the ``micro_batch`` / ``eval_batch`` sizes."""
     import ray.train
 
-    _quiet_ray_logs()
+    quiet_ray_worker_logs()
     jobs = [TaskJob(**j) for j in loop_config["jobs"]]
     folders: list[str] = loop_config["folders"]
     run_dir = RunDir(loop_config["run_dir"])
@@ -112,19 +113,6 @@ def _from_rank0(value: Any) -> Any:
     if td.is_available() and td.is_initialized():
         td.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def _quiet_ray_logs() -> None:
-    import contextlib
-    import logging
-
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # one line per dataset execution otherwise
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
-    # One "Reporting training result" line per phase and rank, from a logger Ray names by its file's path.
-    with contextlib.suppress(ImportError):
-        from ray.train.v2._internal.execution import context as train_context
-
-        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
 def _release_memory() -> None:

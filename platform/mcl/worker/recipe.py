@@ -19,6 +19,7 @@ import numpy as np
 from mcl.config import config_from_dict
 from mcl.data import collate
 from mcl.evaluation.generation import GenerationEvaluator, score_records
+from mcl.logs import quiet_known_warnings
 from mcl.methods_api import TaskContext, build_method
 from mcl.run.rundir import PhaseDir
 from mcl.worker.checkpoint import should_checkpoint, skip_batches
@@ -332,6 +333,7 @@ def train_and_evaluate_task(
         log: Progress printer (rank 0 only).
         checkpoints: Step checkpoints to save during training and to resume from (None: neither).
     """
+    quiet_known_warnings()  # library deprecation warnings raised while the model is wrapped and trained
     recipe = PhaseRecipe(job, device, log)
     recipe.setup()
     resumed = checkpoints is not None and recipe.resume_from(checkpoints)

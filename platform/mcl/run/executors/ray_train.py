@@ -13,7 +13,7 @@ from typing import Any
 
 from mcl.data import Preprocessor, ray_dataset, shard
 from mcl.methods_api import Phase
-from mcl.run.cluster import init_ray_for
+from mcl.run.cluster import data_tasks_per_rank, init_ray_for_run
 from mcl.run.plan import PlannedPhase, eval_rows, plan_phases
 from mcl.run.prepare import PreparedRun
 from mcl.run.rundir import PhaseDir, RunDir
@@ -41,7 +41,7 @@ class RayTrainExecutor:
         if self.thread is not None:
             raise RuntimeError(f"phase {task_index}:{phase.name} is not in the running plan")
         self.run_dir.clear_abort()  # left by an attempt whose driver failed
-        init_ray_for(self.prep.config)
+        init_ray_for_run(self.prep.config)
         plan = plan_phases(self.prep, task_index, phase, previous, self.run_dir)
         for item in plan:  # an interrupted attempt's folders of these phases: trained again
             self.run_dir.clear_phase(item.folder)
@@ -146,15 +146,20 @@ def phase_datasets(prep: PreparedRun, phases: list[PlannedPhase]) -> dict[str, A
     micro = cfg.train.batch_size // world
     trust = cfg.model.trust_remote_code
     train_pre = Preprocessor(prep.model_path, train=True, trust_remote_code=trust)
+    tasks = data_tasks_per_rank(cfg)
     datasets = {}
     for k, item in enumerate(phases):
         for rank in range(world):
-            datasets[f"p{k}_train_{rank}"] = ray_dataset(shard(item.rows, rank, world), train_pre, micro)
+            datasets[f"p{k}_train_{rank}"] = ray_dataset(
+                shard(item.rows, rank, world), train_pre, micro, tasks
+            )
     if any(item.job.evaluate for item in phases):
         rows = eval_rows(prep)
         eval_pre = Preprocessor(prep.model_path, train=False, trust_remote_code=trust)
         for rank in range(world):
-            datasets[f"eval_{rank}"] = ray_dataset(shard(rows, rank, world), eval_pre, cfg.eval.batch_size)
+            datasets[f"eval_{rank}"] = ray_dataset(
+                shard(rows, rank, world), eval_pre, cfg.eval.batch_size, tasks
+            )
     return datasets
 
 
