@@ -216,4 +216,6 @@ def test_zero3_worker_killed_mid_phase_gives_the_uninterrupted_result(reference,
     assert code == 0 and done, (done, log[-5000:])
     assert 0 < _resumed_at(run_dir, "task01-underwater") < STEPS, log[-5000:]
     assert not (run_dir / "ray-train").exists(), "step checkpoints were written to the run folder"
+    kept = sorted(p.name for p in (tmp_path / "checkpoints" / "worker-killed").glob("step-*"))
+    assert len(kept) == 2 and kept[-1].startswith("step-1-train-"), kept  # train.keep_checkpoints (2)
     assert _outcome(run_dir) == reference(3)

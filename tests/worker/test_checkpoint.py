@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 import random
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -297,86 +296,3 @@ def test_two_ranks_zero2_partitions_round_trip(tmp_path):
         assert r["first"] + r["rest"] == r["full"]
         assert r["resumed_weights"] == r["full_weights"]
     assert results[0]["full_weights"] == results[1]["full_weights"]  # the ranks agree (data parallel)
-
-
-def _ray_loop(config: dict[str, Any]) -> None:
-    """A Ray Train worker: 8 toy ZeRO-2 steps, a step checkpoint every 2; rank 1 dies once after step 5."""
-    import ray.train
-    from ray.train import CheckpointConsistencyMode
-
-    from mcl.worker.checkpoint import report_step_checkpoint, restore_from_ray
-
-    rank = ray.train.get_context().get_world_rank()
-    out = Path(config["out"])
-    trainer = _toy_trainer(rank)
-    meta = restore_from_ray(trainer, "0:train")
-    losses = meta.client_state["losses"] if meta else []
-    for step in range(meta.step if meta else 0, 8):
-        losses.append(_toy_step(trainer, step, rank))
-        if config["fail"] and rank == 1 and step + 1 == 5 and not (out / "died").exists():
-            # Ray registers a checkpoint once its controller has polled every rank's report; a rank dying
-            # right after reporting can beat that poll (the run then resumes from the checkpoint before).
-            # Wait for the step-4 checkpoint to be committed so that this test knows where it resumes.
-            ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
-            (out / "died").write_text("")
-            os._exit(1)
-        if should_checkpoint(step + 1, 2, 8):
-            report_step_checkpoint(
-                {"loss": losses[-1]},
-                trainer,
-                step=step + 1,
-                phase_key="0:train",
-                client_state={"losses": losses},
-            )
-    result = {"start": meta.step if meta else 0, "losses": losses, "weights": _toy_weights(trainer)}
-    (out / f"result{rank}.json").write_text(json.dumps(result))
-
-
-@pytest.mark.slow
-def test_a_worker_killed_mid_phase_resumes_from_rays_checkpoint(tmp_path):
-    """Two Ray Train workers (ZeRO-2): rank 1 dies after step 5, Ray restarts the group, both ranks get the
-    merged step-4 checkpoint from ``get_checkpoint()`` and finish bit-identical to a run that never died;
-    ``num_to_keep=2`` leaves the last two step checkpoints."""
-    import ray
-    from ray import cloudpickle
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from mcl.run.cluster import init_ray
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the loop lives in this test module
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
-    init_ray("", 3, False)
-    results = {}
-    try:
-        for fail in (False, True):
-            out = tmp_path / ("killed" if fail else "straight")
-            out.mkdir()
-            TorchTrainer(
-                _ray_loop,
-                train_loop_config={"out": str(out), "fail": fail},
-                scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-                run_config=RunConfig(
-                    name="ray-train",
-                    storage_path=str(out),
-                    failure_config=FailureConfig(max_failures=1),
-                    checkpoint_config=CheckpointConfig(num_to_keep=2),
-                ),
-            ).fit()
-            results[fail] = [json.loads((out / f"result{r}.json").read_text()) for r in range(2)]
-    finally:
-        ray.shutdown()
-    assert (tmp_path / "killed" / "died").exists()
-    for straight, killed in zip(results[False], results[True], strict=True):
-        assert (straight["start"], killed["start"]) == (0, 4)
-        assert killed["losses"] == straight["losses"]
-        assert killed["weights"] == straight["weights"]
-    kept = sorted(p.name for p in (tmp_path / "killed" / "ray-train").glob("step-*"))
-    assert kept == ["step-0-train-0000004", "step-0-train-0000006"]
-    merged = tmp_path / "killed" / "ray-train" / "step-0-train-0000006"
-    assert {p.name for p in (merged / "deepspeed").iterdir()} >= {
-        "mp_rank_00_model_states.pt",
-        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
-    }
-    assert {"meta.json", "rng_rank00000.pt", "rng_rank00001.pt"} <= {p.name for p in merged.iterdir()}
