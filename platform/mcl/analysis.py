@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from mcl.evaluation.leaderboard import METRICS, Entry, leaderboard, to_csv_rows
 from mcl.evaluation.metrics import accuracy_matrix_json, cl_metrics
+from mcl.run.rundir import MATRIX_JSON
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from mlflow.entities import Run
 
 DEFAULT_EXPERIMENT = "mcl-sweeps"
-MATRIX_ARTIFACT = "accuracy_matrix.json"
+MATRIX_ARTIFACT = MATRIX_JSON  # a stream run logs its run folder's matrix file under its own name
 GroupBy = Literal["variant", "method"]
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mcl.config import ExperimentConfig
+from mcl.methods_api import Phase
 from mcl.run.executors import Executor, ExecutorFactory
 from mcl.run.executors.local import LocalExecutor
 from mcl.run.executors.ray_train import RayTrainExecutor
@@ -70,13 +71,8 @@ class StreamLoop:
         log: Callable[[str], None] = print,
         previous: str | None = None,
     ) -> None:
-        self.prep, self.executor, self.run_dir, self.recorder, self.log = (
-            prep,
-            executor,
-            run_dir,
-            recorder,
-            log,
-        )
+        self.prep, self.executor, self.run_dir = prep, executor, run_dir
+        self.recorder, self.log = recorder, log
         self.persist = progress is not None  # written to the run folder after every phase
         self.progress = progress if progress is not None else Progress()
         self.names = prep.stream.task_names
@@ -95,7 +91,7 @@ class StreamLoop:
             if on_task is not None:
                 on_task(t, self.names, self.table.matrix)
 
-    def _phases(self, t: int) -> list:
+    def _phases(self, t: int) -> list[Phase]:
         phases = self.prep.method.phases(t)
         if sum(p.evaluate for p in phases) != 1:
             raise RuntimeError(
@@ -142,7 +138,7 @@ class StreamLoop:
         accuracies = ", ".join(f"{n} {a:.1f}" for n, a in zip(self.names, row, strict=True))
         self.log(f"task {name} done in {wall:.1f}s: {accuracies}")
 
-    def _start_task_run(self, t: int, phases: list) -> str:
+    def _start_task_run(self, t: int, phases: list[Phase]) -> str:
         if self.recorder is None:
             return ""
         task_run = self.recorder.start_task(t, phases, self.progress.task_runs.get(str(t)))
@@ -150,7 +146,7 @@ class StreamLoop:
         self._save_progress()
         return task_run
 
-    def _phase(self, t: int, phase) -> PhaseDir:
+    def _phase(self, t: int, phase: Phase) -> PhaseDir:
         key = f"{t}:{phase.name}"
         if key in self.progress.phases:
             self.log(f"{phase_folder(self.prep, t, phase)}: reusing the checkpoint of an earlier attempt")

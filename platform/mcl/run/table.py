@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from mcl.evaluation.metrics import accuracy_matrix_json, cl_metrics
 from mcl.worker.job import TaskResult
@@ -27,7 +28,7 @@ class AccuracyTable:
     def metrics(self) -> dict[str, float]:
         return cl_metrics(self.matrix, self.baseline)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         """The table as ``accuracy_matrix.json`` holds it (tasks, matrix, baseline, metrics)."""
         data = accuracy_matrix_json(self.task_names, self.matrix)
         if self.baseline is not None:
