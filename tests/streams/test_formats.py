@@ -353,3 +353,19 @@ def test_check_images_reports_first_five_and_total(root: Path) -> None:
     message = str(info.value)
     assert all(f"'s{i}'" in message for i in range(5))
     assert "'s5'" not in message and "3 more" in message
+
+
+def test_many_images_are_checked_with_a_progress_bar(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mcl.streams import formats
+
+    paths = [str(_write_png(tmp_path / f"{i}.png")) for i in range(6)]
+    formats.image_problems(paths, workers=2)
+    assert "checking images" not in capsys.readouterr().err  # a few images: no bar
+    monkeypatch.setattr(formats, "PROGRESS_BAR_MIN_IMAGES", 5)
+    (tmp_path / "3.png").unlink()
+    problems = formats.image_problems(paths, workers=2)
+    assert list(problems) == [paths[3]] and problems[paths[3]][0] == "missing_image"
+    bar = capsys.readouterr().err
+    assert "checking images" in bar and "6/6" in bar

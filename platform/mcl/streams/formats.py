@@ -316,8 +316,22 @@ def image_problems(paths: Iterable[str], workers: int = 8) -> dict[str, tuple[st
     if not unique:
         return {}
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(unique)))) as pool:
-        found = dict(zip(unique, pool.map(_image_problem, unique), strict=True))
+        checked = pool.map(_image_problem, unique)
+        found = dict(zip(unique, _image_progress(checked, len(unique)), strict=True))
     return {path: problem for path, problem in found.items() if problem is not None}
+
+
+# Below this many images the check takes a second or two: no progress bar.
+PROGRESS_BAR_MIN_IMAGES = 2000
+
+
+def _image_progress(checked: Iterable[Any], total: int) -> Iterable[Any]:
+    """``checked`` with a progress bar on stderr when there are many images (a real stream has 10^5)."""
+    if total < PROGRESS_BAR_MIN_IMAGES:
+        return checked
+    from tqdm.auto import tqdm
+
+    return tqdm(checked, total=total, desc="checking images", unit="img", mininterval=2.0)
 
 
 def _image_problem(path: str) -> tuple[str, str] | None:
