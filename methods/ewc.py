@@ -224,7 +224,8 @@ class EWC(Method):
             if grad is None:  # no gradient reached it (unused): contributes zero
                 continue
             sq = global_batch * grad.detach().float().pow(2)
-            self._grad_sq[name] = self._grad_sq[name] + sq if name in self._grad_sq else sq
+            # .to(): sums restored from a step checkpoint come back on the CPU.
+            self._grad_sq[name] = self._grad_sq[name].to(sq.device) + sq if name in self._grad_sq else sq
         self._fisher_batches += 1
 
     def step_state(self, ctx: TaskContext) -> dict[str, Any] | None:

@@ -232,7 +232,8 @@ class Method:
         """What the method accumulates across the steps of a phase outside its parameters and the optimizer
         (e.g. sums of squared gradients), saved with every step checkpoint (``train.checkpoint_every_steps``)
         and given back to :meth:`load_step_state` when the phase resumes from one. Tensors and plain Python
-        values; this rank's own. Default: nothing."""
+        values; this rank's own. Tensors come back on the CPU: move them to the device where they are used.
+        Default: nothing."""
         return None
 
     def load_step_state(self, state: dict[str, Any], ctx: TaskContext) -> None:

@@ -141,9 +141,10 @@ class StreamLoop:
     def _start_task_run(self, t: int, phases: list[Phase]) -> str:
         if self.recorder is None:
             return ""
-        task_run = self.recorder.start_task(t, phases, self.progress.task_runs.get(str(t)))
+        task_run = self.recorder.start_task(t, self.progress.task_runs.get(str(t)))
         self.progress.task_runs[str(t)] = task_run
         self._save_progress()
+        self.recorder.log_task_params(task_run, t, phases)
         return task_run
 
     def _phase(self, t: int, phase: Phase) -> PhaseDir:
@@ -197,15 +198,17 @@ def run_experiment(
     recorder = RunRecorder(prep, tags, log)
     progress.run_id = recorder.open(progress, name, parent_run_id)
     run_dir.write_progress(progress)
-    loop = StreamLoop(prep, executor(prep, run_dir), run_dir, progress, recorder, log)
+    loop: StreamLoop | None = None
     try:
+        loop = StreamLoop(prep, executor(prep, run_dir), run_dir, progress, recorder, log)
         if not existing:
             recorder.log_setup(run_dir)
         loop.run(range(len(loop.names)), on_task)
         loop.executor.close()
-        recorder.finish(loop.table, run_dir, loop.previous, time.perf_counter() - t_start)
+        recorder.finish(loop.table, run_dir, loop.previous, t_start)
     except BaseException as exc:
-        loop.executor.abort()
+        if loop is not None:
+            loop.executor.abort()
         recorder.close_interrupted(exc)
         raise
     table = loop.table

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -85,9 +86,9 @@ class RunRecorder:
             self.tracker.log_metrics(self.run_id, prep.data_report.skipped_metrics())
             self.tracker.log_dict(self.run_id, prep.data_report.to_dict(), "data_report.json")
 
-    def finish(self, table: AccuracyTable, run_dir: RunDir, final_state: str | None, wall_s: float) -> None:
-        """Matrix, metrics, heatmap and final state on the stream run, which is closed FINISHED; nothing if
-        this attempt found the run already closed."""
+    def finish(self, table: AccuracyTable, run_dir: RunDir, final_state: str | None, t_start: float) -> None:
+        """Matrix, metrics, heatmap and final state on the stream run, which is closed FINISHED with its wall
+        time since ``t_start`` (``time.perf_counter()``); nothing if this attempt found the run closed."""
         if not self.open_runs:
             return
         tracker, run_id = self.tracker, self.run_id
@@ -99,13 +100,15 @@ class RunRecorder:
             tracker.log_artifact(run_id, png)
         if final_state:
             tracker.log_artifact(run_id, final_state, "final_state")
+        wall_s = time.perf_counter() - t_start
         tracker.log_metrics(run_id, {"wall_time_s": wall_s, **resource_hours(self.cfg, wall_s)})
         tracker.end_run(run_id)
         self.open_runs.remove(run_id)
 
     # -- tasks
-    def start_task(self, t: int, phases: list[Phase], stale_run: str | None) -> str:
-        """A nested run for task ``t`` (replacing ``stale_run``, an interrupted attempt's)."""
+    def start_task(self, t: int, stale_run: str | None) -> str:
+        """A nested run for task ``t`` (replacing ``stale_run``, an interrupted attempt's). The caller records
+        its id at once, before anything else can fail, so that a resumed run replaces it."""
         if stale_run:
             self.tracker.delete_run(stale_run)
         name = self.prep.stream.task_names[t]
@@ -115,8 +118,11 @@ class RunRecorder:
             tags={**self.tags, "mcl.kind": "task", "mcl.task": name},
         )
         self.open_runs.append(task_run)
-        self.tracker.log_params(task_run, {"task_index": t, "task": name, "phases": [p.name for p in phases]})
         return task_run
+
+    def log_task_params(self, task_run: str, t: int, phases: list[Phase]) -> None:
+        name = self.prep.stream.task_names[t]
+        self.tracker.log_params(task_run, {"task_index": t, "task": name, "phases": [p.name for p in phases]})
 
     def log_phase(self, task_run: str, result: TaskResult, phase: Phase) -> None:
         """A phase's loss curves (``train_loss`` for the ``train`` phase, ``<phase>_loss`` otherwise) and

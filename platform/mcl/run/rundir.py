@@ -174,14 +174,27 @@ class RunDir:
     def ray_storage(self, checkpoint_storage: str = "") -> tuple[str, str]:
         """(``storage_path``, ``name``) of the run's Ray Train ``RunConfig``: ``<run>/ray-train``, or with
         ``train.checkpoint_storage`` (a shared folder or a URI: ``file://``, ``s3://``, ``gs://``)
-        ``<checkpoint_storage>/<run folder name>``."""
-        if checkpoint_storage:
-            return checkpoint_storage, self.path.name
-        return str(self.path), RAY_TRAIN_DIR
+        ``<checkpoint_storage>/<run folder name>-<MLflow run id>``: the run id keeps runs with the same
+        folder name (a sweep's trial keys, a re-created run) apart, and stays the same when a run resumes."""
+        if not checkpoint_storage:
+            return str(self.path), RAY_TRAIN_DIR
+        name = f"{self.path.name}-{self.read_progress().run_id}"
+        if "://" in checkpoint_storage:
+            return checkpoint_storage, name
+        return str(Path(checkpoint_storage).resolve()), name  # Ray wants an absolute path
 
-    def clear_ray_storage(self) -> None:
-        """Forget Ray Train's earlier attempts in the run folder (a fit with the same storage restores them)."""
-        shutil.rmtree(self.path / RAY_TRAIN_DIR, ignore_errors=True)
+    def clear_ray_storage(self, checkpoint_storage: str = "") -> None:
+        """Remove Ray Train's storage of this run (a fit with the same storage would restore from it)."""
+        storage_path, name = self.ray_storage(checkpoint_storage)
+        if "://" not in storage_path:
+            shutil.rmtree(Path(storage_path) / name, ignore_errors=True)
+            return
+        import pyarrow.fs
+
+        fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
+        target = f"{root.rstrip('/')}/{name}"
+        if fs.get_file_info(target).type != pyarrow.fs.FileType.NotFound:
+            fs.delete_dir(target)
 
     # -- results
     @property

@@ -88,7 +88,7 @@ import json
 import random
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -119,6 +119,8 @@ class StepCheckpointMeta:
         engine: ``"deepspeed"`` or ``"torch"``.
         zero_stage: DeepSpeed's ZeRO stage (0 under plain torch).
         version: The folder's format (:data:`FORMAT_VERSION`).
+        attempt: The caller's name for the attempt that saved it (e.g. one ``TorchTrainer.fit``), so that a
+            later attempt can tell its own checkpoints from an earlier one's.
         client_state: What this rank passed as ``client_state`` when saving (not part of ``meta.json``).
     """
 
@@ -128,6 +130,7 @@ class StepCheckpointMeta:
     engine: str
     zero_stage: int
     version: int = FORMAT_VERSION
+    attempt: str = ""
     client_state: dict[str, Any] | None = field(default=None, compare=False)
 
     def to_json(self) -> str:
@@ -202,6 +205,7 @@ def save_step_checkpoint(
     step: int,
     phase_key: str,
     client_state: Mapping[str, Any] | None = None,
+    attempt: str = "",
 ) -> Path:
     """Write this rank's part of the training state after ``step`` optimiser steps into ``folder``.
 
@@ -243,7 +247,7 @@ def save_step_checkpoint(
     _barrier()  # every rank's files are written before rank 0 marks the folder complete
     if rank == 0:
         meta = StepCheckpointMeta(
-            step=step, phase_key=phase_key, world_size=world, engine=engine, zero_stage=stage
+            step=step, phase_key=phase_key, world_size=world, engine=engine, zero_stage=stage, attempt=attempt
         )
         tmp = out / (META_FILE + ".tmp")
         tmp.write_text(meta.to_json())
@@ -372,6 +376,7 @@ def report_step_checkpoint(
     phase_key: str,
     client_state: Mapping[str, Any] | None = None,
     upload_async: bool = False,
+    attempt: str = "",
 ) -> None:
     """Save this rank's part into a temporary folder and report it with ``ray.train.report``.
 
@@ -385,7 +390,9 @@ def report_step_checkpoint(
 
     tmp = Path(tempfile.mkdtemp(prefix="mcl-step-ckpt-"))
     try:
-        save_step_checkpoint(trainer, tmp, step=step, phase_key=phase_key, client_state=client_state)
+        save_step_checkpoint(
+            trainer, tmp, step=step, phase_key=phase_key, client_state=client_state, attempt=attempt
+        )
         ray.train.report(
             {**metrics, "step_checkpoint": step},
             checkpoint=Checkpoint.from_directory(str(tmp)),
@@ -400,12 +407,15 @@ def report_step_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def restore_from_ray(trainer: StepEngine, phase_key: str) -> StepCheckpointMeta | None:
-    """Resume ``phase_key`` from Ray Train's latest checkpoint, if it is a step checkpoint of that phase.
+def restore_from_ray(
+    trainer: StepEngine, phase_key: str, accept: Callable[[StepCheckpointMeta], bool] | None = None
+) -> StepCheckpointMeta | None:
+    """Resume ``phase_key`` from Ray Train's latest checkpoint, if it is a step checkpoint of that phase (and
+    ``accept(meta)`` agrees, when given).
 
     Every rank gets the same checkpoint from Ray, so all ranks take the same branch (loading is collective
     under DeepSpeed). Returns None (nothing restored) without a checkpoint, or when the latest one belongs to
-    another phase (e.g. the phase before, which finished and was published since).
+    another phase (e.g. the phase before, which finished and was published since) or is not accepted.
     """
     import ray.train
 
@@ -417,6 +427,6 @@ def restore_from_ray(trainer: StepEngine, phase_key: str) -> StepCheckpointMeta 
             meta = read_step_checkpoint_meta(folder)
         except FileNotFoundError:  # not a step checkpoint
             return None
-        if meta.phase_key != phase_key:
+        if meta.phase_key != phase_key or (accept is not None and not accept(meta)):
             return None
         return load_step_checkpoint(trainer, folder)

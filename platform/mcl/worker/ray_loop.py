@@ -28,20 +28,37 @@ from mcl.worker.recipe import train_and_evaluate_task
 
 class RayStepCheckpoints:
     """Step checkpoints through Ray Train: reported with ``ray.train.report(checkpoint=...)`` into the run's
-    storage, restored from ``ray.train.get_checkpoint()``."""
+    storage, restored from ``ray.train.get_checkpoint()``.
 
-    def __init__(self, every: int) -> None:
-        self.every = every
+    Each fit has its own ``fit_id``. A checkpoint is resumed when this fit saved it (a worker group restarted
+    mid-phase), or when it belongs to the fit's first phase (a resumed run: the phases before it are the
+    ones the driver recorded, so the phase starts from the same state). A checkpoint of a later phase from an
+    earlier fit is not: that fit's workers ran ahead of the driver's record, and the phases before it are
+    trained again in this fit.
+    """
 
-    def save(self, engine: StepEngine, key: str, step: int, meta: dict[str, Any]) -> None:
+    def __init__(self, every: int, fit_id: str, first_phase: str) -> None:
+        self.every, self.fit_id, self.first_phase = every, fit_id, first_phase
+
+    def save(self, engine: StepEngine, key: str, step: int, client_state: dict[str, Any]) -> None:
         from mcl.worker.checkpoint import report_step_checkpoint
 
-        report_step_checkpoint({"phase_key": key}, engine, step=step, phase_key=key, client_state=meta)
+        report_step_checkpoint(
+            {"phase_key": key},
+            engine,
+            step=step,
+            phase_key=key,
+            client_state=client_state,
+            attempt=self.fit_id,
+        )
 
     def restore(self, engine: StepEngine, key: str) -> tuple[int, dict[str, Any]] | None:
         from mcl.worker.checkpoint import restore_from_ray
 
-        meta = restore_from_ray(engine, key)
+        def accept(meta: Any) -> bool:
+            return meta.attempt == self.fit_id or key == self.first_phase
+
+        meta = restore_from_ray(engine, key, accept)
         return None if meta is None else (meta.step, meta.client_state or {})
 
 
@@ -96,7 +113,11 @@ def _run_phase(
             ),
             out,
             device=ray.train.torch.get_device(),
-            checkpoints=RayStepCheckpoints(job.config["train"]["checkpoint_every_steps"]),
+            checkpoints=RayStepCheckpoints(
+                job.config["train"]["checkpoint_every_steps"],
+                loop_config["fit_id"],
+                loop_config["first_phase"],
+            ),
         )
         if rank == 0:
             run_dir.publish(folder)  # atomic: the driver sees a whole phase or none

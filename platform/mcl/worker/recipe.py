@@ -39,12 +39,13 @@ Batches = Iterable[dict[str, np.ndarray]]
 
 class StepCheckpoints(Protocol):
     """Mid-phase step checkpoints (see :mod:`mcl.worker.checkpoint`): ``every`` optimiser steps (0 = never),
-    :meth:`save` writes this rank's part with ``meta`` (JSON); :meth:`restore` loads the last one of phase
-    ``key`` into ``engine`` and returns ``(step, meta)``, or None when there is none."""
+    :meth:`save` writes this rank's part with ``client_state`` (the loss log, the baseline, the method's
+    running sums); :meth:`restore` loads the last one of phase ``key`` into ``engine`` and returns
+    ``(step, client_state)``, or None when there is none to resume."""
 
     every: int
 
-    def save(self, engine: StepEngine, key: str, step: int, meta: dict[str, Any]) -> None: ...
+    def save(self, engine: StepEngine, key: str, step: int, client_state: dict[str, Any]) -> None: ...
 
     def restore(self, engine: StepEngine, key: str) -> tuple[int, dict[str, Any]] | None: ...
 
@@ -336,7 +337,7 @@ def train_and_evaluate_task(
     quiet_known_warnings()  # library deprecation warnings raised while the model is wrapped and trained
     recipe = PhaseRecipe(job, device, log)
     recipe.setup()
-    resumed = checkpoints is not None and recipe.resume_from(checkpoints)
+    resumed = checkpoints is not None and checkpoints.every > 0 and recipe.resume_from(checkpoints)
     if job.evaluate_before and not resumed:
         recipe.evaluate_baseline(eval_batches())
     recipe.train(train_batches, checkpoints)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import uuid
 from typing import Any
 
 from mcl.data import Preprocessor, ray_dataset, shard
@@ -95,14 +96,15 @@ def fit_phases(prep: PreparedRun, phases: list[PlannedPhase], run_dir: RunDir) -
     from mcl.worker.ray_loop import train_phases
 
     cfg = prep.config
+    storage = cfg.train.checkpoint_storage
     if not cfg.train.checkpoint_every_steps:
-        run_dir.clear_ray_storage()  # nothing to resume from: start Ray Train's run afresh
+        run_dir.clear_ray_storage(storage)  # nothing to resume from: start Ray Train's run afresh
     # With step checkpoints, the storage is kept: Ray Train restores the run's last checkpoint, and the phase
-    # it belongs to (if it is still to train) resumes from it.
+    # it belongs to resumes from it if it is this fit's first phase (see mcl.worker.ray_loop).
     # Ray Train gives workers 60 s to start (imports, runtime env); a busy small host can need more. Ray
     # propagates this variable from the driver to the controller; an explicit setting wins.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
-    storage_path, name = run_dir.ray_storage(cfg.train.checkpoint_storage)
+    storage_path, name = run_dir.ray_storage(storage)
     trainer = TorchTrainer(
         train_phases,
         train_loop_config={
@@ -111,6 +113,8 @@ def fit_phases(prep: PreparedRun, phases: list[PlannedPhase], run_dir: RunDir) -
             "run_dir": str(run_dir.path),
             "micro_batch": cfg.train.batch_size // cfg.scaling.num_workers,
             "eval_batch": cfg.eval.batch_size,
+            "fit_id": uuid.uuid4().hex,
+            "first_phase": phases[0].key,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
@@ -130,6 +134,7 @@ def fit_phases(prep: PreparedRun, phases: list[PlannedPhase], run_dir: RunDir) -
         dataset_config=DataConfig(datasets_to_split=[], execution_options=_ordered_execution()),
     )
     trainer.fit()
+    run_dir.clear_ray_storage(storage)  # every phase is published: its step checkpoints are spent
 
 
 def phase_datasets(prep: PreparedRun, phases: list[PlannedPhase]) -> dict[str, Any]:
