@@ -8,6 +8,7 @@ Method hyper-parameters (``method.params``) are validated by the method's own co
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -57,11 +58,17 @@ class LoraConfig:
 @dataclass
 class ModelConfig:
     """Which model to load: a built-in name (``tiny-llava``, ``tiny-qwen2.5-vl``, ``tiny-internvl``), a local
-    folder or a hub id."""
+    folder or a hub id.
+
+    ``attn_implementation`` is the attention kernel transformers runs (``flash_attention_2`` needs the
+    ``flash-attn`` package and a GPU). A method that needs the language model's attention weights (QUAD)
+    switches its language model to ``eager`` through the model-family table whatever this says.
+    """
 
     name: str = "tiny-llava"
     trust_remote_code: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -91,7 +98,20 @@ class MethodConfig:
 
 @dataclass
 class TrainConfig:
-    """Per-task optimisation. ``batch_size`` is the global batch (split evenly over the workers).
+    """Per-task optimisation.
+
+    Batches: ``batch_size`` is the global batch of one optimiser step. Each worker runs it as micro-batches of
+    ``micro_batch_size`` rows and accumulates their gradients (0 = one micro-batch of ``batch_size /
+    scaling.num_workers`` rows, no accumulation); the result equals one step on the whole batch.
+    ``group_by_length`` orders each epoch in mega-batches sorted by token length (image tokens included), as
+    LLaVA's ``group_by_modality_length`` does, so micro-batches pad less.
+
+    Learning rates: ``lr`` for the trainable parameters; ``projector_lr`` > 0 gives the multimodal projector
+    its own (LLaVA's ``mm_projector_lr``). ``lr_schedule`` after the warm-up (``warmup_steps``, or
+    ``warmup_ratio`` of the phase's steps): ``constant``, ``linear`` or ``cosine`` decay to 0.
+
+    ``gradient_checkpointing`` recomputes the language model's activations in the backward pass (non-reentrant):
+    activation memory falls to about one layer's, for about a third more compute.
 
     ``checkpoint_every_steps`` > 0 makes the Ray Train workers save a step checkpoint every that many optimiser
     steps (trainable state, optimizer and scheduler state, RNG states), keeping the last ``keep_checkpoints``;
@@ -102,10 +122,16 @@ class TrainConfig:
 
     epochs: int = 3
     batch_size: int = 16
+    micro_batch_size: int = 0
     lr: float = 2e-3
+    projector_lr: float = 0.0
     weight_decay: float = 0.0
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0
     max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    group_by_length: bool = False
     seed: int = 0
     log_every: int = 5
     checkpoint_every_steps: int = 0
@@ -115,9 +141,23 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "must be >= 1", self.epochs)
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1", self.batch_size)
+        _check(
+            self.micro_batch_size >= 0,
+            "train.micro_batch_size",
+            "must be >= 0 (0 = batch_size / scaling.num_workers)",
+            self.micro_batch_size,
+        )
         _check(self.lr > 0, "train.lr", "must be > 0", self.lr)
+        _check(self.projector_lr >= 0, "train.projector_lr", "must be >= 0 (0 = train.lr)", self.projector_lr)
         _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0", self.weight_decay)
         _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0", self.warmup_steps)
+        _check(0.0 <= self.warmup_ratio < 1.0, "train.warmup_ratio", "must be in [0, 1)", self.warmup_ratio)
+        _check(
+            not (self.warmup_steps and self.warmup_ratio),
+            "train.warmup_ratio",
+            f"give warmup_steps ({self.warmup_steps}) or warmup_ratio, not both",
+            self.warmup_ratio,
+        )
         _check(
             self.max_grad_norm >= 0,
             "train.max_grad_norm",
@@ -132,6 +172,11 @@ class TrainConfig:
             self.checkpoint_every_steps,
         )
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1", self.keep_checkpoints)
+
+    def warmup_for(self, steps: int) -> int:
+        """Warm-up steps of a phase of ``steps`` optimiser steps (``warmup_ratio`` rounds up, as transformers'
+        ``get_warmup_steps`` does)."""
+        return self.warmup_steps or math.ceil(self.warmup_ratio * steps)
 
 
 @dataclass
@@ -155,7 +200,11 @@ class EvalConfig:
 
 @dataclass
 class ScalingConfig:
-    """How each task's training job is spread: Ray Train workers and DeepSpeed ZeRO."""
+    """How each task's training job is spread: Ray Train workers and DeepSpeed ZeRO.
+
+    ``offload`` moves ZeRO state to CPU memory: ``optimizer`` the optimizer states (ZeRO-1/2/3, DeepSpeed's
+    CPU Adam steps them), ``optimizer_and_params`` also the parameters (ZeRO-3 only).
+    """
 
     num_workers: int = 1
     cpus_per_worker: int = 1
@@ -163,6 +212,7 @@ class ScalingConfig:
     deepspeed: bool = True
     zero_stage: Literal[0, 1, 2, 3] = 2
     zero3_param_persistence_threshold: int = 100000
+    offload: Literal["none", "optimizer", "optimizer_and_params"] = "none"
     ray_address: str = ""
     ray_num_cpus: int = 0
     max_failures: int = 0
@@ -177,6 +227,18 @@ class ScalingConfig:
             self.ray_num_cpus,
         )
         _check(self.max_failures >= -1, "scaling.max_failures", "must be >= -1", self.max_failures)
+        _check(
+            self.offload == "none" or (self.deepspeed and self.zero_stage >= 1),
+            "scaling.offload",
+            "needs DeepSpeed ZeRO (scaling.deepspeed true, scaling.zero_stage >= 1)",
+            self.offload,
+        )
+        _check(
+            self.offload != "optimizer_and_params" or self.zero_stage == 3,
+            "scaling.offload",
+            f"optimizer_and_params needs scaling.zero_stage 3 (is {self.zero_stage}); use 'optimizer'",
+            self.offload,
+        )
 
 
 @dataclass
@@ -210,6 +272,23 @@ class ExperimentConfig:
             f"must be a positive multiple of scaling.num_workers ({self.scaling.num_workers})",
             self.train.batch_size,
         )
+        micro = self.train.micro_batch_size
+        _check(
+            micro == 0 or per_worker % micro == 0,
+            "train.micro_batch_size",
+            f"must divide the rows per worker, train.batch_size / scaling.num_workers = {per_worker}",
+            micro,
+        )
+
+    @property
+    def micro_batch(self) -> int:
+        """Rows of one micro-batch on one worker."""
+        return self.train.micro_batch_size or self.train.batch_size // self.scaling.num_workers
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimiser step on each worker."""
+        return self.train.batch_size // (self.scaling.num_workers * self.micro_batch)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
