@@ -217,8 +217,11 @@ class EWC(Method):
         full_grad: Callable[[torch.nn.Parameter], torch.Tensor | None],
         ctx: TaskContext,
     ) -> None:
-        # Every Fisher row is supervised, so the loss is the mean over the whole global batch.
-        global_batch = int(batch["input_ids"].shape[0]) * ctx.world_size
+        # Every Fisher row is supervised, so the loss is the mean over the whole global batch (all the step's
+        # micro-batches on every worker).
+        global_batch = (
+            ctx.step.totals["rows"] if ctx.step else int(batch["input_ids"].shape[0]) * ctx.world_size
+        )
         for name, p in _trainable(model):  # the same parameters in the same order on every rank
             grad = full_grad(p)
             if grad is None:  # no gradient reached it (unused): contributes zero

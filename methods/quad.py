@@ -100,12 +100,20 @@ from mcl.methods_api import (
     load_driver_state,
     register_method,
 )
-from mcl.worker.losses import per_sample_loss
+from mcl.worker.losses import StepShare, per_sample_loss, step_counts
 
 QUESTIONS_KEY = "questions"
 STUDENT = "default"
 TEACHER = "quad_teacher"
 _EPS = 1e-12
+# Names of QUAD's step counts (Method.step_counts): the denominators of QR's and ACD's means over a step.
+QUESTION_ROWS = "quad_question_rows"
+PROMPT_TOKENS = "quad_prompt_tokens"
+
+
+def prompt_tokens(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1.0 at the prompt tokens (unsupervised and not padding) of each row, else 0.0."""
+    return ((labels == IGNORE_INDEX) & mask.bool()).float()
 
 
 @dataclass
@@ -260,10 +268,16 @@ class QUAD(Method):
         return hook
 
     def distillation_terms(
-        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], outputs: Any
+        self,
+        model: torch.nn.Module,
+        batch: dict[str, torch.Tensor],
+        outputs: Any,
+        share: StepShare | None = None,
     ) -> dict[str, torch.Tensor]:
-        """``task`` (the engine's task loss), ``qr`` and ``acd`` for a training batch whose student forward
-        (``outputs``) has just run; runs the teacher forward."""
+        """``task`` (the engine's task loss), ``qr`` and ``acd`` for a training micro-batch whose student
+        forward (``outputs``) has just run; runs the teacher forward. Each term is this micro-batch's part of
+        its mean over the optimiser step (``share``: the engine's ``ctx.step``; None: over this batch)."""
+        share = share or StepShare(step_counts(batch) | self.step_counts(batch, None))
         student_attn, self._student_attn = self._student_attn, {}
         labels, mask = batch["labels"], batch["attention_mask"]
         self._teacher_attn = {}
@@ -287,19 +301,32 @@ class QUAD(Method):
             answer_at = (mask.bool() * positions).argmax(dim=1)[rows]  # the last prompt token
             student_logp = F.log_softmax(outputs.logits[rows, answer_at].float(), dim=-1)
             teacher_logp = F.log_softmax(teacher.logits[rows, answer_at].float(), dim=-1)
-            qr = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="batchmean")
+            qr_sum = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="sum")
+            qr = share.mean(qr_sum, QUESTION_ROWS)  # mean over the step's question rows
 
         acd = zero
         current = (~unsupervised).nonzero().squeeze(1)
         if current.numel():
-            queries = ((labels[current] == IGNORE_INDEX) & mask[current].bool()).float()  # prompt tokens
+            queries = prompt_tokens(labels[current], mask[current])
             layers = []
             for index in sorted(student_attn):
                 # [rows, heads, queries, keys] -> KL per query row, mean over heads -> [rows, queries]
                 kl = kl_rows(teacher_attn[index][current], student_attn[index][current]).mean(dim=1)
-                layers.append((kl * queries).sum() / queries.sum().clamp(min=1))
+                layers.append(
+                    share.mean((kl * queries).sum(), PROMPT_TOKENS)
+                )  # over the step's prompt tokens
             acd = torch.stack(layers).mean()
-        return {"task": per_sample_loss(outputs.logits, labels), "qr": qr, "acd": acd}
+        return {"task": per_sample_loss(outputs.logits, labels, share), "qr": qr, "acd": acd}
+
+    def step_counts(self, batch: dict[str, torch.Tensor], ctx: TaskContext | None) -> dict[str, float]:
+        """QR's and ACD's denominators: the micro-batch's question rows and its current rows' prompt tokens."""
+        labels = batch["labels"]
+        unsupervised = (labels == IGNORE_INDEX).all(dim=1)
+        current = ~unsupervised
+        return {
+            QUESTION_ROWS: float(unsupervised.sum()),
+            PROMPT_TOKENS: float(prompt_tokens(labels[current], batch["attention_mask"][current]).sum()),
+        }
 
     def extra_loss(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], outputs: Any, ctx: TaskContext
@@ -307,7 +334,7 @@ class QUAD(Method):
         weight = self.params.distill_weight
         if not self._distill or weight == 0:
             return None
-        terms = self.distillation_terms(model, batch, outputs)
+        terms = self.distillation_terms(model, batch, outputs, ctx.step)
         return weight * (terms["qr"] + terms["acd"]) - weight * terms["task"]
 
     def after_task(self, model: torch.nn.Module, ctx: TaskContext) -> None:

@@ -35,6 +35,7 @@ from mcl.config import LoraConfig
 from mcl.errors import ConfigError, UnknownNameError
 from mcl.run.rundir import DRIVER_STATE_FILE, read_driver_state
 from mcl.streams.registry import TaskData
+from mcl.worker.losses import StepShare
 
 if TYPE_CHECKING:
     import torch
@@ -59,6 +60,9 @@ class TaskContext:
         stage: ``"baseline"`` while the engine evaluates the untrained model (before the first task's
             training, the baseline row for forward transfer); ``"trained"`` otherwise (training, and the
             evaluation after it).
+        step: During a training step, the step's totals for writing loss terms as means over the whole
+            global batch however it is split into micro-batches and workers
+            (:class:`mcl.worker.losses.StepShare`); None outside training steps.
     """
 
     task_index: int
@@ -71,6 +75,7 @@ class TaskContext:
     processor: Any = field(default=None, compare=False, repr=False)
     phase: str = "train"
     stage: Literal["baseline", "trained"] = "trained"
+    step: StepShare | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -205,10 +210,29 @@ class Method:
         """Called once after :meth:`setup_model` and before the optimiser (and DeepSpeed engine) is built,
         so parameters it freezes or unfreezes are what the optimiser sees."""
 
+    def learning_rates(self, ctx: TaskContext) -> dict[str, float]:
+        """Parameter groups with their own learning rate: ``{regex over parameter names: lr}``, the first
+        match winning (before ``train.projector_lr``'s projector group); the rest train at the phase's
+        learning rate. Default: none."""
+        return {}
+
+    def step_counts(self, batch: dict[str, torch.Tensor], ctx: TaskContext) -> dict[str, float]:
+        """Named counts of one collated micro-batch (from its inputs and labels only) that :meth:`extra_loss`
+        averages over; the engine sums them over the whole optimiser step into ``ctx.step.totals`` before
+        the step's first forward (beside its own ``rows`` and ``supervised``). Default: none."""
+        return {}
+
     def extra_loss(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], outputs: Any, ctx: TaskContext
     ) -> torch.Tensor | None:
-        """An extra loss term added to the task loss (e.g. a regulariser), or None."""
+        """An extra loss term added to the task loss of one micro-batch (e.g. a regulariser), or None.
+
+        The engine averages each micro-batch's loss over the step's micro-batches and workers, so a term
+        that does not depend on the batch (a penalty on the weights) is returned as it is, and a mean over
+        this micro-batch's rows becomes the mean over the step's when every micro-batch has as many of
+        them. For an exact mean over the step whatever the split (rows of a kind, tokens), return
+        ``ctx.step.mean(sum over this micro-batch, name)`` with ``name`` a count of :meth:`step_counts`.
+        """
         return None
 
     def on_gradients(
@@ -218,10 +242,10 @@ class Method:
         full_grad: Callable[[torch.nn.Parameter], torch.Tensor | None],
         ctx: TaskContext,
     ) -> None:
-        """Called after every backward pass and before the optimiser step, on every rank, when
-        :meth:`wants_gradients` says so. ``full_grad(p)`` is the whole gradient of parameter ``p``
-        averaged over the global batch, also under ZeRO-2/3 where ``p.grad`` is None and gradients are
-        partitioned. Under ZeRO it is a collective: call it for the same parameters in the same order on
+        """Called after each optimiser step's last backward pass (``batch``: its last micro-batch) and
+        before the update, on every rank, when :meth:`wants_gradients` says so. ``full_grad(p)`` is the
+        whole gradient of parameter ``p`` averaged over the global batch (``ctx.step.totals["rows"]``
+        rows), also under ZeRO-2/3 where ``p.grad`` is None and gradients are partitioned. Under ZeRO it is a collective: call it for the same parameters in the same order on
         every rank."""
 
     def wants_gradients(self, ctx: TaskContext) -> bool:

@@ -166,14 +166,20 @@ def load_processor(path: str, *, trust_remote_code: bool = False) -> Any:
 
 
 def load_model_and_processor(
-    path: str, *, trust_remote_code: bool = False, dtype: str = "float32"
+    path: str,
+    *,
+    trust_remote_code: bool = False,
+    dtype: str = "float32",
+    attn_implementation: str | None = None,
 ) -> tuple[torch.nn.Module, Any]:
-    """Load an image-text-to-text model (``AutoModelForImageTextToText``) and its processor."""
+    """Load an image-text-to-text model (``AutoModelForImageTextToText``) and its processor, with the given
+    attention implementation (``sdpa``, ``eager``, ``flash_attention_2``; None: transformers' choice)."""
     import torch
     from transformers import AutoModelForImageTextToText
 
     processor = load_processor(path, trust_remote_code=trust_remote_code)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = AutoModelForImageTextToText.from_pretrained(
-        path, trust_remote_code=trust_remote_code, dtype=getattr(torch, dtype)
+        path, trust_remote_code=trust_remote_code, dtype=getattr(torch, dtype), **extra
     )
     return model, processor

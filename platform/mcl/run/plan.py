@@ -31,8 +31,11 @@ class PlannedPhase:
 
 
 def phase_config(cfg: ExperimentConfig, phase: Phase) -> ExperimentConfig:
-    """The experiment config a phase trains with (its own epochs and learning rate, when it sets them)."""
-    changes = {k: v for k, v in (("epochs", phase.epochs), ("lr", phase.lr)) if v is not None}
+    """The experiment config a phase trains with (its own epochs and learning rate, when it sets them). A
+    phase with its own learning rate (MR-LoRA's router) trains every parameter at it: no projector lr."""
+    changes: dict[str, Any] = {k: v for k, v in (("epochs", phase.epochs), ("lr", phase.lr)) if v is not None}
+    if phase.lr is not None:
+        changes["projector_lr"] = 0.0
     if not changes:
         return cfg
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))

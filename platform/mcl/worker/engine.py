@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 import random
+import re
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,12 +33,19 @@ def seed_everything(seed: int) -> None:
 
 
 def deepspeed_config(cfg: ExperimentConfig, micro_batch: int) -> dict[str, Any]:
+    """DeepSpeed's config for ``cfg``: ZeRO stage and offload, micro-batch and gradient accumulation,
+    clipping, precision."""
     zero: dict[str, Any] = {"stage": cfg.scaling.zero_stage}
     if cfg.scaling.zero_stage == 3:
         zero["stage3_param_persistence_threshold"] = cfg.scaling.zero3_param_persistence_threshold
+    pin = cfg.scaling.use_gpu  # pinned host memory speeds GPU<->CPU copies; a CPU run has none to pin
+    if cfg.scaling.offload != "none":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if cfg.scaling.offload == "optimizer_and_params":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": cfg.accumulation_steps,
         "gradient_clipping": cfg.train.max_grad_norm,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
@@ -45,24 +56,85 @@ def deepspeed_config(cfg: ExperimentConfig, micro_batch: int) -> dict[str, Any]:
     }
 
 
-def build_optimizer(model: Any, cfg: ExperimentConfig, optimize: bool = True) -> tuple[Any, Any]:
-    """AdamW over the trainable parameters and the warmup-then-constant learning-rate schedule.
+def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
+    """The learning-rate multiplier before optimiser step ``step`` (0-based) of a phase of ``total`` steps:
+    a linear warm-up over ``warmup`` steps (``(step + 1) / warmup``), then ``constant`` 1, or ``linear`` /
+    ``cosine`` decay to 0 at ``total`` (transformers' ``get_cosine_schedule_with_warmup`` shape)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
+
+def parameter_groups(
+    model: Any, base_lr: float, rules: Sequence[tuple[str, float]] = ()
+) -> list[dict[str, Any]]:
+    """The trainable parameters of ``model`` as optimizer groups, one per learning rate: a parameter takes
+    the learning rate of the first ``(regex, lr)`` rule whose regex matches its name (``re.search``), else
+    ``base_lr``. Groups keep the model's parameter order; each carries ``name`` for logs."""
+    compiled = [(re.compile(pattern), lr) for pattern, lr in rules]
+    groups: dict[float, dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        lr = next((lr for pattern, lr in compiled if pattern.search(name)), base_lr)
+        group = groups.setdefault(lr, {"params": [], "lr": lr, "name": f"lr={lr:g}"})
+        group["params"].append(param)
+    if not groups:
+        raise RuntimeError("the method left no trainable parameters")
+    return list(groups.values())
+
+
+def build_optimizer(
+    model: Any,
+    cfg: ExperimentConfig,
+    optimize: bool = True,
+    total_steps: int = 0,
+    lr_rules: Sequence[tuple[str, float]] = (),
+) -> tuple[Any, Any]:
+    """AdamW over the trainable parameters (learning rate per group, see :func:`parameter_groups`) and the
+    learning-rate schedule of a phase of ``total_steps`` optimiser steps (:func:`lr_factor`).
+
+    With ``scaling.offload``, DeepSpeed's CPU Adam (AdamW mode) steps the optimizer states in host memory.
     ``optimize=False`` (a gradient-only phase) gives learning rate and weight decay 0: the engine keeps its
     usual backward/step bookkeeping (ZeRO's gradient partitions included) and the steps change nothing.
     """
     import torch
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise RuntimeError("the method left no trainable parameters")
-    lr, decay = (cfg.train.lr, cfg.train.weight_decay) if optimize else (0.0, 0.0)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=decay)
-    warmup = cfg.train.warmup_steps
+    train = cfg.train
+    groups = parameter_groups(model, train.lr, lr_rules)
+    decay = train.weight_decay if optimize else 0.0
+    if not optimize:
+        for group in groups:
+            group["lr"] = 0.0
+    if cfg.scaling.offload != "none":
+        optimizer = cpu_adam(groups, decay)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=train.lr, weight_decay=decay)
+    warmup = train.warmup_for(total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+        optimizer,
+        functools.partial(lr_factor, warmup=warmup, total=total_steps, schedule=train.lr_schedule),
     )
     return optimizer, scheduler
+
+
+def cpu_adam(groups: list[dict[str, Any]], weight_decay: float) -> Any:
+    """DeepSpeed's CPU Adam in AdamW mode (what ZeRO-Offload steps in host memory); its C++ op is built on
+    first use. A clear error naming ``scaling.offload`` where it cannot be built."""
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, weight_decay=weight_decay, adamw_mode=True)
+    except Exception as exc:  # the op's JIT build: no compiler, no ninja, an unsupported CPU
+        raise RuntimeError(
+            f"scaling.offload: DeepSpeed's CPU Adam could not be built on this worker ({exc}); "
+            "set scaling.offload=none or install a C++ compiler and ninja"
+        ) from exc
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
@@ -93,40 +165,78 @@ def all_reduce_mean(value: float, world_size: int, device: Any) -> float:
     return float(t.item()) / world_size
 
 
+def all_reduce_sum(values: list[float], world_size: int, device: Any) -> list[float]:
+    """``values`` summed element-wise over all ranks (themselves on one), in one collective."""
+    if world_size == 1:
+        return list(values)
+    import torch
+    import torch.distributed as td
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    td.all_reduce(t)
+    return t.tolist()
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Activation checkpointing on every module of ``model`` that supports it (transformers'
+    ``gradient_checkpointing_enable``), non-reentrant: it needs no inputs that require gradients (a frozen
+    base under LoRA) and works with DeepSpeed ZeRO-3's parameter gathering. The KV cache is off while
+    training (it would be recomputed anyway); generation in eval mode runs without checkpointing."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
 def zero3_loading_context(cfg: ExperimentConfig, world_size: int) -> Any:
     """Under ZeRO-3, an object that makes transformers load weights straight into partitions while alive."""
     if not cfg.scaling.deepspeed or cfg.scaling.zero_stage != 3:
         return None
     from transformers.integrations import HfDeepSpeedConfig
 
-    return HfDeepSpeedConfig(deepspeed_config(cfg, cfg.train.batch_size // world_size))
+    return HfDeepSpeedConfig(deepspeed_config(cfg, cfg.micro_batch))
 
 
 class StepEngine:
     """The optimiser step behind one interface for DeepSpeed and plain torch (DDP when distributed).
+
+    One optimiser step is ``accumulation`` micro-batches: run each under :meth:`micro_batch` (forward and
+    :meth:`backward`), then :meth:`step` after each; the update happens after the last one. Gradients are
+    averaged over the micro-batches and the workers, as DeepSpeed does: a loss written as the micro-batch's
+    share of the step's objective times ``accumulation * world_size`` gives the gradient of that objective.
 
     Attributes:
         engine: What the forward runs through (DeepSpeed's engine, DDP, or the model).
         module: The model itself (what methods' hooks and saving see).
         optimizer, scheduler: The (wrapped) optimizer and learning-rate schedule.
         deepspeed, zero3: Which engine runs the step.
+        accumulation: Micro-batches per optimiser step.
     """
 
     def __init__(
-        self, model: Any, cfg: ExperimentConfig, world_size: int, device: Any, optimize: bool = True
+        self,
+        model: Any,
+        cfg: ExperimentConfig,
+        world_size: int,
+        device: Any,
+        optimize: bool = True,
+        total_steps: int = 0,
+        lr_rules: Sequence[tuple[str, float]] = (),
     ) -> None:
-        optimizer, scheduler = build_optimizer(model, cfg, optimize)
+        optimizer, scheduler = build_optimizer(model, cfg, optimize, total_steps, lr_rules)
         self.cfg = cfg
         self.deepspeed = cfg.scaling.deepspeed
         self.zero3 = self.deepspeed and cfg.scaling.zero_stage == 3
+        self.accumulation = cfg.accumulation_steps
+        self._last = True
         if self.deepspeed:
             import deepspeed
 
-            micro = cfg.train.batch_size // world_size
             # The process group exists already (Ray Train, or run_task_locally); DeepSpeed adopts it.
             deepspeed.init_distributed(dist_backend=backend_for(device), auto_mpi_discovery=False)
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-                model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, micro)
+                model=model,
+                optimizer=optimizer,
+                lr_scheduler=scheduler,
+                config=deepspeed_config(cfg, cfg.micro_batch),
             )
             self.module = self.engine.module
         else:
@@ -139,18 +249,29 @@ class StepEngine:
             self.module = model
             self.optimizer, self.scheduler = optimizer, scheduler
 
+    @contextlib.contextmanager
+    def micro_batch(self, last: bool) -> Iterator[None]:
+        """Around one micro-batch's forward and backward; ``last``: the step's last micro-batch (DDP syncs
+        gradients, DeepSpeed reduces them, only then)."""
+        self._last = last
+        if self.deepspeed:
+            self.engine.set_gradient_accumulation_boundary(last)
+        no_sync = getattr(self.engine, "no_sync", None)
+        with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
+            yield
+
     def forward(self, batch: dict[str, Any]) -> Any:
         return self.engine(**model_inputs(batch))
 
     def backward(self, loss: Any) -> None:
         if self.deepspeed:
-            self.engine.backward(loss)
+            self.engine.backward(loss)  # scales by 1 / accumulation itself
         else:
-            loss.backward()
+            (loss / self.accumulation if self.accumulation > 1 else loss).backward()
 
     def full_grad(self, param: Any) -> Any:
-        """The whole averaged gradient of ``param`` between :meth:`backward` and :meth:`step` (a collective
-        under ZeRO: every rank asks for the same parameters in the same order)."""
+        """The whole averaged gradient of ``param`` after the step's last :meth:`backward`, before its
+        :meth:`step` (a collective under ZeRO: every rank asks for the same parameters in the same order)."""
         if self.deepspeed:
             from deepspeed.utils import safe_get_full_grad
 
@@ -158,10 +279,14 @@ class StepEngine:
         return param.grad
 
     def step(self) -> None:
+        """After each micro-batch: the optimiser update (clipping, learning-rate schedule) happens after the
+        step's last one."""
         import torch
 
         if self.deepspeed:
-            self.engine.step()
+            self.engine.step()  # DeepSpeed updates at the accumulation boundary only
+            return
+        if not self._last:
             return
         if self.cfg.train.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(

@@ -37,7 +37,7 @@ def run_task_locally(
     eval_pre = Preprocessor(job.model_path, train=False, trust_remote_code=trust)
     result = train_and_evaluate_task(
         job,
-        local_batches(shard(train_rows, 0, 1), train_pre, cfg.train.batch_size),
+        local_batches(shard(train_rows, 0, 1), train_pre, cfg.micro_batch),
         lambda: local_batches(eval_rows, eval_pre, cfg.eval.batch_size),
         out_dir,
         device=device,

@@ -9,13 +9,16 @@ iterables of preprocessed numpy batches either way.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from mcl.adapters import projector_module_names
 from mcl.config import config_from_dict
 from mcl.data import collate
 from mcl.evaluation.generation import GenerationEvaluator, score_records
@@ -26,13 +29,15 @@ from mcl.worker.checkpoint import should_checkpoint, skip_batches
 from mcl.worker.engine import (
     StepEngine,
     all_reduce_mean,
+    all_reduce_sum,
     dist_rank_world,
+    enable_gradient_checkpointing,
     seed_everything,
     to_device,
     zero3_loading_context,
 )
 from mcl.worker.job import TaskJob, TaskResult
-from mcl.worker.losses import per_sample_loss
+from mcl.worker.losses import StepShare, per_sample_loss, step_counts
 
 Batches = Iterable[dict[str, np.ndarray]]
 
@@ -62,7 +67,8 @@ class PhaseRecipe:
         name = job.task_names[job.task_index]
         phase_tag = "" if job.phase == "train" else f" {job.phase}"
         self.tag = f"[task {job.task_index + 1}/{len(job.task_names)} {name}{phase_tag}]"
-        self.micro = self.cfg.train.batch_size // self.world
+        self.micro = self.cfg.micro_batch
+        self.accumulation = self.cfg.accumulation_steps
         self.train_log: list[dict[str, float]] = []
         self.timing: dict[str, float] = {}
         self.baseline: dict[str, float] | None = None
@@ -85,12 +91,25 @@ class PhaseRecipe:
         # this object is alive, so no rank ever holds the whole model.
         self._zero3_loading = zero3_loading_context(cfg, self.world)
         base, self.processor = load_model_and_processor(
-            job.model_path, trust_remote_code=cfg.model.trust_remote_code, dtype=cfg.model.dtype
+            job.model_path,
+            trust_remote_code=cfg.model.trust_remote_code,
+            dtype=cfg.model.dtype,
+            attn_implementation=cfg.model.attn_implementation,
         )
+        if cfg.train.gradient_checkpointing:
+            enable_gradient_checkpointing(base)
         self.ctx = self._context()
         model = self.method.setup_model(base, self.ctx)
         self.method.before_task(model, self.ctx)
-        self.engine = StepEngine(model, cfg, self.world, self.device, optimize=job.optimize)
+        self.engine = StepEngine(
+            model,
+            cfg,
+            self.world,
+            self.device,
+            optimize=job.optimize,
+            total_steps=job.steps,
+            lr_rules=self._lr_rules(model),
+        )
         self.device = next(self.engine.module.parameters()).device
         self.evaluator = GenerationEvaluator(
             self.engine.module,
@@ -102,6 +121,14 @@ class PhaseRecipe:
             synced_gpus=self.engine.zero3 and self.world > 1,
         )
         self.timing["setup_s"] = time.perf_counter() - t0
+
+    def _lr_rules(self, model: Any) -> list[tuple[str, float]]:
+        """The method's own learning-rate groups, then the projector's (``train.projector_lr``)."""
+        rules = list(self.method.learning_rates(self.ctx).items())
+        if self.cfg.train.projector_lr > 0:
+            names = "|".join(re.escape(n) for n in projector_module_names(model))
+            rules.append((rf"(^|\.)({names})\.", self.cfg.train.projector_lr))
+        return rules
 
     def _context(self) -> TaskContext:
         job = self.job
@@ -156,38 +183,62 @@ class PhaseRecipe:
 
     # -- train
     def train(self, batches: Batches, checkpoints: StepCheckpoints | None = None) -> None:
-        """One optimiser step per batch of this rank's shard; ``job.steps`` of them. After a resume from a
-        step checkpoint, the batches of the steps already taken are skipped (rows are sharded by position, so
-        the rest are exactly those of the uninterrupted phase)."""
+        """``job.steps`` optimiser steps, each over ``accumulation`` consecutive micro-batches of this rank's
+        shard. After a resume from a step checkpoint, the micro-batches of the steps already taken are
+        skipped (rows are sharded by position, so the rest are exactly those of the uninterrupted phase)."""
         self.engine.module.train()
         wants_gradients = self.method.wants_gradients(self.ctx)
         clock = _StepClock()
         step = self.start_step
-        for np_batch in clock.timed(skip_batches(batches, self.start_step)):
-            loss, extra = self._train_step(np_batch, wants_gradients)
+        micro_batches = skip_batches(batches, self.start_step * self.accumulation)
+        for np_batches in clock.timed(_in_steps(micro_batches, self.accumulation)):
+            loss, extra = self._train_step(np_batches, wants_gradients)
             step += 1
-            clock.step_done(step - self.start_step, self.micro * self.world)
+            clock.step_done(step - self.start_step, self.cfg.train.batch_size)
             self._log_step(step, loss, extra, clock)
             self._checkpoint(checkpoints, step)
         if step != self.job.steps:
             raise RuntimeError(
-                f"{self.tag} rank {self.rank} got {step} training batches, expected {self.job.steps}"
+                f"{self.tag} rank {self.rank} got {step} training steps of {self.accumulation} micro-batches, "
+                f"expected {self.job.steps}"
             )
-        self.timing.update(clock.timing((step - self.start_step) * self.micro * self.world))
+        self.timing.update(clock.timing((step - self.start_step) * self.cfg.train.batch_size))
         self.method.after_task(self.engine.module, self.ctx)
 
-    def _train_step(self, np_batch: dict[str, np.ndarray], wants_gradients: bool) -> tuple[Any, Any]:
+    def _train_step(self, np_batches: list[dict[str, np.ndarray]], wants_gradients: bool) -> tuple[Any, Any]:
+        """One optimiser step: the loss terms of each micro-batch written as its share of the step's means
+        (:class:`StepShare`), backpropagated one micro-batch at a time. Returns the step's mean task loss and
+        mean extra loss (None without one) on this rank."""
         engine, method = self.engine, self.method
         pad = self.processor.tokenizer.pad_token_id
-        batch = to_device(collate(np_batch, pad, left_pad=False), self.device, self.dtype)
-        outputs = engine.forward(batch)
-        loss = per_sample_loss(outputs.logits, batch["labels"])
-        extra = method.extra_loss(engine.module, batch, outputs, self.ctx)
-        engine.backward(loss + extra if extra is not None else loss)
-        if wants_gradients:
-            method.on_gradients(engine.module, batch, engine.full_grad, self.ctx)
-        engine.step()
-        return loss, extra
+        batches = [to_device(collate(b, pad, left_pad=False), self.device, self.dtype) for b in np_batches]
+        ctx = dataclasses.replace(self.ctx, step=self._step_share(batches))
+        losses, extras = [], []
+        for i, batch in enumerate(batches):
+            with engine.micro_batch(last=i == len(batches) - 1):
+                outputs = engine.forward(batch)
+                loss = per_sample_loss(outputs.logits, batch["labels"], ctx.step)
+                extra = method.extra_loss(engine.module, batch, outputs, ctx)
+                engine.backward(loss + extra if extra is not None else loss)
+            if wants_gradients and i == len(batches) - 1:
+                method.on_gradients(engine.module, batch, engine.full_grad, ctx)
+            engine.step()
+            losses.append(loss.detach())
+            extras += [extra.detach()] if extra is not None else []
+        mean_extra = sum(extras) / len(batches) if extras else None
+        return sum(losses) / len(batches), mean_extra
+
+    def _step_share(self, batches: list[dict[str, Any]]) -> StepShare:
+        """The step's totals (the engine's counts and the method's, summed over its micro-batches and every
+        rank): one small all-reduce per step."""
+        counts: dict[str, float] = {}
+        for batch in batches:
+            for source in (step_counts(batch), self.method.step_counts(batch, self.ctx)):
+                for name, value in source.items():
+                    counts[name] = counts.get(name, 0.0) + float(value)
+        names = sorted(counts)  # the same order on every rank
+        totals = all_reduce_sum([counts[n] for n in names], self.world, self.device)
+        return StepShare(dict(zip(names, totals, strict=True)), parts=len(batches) * self.world)
 
     def _log_step(self, step: int, loss: Any, extra: Any, clock: _StepClock) -> None:
         steps_per_epoch = max(1, self.job.steps // self.cfg.train.epochs)
@@ -199,7 +250,7 @@ class PhaseRecipe:
         self.train_log.append(entry)
         if step % self.cfg.train.log_every == 0 or step == self.job.steps:
             done = step - self.start_step
-            rate = clock.samples_per_s(done * self.micro * self.world)
+            rate = clock.samples_per_s(done * self.cfg.train.batch_size)
             eta = (self.job.steps - step) * clock.elapsed() / done
             self.say(
                 f"{self.tag} step {step}/{self.job.steps} epoch {entry['epoch'] + 1} loss {loss_value:.4f} "
@@ -265,6 +316,15 @@ _TIMING_KEYS = (
 )
 
 
+def _in_steps(batches: Iterable[dict[str, np.ndarray]], size: int) -> Iterator[list[dict[str, np.ndarray]]]:
+    """Consecutive micro-batches in lists of ``size``, one list per optimiser step (a short last list is
+    dropped: the shard holds whole steps, which :meth:`PhaseRecipe.train` checks)."""
+    iterator = iter(batches)
+    while chunk := list(itertools.islice(iterator, size)):
+        if len(chunk) == size:
+            yield chunk
+
+
 class _StepClock:
     """Training throughput: overall, and in steady state (after the first 2 steps, which pay for warm-up),
     with the time spent waiting on the input pipeline (tells an input-bound run)."""
@@ -276,7 +336,7 @@ class _StepClock:
         self.data_wait_s = 0.0
         self._step = 0
 
-    def timed(self, batches: Batches) -> Iterable[dict[str, np.ndarray]]:
+    def timed(self, batches: Iterable[Any]) -> Iterable[Any]:
         iterator = iter(batches)
         while True:
             t_wait = time.perf_counter()

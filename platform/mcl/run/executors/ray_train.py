@@ -111,7 +111,7 @@ def fit_phases(prep: PreparedRun, phases: list[PlannedPhase], run_dir: RunDir) -
             "jobs": [item.job.__dict__ for item in phases],
             "folders": [item.folder for item in phases],
             "run_dir": str(run_dir.path),
-            "micro_batch": cfg.train.batch_size // cfg.scaling.num_workers,
+            "micro_batch": cfg.micro_batch,
             "eval_batch": cfg.eval.batch_size,
             "fit_id": uuid.uuid4().hex,
             "first_phase": phases[0].key,
@@ -148,7 +148,7 @@ def phase_datasets(prep: PreparedRun, phases: list[PlannedPhase]) -> dict[str, A
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False
     world = cfg.scaling.num_workers
-    micro = cfg.train.batch_size // world
+    micro = cfg.micro_batch
     trust = cfg.model.trust_remote_code
     train_pre = Preprocessor(prep.model_path, train=True, trust_remote_code=trust)
     tasks = data_tasks_per_rank(cfg)
