@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mcl.config import ExperimentConfig, save_config
 from mcl.errors import ConfigError, DataError, UnknownNameError
@@ -48,6 +49,7 @@ def prepare_run(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Pr
     method = build_method(cfg.method.name, cfg.method.params)
     model_path = resolve_model_path(cfg.model.name)
     check_image_text_model(model_path, cfg.model.trust_remote_code)
+    check_kernels(cfg, log)
     stream, report = _read_stream(cfg, log)
     _check_answer_types(stream)
     _check_eval_samples(stream, cfg)
@@ -168,3 +170,55 @@ def _family_lora_targets(model_path: str) -> str | None:
         return None
     family = model_family(model_type)
     return family.lora_targets if family is not None else None
+
+
+def check_kernels(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> None:
+    """Fail before any run exists when a kernel the config asks for cannot run: flash attention without GPUs
+    or without ``flash-attn``, or ZeRO offload where DeepSpeed's CPU Adam cannot be built. Checked where this
+    driver is the same kind of machine as the workers (a CPU run, or a driver that sees a GPU); otherwise the
+    workers stop with the same message when they build the model."""
+    import importlib.util
+
+    if cfg.model.attn_implementation == "flash_attention_2":
+        if not cfg.scaling.use_gpu:
+            raise ConfigError(
+                "model.attn_implementation: flash_attention_2 needs GPUs (scaling.use_gpu=true)"
+            )
+        if _driver_like_workers(cfg) and importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError(
+                "model.attn_implementation: flash_attention_2 needs the flash-attn package "
+                "(pip install flash-attn); or use sdpa"
+            )
+    if cfg.scaling.offload != "none" and _driver_like_workers(cfg):
+        log("scaling.offload: building DeepSpeed's CPU Adam (the first time takes about a minute)")
+        try:
+            cpu_adam_op(cfg.scaling.use_gpu)
+        except Exception as exc:  # the op's JIT build: no compiler, no ninja, an unsupported CPU
+            raise ConfigError(
+                f"scaling.offload: {cfg.scaling.offload} needs DeepSpeed's CPU Adam, which cannot be built here "
+                f"({type(exc).__name__}: {exc}); set scaling.offload=none or install a C++ compiler and ninja"
+            ) from None
+
+
+def _driver_like_workers(cfg: ExperimentConfig) -> bool:
+    if not cfg.scaling.use_gpu:
+        return True
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def cpu_adam_op(use_gpu: bool) -> Any:
+    """Build (or load the cached build of) DeepSpeed's CPU Adam op for this machine's accelerator."""
+    import os
+
+    if not use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("CPUAdamBuilder")
+    if builder is None or not builder.is_compatible():
+        raise RuntimeError(
+            f"DeepSpeed's CPUAdamBuilder is not compatible with {get_accelerator().device_name()}"
+        )
+    return builder.load()

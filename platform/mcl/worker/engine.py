@@ -179,11 +179,14 @@ def all_reduce_sum(values: list[float], world_size: int, device: Any) -> list[fl
 
 def enable_gradient_checkpointing(model: Any) -> None:
     """Activation checkpointing on every module of ``model`` that supports it (transformers'
-    ``gradient_checkpointing_enable``), non-reentrant: it needs no inputs that require gradients (a frozen
-    base under LoRA) and works with DeepSpeed ZeRO-3's parameter gathering. The KV cache is off while
-    training (it would be recomputed anyway); generation in eval mode runs without checkpointing."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
+    ``activation_checkpointing_enable``, ``gradient_checkpointing_enable`` before transformers 5),
+    non-reentrant: it needs no inputs that require gradients (a frozen base under LoRA) and works with
+    DeepSpeed ZeRO-3's parameter gathering. Only in training mode: generation recomputes nothing."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def zero3_loading_context(cfg: ExperimentConfig, world_size: int) -> Any:
@@ -256,12 +259,14 @@ class StepEngine:
         self._last = last
         if self.deepspeed:
             self.engine.set_gradient_accumulation_boundary(last)
-        no_sync = getattr(self.engine, "no_sync", None)
+        # DDP all-reduces in every backward unless told not to; DeepSpeed decides from the boundary above.
+        no_sync = getattr(self.engine, "no_sync", None) if not self.deepspeed else None
         with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
             yield
 
     def forward(self, batch: dict[str, Any]) -> Any:
-        return self.engine(**model_inputs(batch))
+        # No KV cache in a training forward: nothing reads it, and it is incompatible with checkpointing.
+        return self.engine(**model_inputs(batch), use_cache=False)
 
     def backward(self, loss: Any) -> None:
         if self.deepspeed:
