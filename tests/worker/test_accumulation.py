@@ -147,47 +147,69 @@ def _assert_same_training(a: Path, b: Path, what: str) -> None:
         torch.testing.assert_close(saved_b[name], tensor, rtol=1e-4, atol=1e-6, msg=f"{what}: {name}")
 
 
+def _cases(job: TaskJob, rows: list[Any], out: Path) -> list[dict[str, Any]]:
+    """Every engine's phases, run in one pair of processes (a process start costs more than a phase): the
+    whole batch (micro 8), micro 2 x accumulation 4; under ZeRO, also micro 4 x 2 with activation
+    checkpointing and the whole batch with ZeRO-Offload."""
+    cases = []
+    for engine, settings in ENGINES.items():
+        scaling = {"num_workers": WORLD, **settings}
+        variants: dict[str, dict[str, dict[str, Any]]] = {
+            "whole": {"train": {"micro_batch_size": 0}},
+            "micro": {"train": {"micro_batch_size": 2}},
+        }
+        if engine != "torch":
+            offload = "optimizer_and_params" if engine == "zero3" else "optimizer"
+            variants["checkpointed"] = {"train": {"micro_batch_size": 4, "gradient_checkpointing": True}}
+            variants["offloaded"] = {"scaling": {"offload": offload}}
+        for name, changes in variants.items():
+            changes = {"train": {}, **changes}
+            changes["scaling"] = {**scaling, **changes.get("scaling", {})}
+            cases.append(_case(job, rows, out / f"{engine}-{name}", changes))
+    return cases
+
+
+@pytest.fixture(scope="module")
+def trained(quad_task2, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder of every case's phase (``<engine>-<variant>``), trained on 2 ranks."""
+    _prep, job, rows = quad_task2
+    out = tmp_path_factory.mktemp("cases")
+    cases = _cases(job, rows, out)
+    assert {Path(c["out"]).name: c["micro"] for c in cases if "zero3" in c["out"]} == {
+        "zero3-whole": 8,
+        "zero3-micro": 2,
+        "zero3-checkpointed": 4,
+        "zero3-offloaded": 8,
+    }
+    _run_cases(cases, out)
+    return out
+
+
+def test_the_batches_mix_question_rows_unevenly(quad_task2):
+    _prep, _job, rows = quad_task2
+    questions = [not r["supervised"] for r in rows[:16]]
+    per_rank = [sum(questions[r::WORLD]) for r in range(WORLD)]
+    assert sum(per_rank) > 0 and per_rank[0] != per_rank[1], per_rank
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", list(ENGINES))
-def test_micro_batches_with_accumulation_equal_one_batch(engine, quad_task2, tmp_path):
-    _prep, job, rows = quad_task2
-    supervised = [r["supervised"] for r in rows[:16]]
-    per_rank = [sum(not s for s in supervised[r::WORLD]) for r in range(WORLD)]
-    assert per_rank[0] != per_rank[1] or sum(per_rank) == 0, "the ranks should hold different question rows"
-    assert sum(per_rank) > 0, "QUAD's batches should hold question rows"
-    scaling = {"num_workers": WORLD, **ENGINES[engine]}
-    whole = _case(job, rows, tmp_path / "whole", {"scaling": scaling, "train": {"micro_batch_size": 0}})
-    micro = _case(job, rows, tmp_path / "micro", {"scaling": scaling, "train": {"micro_batch_size": 2}})
-    assert (whole["micro"], micro["micro"]) == (8, 2)
-    _run_cases([whole, micro], tmp_path)
-    _assert_same_training(tmp_path / "whole", tmp_path / "micro", f"{engine}: micro 2 x 4 vs micro 8")
-    assert any(e["extra_loss"] != 0 for e in _train_log(tmp_path / "whole"))
+def test_micro_batches_with_accumulation_equal_one_batch(engine, trained):
+    _assert_same_training(trained / f"{engine}-whole", trained / f"{engine}-micro", f"{engine}: 2 x 4 vs 8")
+    assert any(e["extra_loss"] != 0 for e in _train_log(trained / f"{engine}-whole"))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["zero2", "zero3"])
-def test_activation_checkpointing_and_offload_train_the_same(engine, quad_task2, tmp_path):
+def test_activation_checkpointing_and_offload_train_the_same(engine, trained):
     """Activation checkpointing (non-reentrant, through PEFT and ZeRO) gives the same losses and weights;
     ZeRO-Offload steps the optimizer in host memory with DeepSpeed's CPU Adam, which follows torch's AdamW
     (a different kernel: the tolerance is looser)."""
-    _prep, job, rows = quad_task2
-    scaling = {"num_workers": WORLD, **ENGINES[engine]}
-    offload = "optimizer_and_params" if engine == "zero3" else "optimizer"
-    base = _case(job, rows, tmp_path / "base", {"scaling": scaling, "train": {"micro_batch_size": 4}})
-    checkpointed = _case(
-        job,
-        rows,
-        tmp_path / "checkpointed",
-        {"scaling": scaling, "train": {"micro_batch_size": 4, "gradient_checkpointing": True}},
-    )
-    offloaded = _case(
-        job, rows, tmp_path / "offloaded", {"scaling": {**scaling, "offload": offload}, "train": {}}
-    )
-    _run_cases([base, checkpointed, offloaded], tmp_path)
-    _assert_same_training(tmp_path / "base", tmp_path / "checkpointed", f"{engine}: checkpointing")
-    log_base, log_off = _train_log(tmp_path / "base"), _train_log(tmp_path / "offloaded")
+    whole = trained / f"{engine}-whole"
+    _assert_same_training(whole, trained / f"{engine}-checkpointed", f"{engine}: checkpointing")
+    offloaded = trained / f"{engine}-offloaded"
+    log_base, log_off = _train_log(whole), _train_log(offloaded)
     assert [e["loss"] for e in log_off] == pytest.approx([e["loss"] for e in log_base], rel=1e-3)
-    for name, tensor in _saved_tensors(tmp_path / "base").items():
-        torch.testing.assert_close(
-            _saved_tensors(tmp_path / "offloaded")[name], tensor, rtol=1e-3, atol=1e-4, msg=name
-        )
+    saved = _saved_tensors(offloaded)
+    for name, tensor in _saved_tensors(whole).items():
+        torch.testing.assert_close(saved[name], tensor, rtol=1e-3, atol=1e-4, msg=name)
