@@ -4,10 +4,12 @@ Usage:
     python jobs/run_stream.py                                  # embedded defaults (tiny model, generated stream)
     python jobs/run_stream.py --config my.yaml train.lr=1e-3   # a YAML config plus key=value overrides
     python jobs/run_stream.py --check stream.root=/data/x     # validate config, data and images only
+    python jobs/run_stream.py --plan model.name=/ckpt/llava-7b  # print the per-worker memory plan only
     python jobs/run_stream.py --resume tracking.run_name=my-run  # continue an interrupted run
     ray job submit --working-dir . -- python jobs/run_stream.py method.name=joint
 
-Prints progress per task, then the accuracy matrix, the CL metrics and the command that opens MLflow.
+Prints the memory plan per worker (a ``warning:`` line when it will not fit), progress per task, then the
+accuracy matrix, the CL metrics and the command that opens MLflow.
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         help="only validate the config, names, annotations and images (no Ray, no MLflow run), then exit",
     )
     parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="only print the per-worker memory plan (needs the model's config.json; no Ray, no MLflow run)",
+    )
+    parser.add_argument(
         "--resume",
         action="store_true",
         help="continue the run named by tracking.run_name where it stopped (finished tasks are not retrained)",
@@ -52,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.plan:
+            from mcl.run.memory_plan import plan_config
+
+            return 0 if plan_config(cfg) is not None else 2
         from mcl.run import format_matrix, format_metrics, prepare_run, run_experiment
 
         prepared = prepare_run(cfg)

@@ -204,6 +204,9 @@ class ScalingConfig:
 
     ``offload`` moves ZeRO state to CPU memory: ``optimizer`` the optimizer states (ZeRO-1/2/3, DeepSpeed's
     CPU Adam steps them), ``optimizer_and_params`` also the parameters (ZeRO-3 only).
+
+    ``device_memory_gb``: the memory (GiB) of one worker's device that the memory plan (``mcl.run.memory_plan``)
+    compares its estimate with; 0 = detect it (the GPU the driver sees; host RAM per worker for CPU runs).
     """
 
     num_workers: int = 1
@@ -216,6 +219,7 @@ class ScalingConfig:
     ray_address: str = ""
     ray_num_cpus: int = 0
     max_failures: int = 0
+    device_memory_gb: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "scaling.num_workers", "must be >= 1", self.num_workers)
@@ -227,6 +231,12 @@ class ScalingConfig:
             self.ray_num_cpus,
         )
         _check(self.max_failures >= -1, "scaling.max_failures", "must be >= -1", self.max_failures)
+        _check(
+            self.device_memory_gb >= 0,
+            "scaling.device_memory_gb",
+            "must be >= 0 (0 = detect)",
+            self.device_memory_gb,
+        )
         _check(
             self.offload == "none" or (self.deepspeed and self.zero_stage >= 1),
             "scaling.offload",

@@ -19,6 +19,7 @@ from mcl.methods_api import Phase
 from mcl.run.executors import Executor, ExecutorFactory
 from mcl.run.executors.local import LocalExecutor
 from mcl.run.executors.ray_train import RayTrainExecutor
+from mcl.run.memory_plan import plan_prepared
 from mcl.run.plan import phase_folder
 from mcl.run.prepare import PreparedRun, open_run_dir, prepare_run, run_name
 from mcl.run.record import RunRecorder
@@ -192,6 +193,7 @@ def run_experiment(
     """
     t_start = time.perf_counter()
     prep = prepared or prepare_run(cfg, log)
+    plan = plan_prepared(prep, log)
     name = run_name(cfg)
     run_dir, existing = open_run_dir(prep, name, resume)
     progress = run_dir.read_progress()
@@ -202,7 +204,7 @@ def run_experiment(
     try:
         loop = StreamLoop(prep, executor(prep, run_dir), run_dir, progress, recorder, log)
         if not existing:
-            recorder.log_setup(run_dir)
+            recorder.log_setup(run_dir, plan)
         loop.run(range(len(loop.names)), on_task)
         loop.executor.close()
         recorder.finish(loop.table, run_dir, loop.previous, t_start)

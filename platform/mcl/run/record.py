@@ -17,6 +17,7 @@ from mcl.config import ExperimentConfig
 from mcl.errors import RunStopped
 from mcl.evaluation.metrics import heatmap_png
 from mcl.methods_api import Phase
+from mcl.run.memory_plan import MemoryPlan
 from mcl.run.prepare import PreparedRun
 from mcl.run.rundir import Progress, RunDir
 from mcl.run.table import AccuracyTable
@@ -72,8 +73,8 @@ class RunRecorder:
             self.log(f"MLflow run {self.run_id} in {self.uri} (experiment {self.cfg.tracking.experiment!r})")
         return self.run_id
 
-    def log_setup(self, run_dir: RunDir) -> None:
-        """Params, config and data report of a new run."""
+    def log_setup(self, run_dir: RunDir, plan: MemoryPlan | None = None) -> None:
+        """Params, config, data report and memory plan (``plan.*`` params, ``memory_plan.json``) of a new run."""
         cfg, prep = self.cfg, self.prep
         resolved = {
             "resolved.model_path": prep.model_path,
@@ -85,6 +86,9 @@ class RunRecorder:
         if prep.data_report is not None:
             self.tracker.log_metrics(self.run_id, prep.data_report.skipped_metrics())
             self.tracker.log_dict(self.run_id, prep.data_report.to_dict(), "data_report.json")
+        if plan is not None:
+            self.tracker.log_params(self.run_id, plan.flat())
+            self.tracker.log_dict(self.run_id, plan.flat(), "memory_plan.json")
 
     def finish(self, table: AccuracyTable, run_dir: RunDir, final_state: str | None, t_start: float) -> None:
         """Matrix, metrics, heatmap and final state on the stream run, which is closed FINISHED with its wall
