@@ -518,6 +518,61 @@ QWEN2_5_VL_IDS = {
 }
 
 
+# Architecture fields of the published config.json files.
+LLAVA_15_7B_TEXT = {
+    "vocab_size": 32064,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "pad_token_id": 32001,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+LLAVA_15_7B_VISION = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "image_size": 336,
+    "patch_size": 14,
+    "projection_dim": 768,
+}
+QWEN2_5_VL_7B_TEXT = {
+    "vocab_size": 152064,
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 128000,
+    "max_window_layers": 28,
+    "rms_norm_eps": 1e-6,
+    "hidden_act": "silu",
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "pad_token_id": 151643,
+}
+QWEN2_5_VL_7B_VISION = {
+    "depth": 32,
+    "hidden_size": 1280,
+    "intermediate_size": 3420,
+    "num_heads": 16,
+    "hidden_act": "silu",
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "window_size": 112,
+    "fullatt_block_indexes": [7, 15, 23, 31],
+    "tokens_per_second": 2,
+    "out_hidden_size": 3584,
+}
+
+
 def _llava_15_7b_parts() -> RandomModelParts:
     """llava-hf/llava-1.5-7b-hf: Vicuna-7B (Llama-2 7B shape, vocab 32064) + CLIP ViT-L/14-336 (feature
     layer -2, 576 image tokens), ``CLIPImageProcessor`` at 336 px with CLIP's mean/std."""
@@ -556,39 +611,17 @@ def _llava_15_7b_parts() -> RandomModelParts:
         num_additional_image_tokens=1,
         chat_template=TINY_CHAT_TEMPLATE,
     )
-    text = LlamaConfig(
-        vocab_size=32064,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-5,
-        pad_token_id=32001,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    vision = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-        projection_dim=768,
-    )
     config = LlavaConfig(
-        vision_config=vision.to_dict(),
-        text_config=text.to_dict(),
-        image_token_index=32000,
+        vision_config=CLIPVisionConfig(**LLAVA_15_7B_VISION).to_dict(),
+        text_config=LlamaConfig(**LLAVA_15_7B_TEXT).to_dict(),
+        image_token_index=LLAVA_15_IDS["<image>"],
         image_seq_length=576,
         projector_hidden_act="gelu",
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
         tie_word_embeddings=False,
     )
-    config.pad_token_id = 32001
+    config.pad_token_id = LLAVA_15_IDS["<pad>"]
     return LlavaForConditionalGeneration, config, processor
 
 
@@ -625,44 +658,13 @@ def _qwen2_5_vl_7b_parts() -> RandomModelParts:
     processor = image_only_processor_class(Qwen2_5_VLProcessor)(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN2_5_VL_CHAT_TEMPLATE
     )
-    rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}
-    text = {
-        "vocab_size": 152064,
-        "hidden_size": 3584,
-        "intermediate_size": 18944,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 28,
-        "num_key_value_heads": 4,
-        "max_position_embeddings": 128000,
-        "max_window_layers": 28,
-        "rms_norm_eps": 1e-6,
-        "hidden_act": "silu",
-        "rope_parameters": rope,
-        "bos_token_id": 151643,
-        "eos_token_id": 151645,
-        "pad_token_id": 151643,
-    }
-    vision = {
-        "depth": 32,
-        "hidden_size": 1280,
-        "intermediate_size": 3420,
-        "num_heads": 16,
-        "hidden_act": "silu",
-        "patch_size": 14,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-        "window_size": 112,
-        "fullatt_block_indexes": [7, 15, 23, 31],
-        "tokens_per_second": 2,
-        "out_hidden_size": 3584,
-    }
     config = Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=151655,
-        video_token_id=151656,
-        vision_start_token_id=151652,
-        vision_end_token_id=151653,
+        text_config=dict(QWEN2_5_VL_7B_TEXT),
+        vision_config=dict(QWEN2_5_VL_7B_VISION),
+        image_token_id=QWEN2_5_VL_IDS["<|image_pad|>"],
+        video_token_id=QWEN2_5_VL_IDS["<|video_pad|>"],
+        vision_start_token_id=QWEN2_5_VL_IDS["<|vision_start|>"],
+        vision_end_token_id=QWEN2_5_VL_IDS["<|vision_end|>"],
         tie_word_embeddings=False,
     )
     return Qwen2_5_VLForConditionalGeneration, config, processor
