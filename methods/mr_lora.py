@@ -12,10 +12,11 @@ What the method does
 
 How it is implemented here
     * Phases per task: ``train`` (the new expert ``expert_<t>``, no evaluation) and ``router`` (a router
-      adapter trained from scratch, then evaluation). The router is re-trained from scratch after each task
-      rather than continued: its label set grows with every task and its training rows cover every seen
-      task, so starting from the previous router buys nothing but a bias towards the old letters, and a
-      fresh router makes each task's router a function of its own (tiny) training set only.
+      adapter trained from scratch, then evaluation). The router is re-trained after each task, from scratch
+      (or from the merged experts, ``router_init: merged``), rather than continued: its label set grows with
+      every task and its training rows cover every seen task, so starting from the previous router buys
+      nothing but a bias towards the old letters, and a new router makes each task's router a function of
+      its own (tiny) training set and the experts only.
     * Experts are truly independent: every adapter (each expert and the router) carries its own copy of
       the multimodal projector when ``model.lora.train_projector`` is set (peft ``modules_to_save``, one
       copy per adapter, on the projector's Linear layers, which peft can route per sample). A shared
@@ -36,13 +37,38 @@ How it is implemented here
       (``__base__``), as for other methods.
     * State: one peft folder per adapter (``expert_0/``, ..., ``router/``) plus ``mr_lora.json``.
 
+The router's starting point (``router_init``)
+    ``fresh`` (default): the router is a new LoRA (peft's init, B = 0), as described above.
+    ``merged``: the router starts as the element-wise mean of the seen experts' adapter tensors. Source:
+    ``scripts/LLaVA/Train_dom_single/0_train_router.sh`` in ``bjzhb666/MLLM-CL`` (commit 80bf389) trains the
+    router LoRA (r 128, alpha 256, lr 5e-6, 40 epochs) with ``--previous_task_model_path
+    checkpoints/LLaVA/domain_llava_lora_merged0.2``; ``load_model_from_previous_task``
+    (``ETrain/Train/LLaVA/llava_trainer.py``) loads that folder's ``non_lora_trainables.bin`` (the
+    projector) into the model and its ``adapter_model.bin`` into the router's own LoRA
+    (``set_peft_model_state_dict(model, ..., adapter_name="default")``). So the folder is a LoRA adapter of
+    the experts' shape that initialises the router; the base model is not changed. The script that wrote it
+    is not published. The rule implemented here is our reading of the name and of the repository's only
+    adapter-merging code, ``ETrain/Eval/LLaVA/avg_lora.py``, which merges peft state dicts key by key (lora_A
+    and lora_B separately; its uniform line ``sum(weights[key] ...) / len(comp_weights)``): with the 5
+    domain experts, weight 0.2 = 1/5 on each, i.e. every router tensor = 0.2 x the sum of the experts' tensors.
+    Here the router is trained after every task, over the ``t + 1`` experts seen so far, so the weight is
+    ``1 / (t + 1)`` (0.2 at the fifth task, the only router the published scripts train). With
+    ``model.lora.train_projector`` the router's projector copy is the mean of the experts' copies (the
+    published folder carries a projector in ``non_lora_trainables.bin``; how it was merged is not
+    published either). Deviation: the published ability router (``Train_ability_single/0_train_router.sh``,
+    35 epochs) has no ``previous_task_model_path``: it starts fresh; ``router_init`` is per experiment.
+    Note the mean of the A and B matrices is not the mean of the experts' updates B·A; it is what a
+    key-by-key state-dict merge gives, and only a starting point the router then trains from.
+
 Hyper-parameters
     router_samples_per_task: Training samples per seen task the router trains on (paper: ~20). Chosen once
         per task, when the task is first seen, from a seed-determined permutation, and kept in the driver
         state (the method's small per-task memory).
     router_epochs: Epochs of the router phase (ours: 10; the router sees only ``20 x tasks`` rows, so a few
         more passes than the expert's are cheap; 10 routes >= 95 % of the generated stream's test samples).
-    router_lr: Learning rate of the router phase (default: ``train.lr``).
+    router_lr: Learning rate of the router phase (default: ``train.lr``; the published router: 5e-6).
+    router_init: How the router adapter starts (``fresh``, default: a new LoRA, B = 0; ``merged``: the
+        published start, see below).
     The experts and the router take the experiment's LoRA shape (``model.lora``). The paper uses rank 128,
     alpha 256 on LLaVA-1.5-7B; on the tiny test model the experiment's shape (rank 8, alpha 16) is used.
 """
@@ -78,6 +104,7 @@ ROUTER = "router"
 BASE = "__base__"  # peft's name for "no adapter" in adapter_names
 STATE_FILE = "mr_lora.json"
 ROUTER_PHASE = "router"
+ROUTER_INITS = ("fresh", "merged")
 _ADAPTER_OF_PARAM = re.compile(r"\.(?:lora_[A-Za-z_]+|modules_to_save)\.([^.]+)\.")
 # Layer types whose peft modules_to_save copies support per-sample adapter_names.
 _ROUTABLE_LAYERS = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
@@ -312,6 +339,32 @@ def load_routed_model(model: torch.nn.Module, state_dir: str | Path) -> torch.nn
     return peft_model.eval()
 
 
+def average_adapters(model: torch.nn.Module, target: str, sources: Sequence[str]) -> int:
+    """Set every tensor of adapter ``target`` (LoRA matrices, projector copy) to the element-wise mean of the
+    same tensor of the ``sources`` adapters (MR-LoRA's ``router_init: merged``). Returns how many tensors
+    were set; raises if a source lacks a tensor of ``target`` or holds it in another shape."""
+    if not sources:
+        raise ValueError(f"average_adapters: no source adapters to merge into {target!r}")
+    params = dict(model.named_parameters())
+    count = 0
+    with torch.no_grad():
+        for name, param in params.items():
+            match = _ADAPTER_OF_PARAM.search(name)
+            if match is None or match.group(1) != target:
+                continue
+            start, end = match.span(1)
+            peers = [params.get(name[:start] + source + name[end:]) for source in sources]
+            bad = [s for s, p in zip(sources, peers, strict=True) if p is None or p.shape != param.shape]
+            if bad:
+                raise ValueError(f"adapter {bad[0]!r} has no tensor like {name} {tuple(param.shape)}")
+            mean = torch.stack([p.detach().to(torch.float32) for p in peers]).mean(dim=0)
+            param.copy_(mean.to(param.dtype))
+            count += 1
+    if not count:
+        raise ValueError(f"average_adapters: the model has no adapter {target!r}")
+    return count
+
+
 def adapter_parameter_counts(model: torch.nn.Module) -> dict[str, int]:
     """Number of parameters of each adapter (LoRA matrices plus its projector copy) by adapter name."""
     counts: dict[str, int] = {}
@@ -339,6 +392,13 @@ class MRLoRA(Method):
         router_lr: float | None = field(
             default=None, metadata={"help": "Learning rate of the router phase (> 0; null: train.lr)."}
         )
+        router_init: str = field(
+            default="fresh",
+            metadata={
+                "help": "How the router adapter starts: fresh (a new LoRA) or merged (the element-wise mean "
+                "of the seen experts' adapter tensors, MLLM-CL's domain_llava_lora_merged0.2)."
+            },
+        )
 
         def __post_init__(self) -> None:
             if self.router_samples_per_task < 1:
@@ -347,6 +407,10 @@ class MRLoRA(Method):
                 raise ValueError(f"router_epochs must be >= 1, got {self.router_epochs}")
             if self.router_lr is not None and not self.router_lr > 0:
                 raise ValueError(f"router_lr must be > 0, got {self.router_lr}")
+            if self.router_init not in ROUTER_INITS:
+                raise ValueError(
+                    f"router_init must be one of {', '.join(ROUTER_INITS)}, got {self.router_init!r}"
+                )
 
     def __init__(self, params: Any) -> None:
         super().__init__(params)
@@ -424,6 +488,8 @@ class MRLoRA(Method):
         for name in frozen:
             peft_model.load_adapter(str(ctx.previous_state_dir / name), adapter_name=name, is_trainable=False)
         peft_model.set_adapter(new)  # active and trainable; every other adapter inactive and frozen
+        if new == ROUTER and self.params.router_init == "merged":
+            average_adapters(peft_model, ROUTER, frozen)
         trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
         stray = [n for n in trainable if (m := _ADAPTER_OF_PARAM.search(n)) is None or m.group(1) != new]
         if stray or not trainable:

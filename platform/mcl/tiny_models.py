@@ -173,9 +173,14 @@ def word_level_tokenizer(
     eos: str,
     bos: str | None = None,
     named_tokens: dict[str, str] | None = None,
+    fixed_ids: dict[str, int] | None = None,
+    size: int = 0,
 ) -> Any:
     """A whitespace-split word-level ``PreTrainedTokenizerFast``: ``special_tokens`` get the first ids (they
     must hold ``pad``, ``eos``, ``bos`` and ``<unk>``), then ``vocabulary``; padding on the left.
+
+    ``fixed_ids`` pins tokens to the ids a real tokenizer gives them (the others take the lowest free ids, in
+    order) and ``size`` fills unused ids up to that many entries with ``<unused_N>`` placeholders.
 
     ``named_tokens`` become tokenizer attributes the processors read (``{"image_token": "<image>"}`` gives
     ``tokenizer.image_token`` and ``tokenizer.image_token_id``); every special token that is not pad, unk,
@@ -184,9 +189,7 @@ def word_level_tokenizer(
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab: dict[str, int] = {}
-    for token in [*special_tokens, *vocabulary]:
-        vocab.setdefault(token, len(vocab))
+    vocab = _token_ids([*special_tokens, *vocabulary], fixed_ids or {}, size)
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(
@@ -201,6 +204,25 @@ def word_level_tokenizer(
     markers = [t for t in special_tokens if t not in (pad, UNK_TOKEN, bos, eos)]
     tokenizer.add_special_tokens({"additional_special_tokens": markers})
     return tokenizer
+
+
+def _token_ids(tokens: Sequence[str], fixed: dict[str, int], size: int) -> dict[str, int]:
+    """Token -> id: ``fixed`` ones pinned, the rest on the lowest free ids, gaps below ``size`` filled."""
+    vocab = dict(fixed)
+    taken = set(fixed.values())
+    if len(taken) != len(fixed):
+        raise ValueError(f"fixed token ids collide: {fixed}")
+    next_id = 0
+    for token in tokens:
+        if token in vocab:
+            continue
+        while next_id in taken:
+            next_id += 1
+        vocab[token] = next_id
+        taken.add(next_id)
+    for free in sorted(set(range(size)) - taken):
+        vocab[f"<unused_{free}>"] = free
+    return vocab
 
 
 def _text_config(tokenizer: Any, shape: ModelShape, **extra: Any) -> dict[str, Any]:
@@ -476,3 +498,200 @@ def builtin_model_path(name: str, cache_dir: str | Path | None = None) -> Path:
         except OSError:  # another process built it first
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+# -- config-only checkpoints of real architectures ---------------------------------------------------------
+# The published llava-hf/llava-1.5-7b-hf and Qwen/Qwen2.5-VL-7B-Instruct configs (architecture fields) and
+# their processors' settings; a word-level tokenizer stands in for the real one (nothing is downloaded),
+# with the real ids of every special token the processors and configs use.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+LLAVA_15_IDS = {UNK_TOKEN: 0, "<s>": 1, "</s>": 2, "<image>": 32000, "<pad>": 32001}
+QWEN2_5_VL_IDS = {
+    "<|endoftext|>": 151643,
+    "<|im_start|>": 151644,
+    "<|im_end|>": 151645,
+    "<|vision_start|>": 151652,
+    "<|vision_end|>": 151653,
+    "<|image_pad|>": 151655,
+    "<|video_pad|>": 151656,
+}
+
+
+# Architecture fields of the published config.json files.
+LLAVA_15_7B_TEXT = {
+    "vocab_size": 32064,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "pad_token_id": 32001,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+LLAVA_15_7B_VISION = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "image_size": 336,
+    "patch_size": 14,
+    "projection_dim": 768,
+}
+QWEN2_5_VL_7B_TEXT = {
+    "vocab_size": 152064,
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 128000,
+    "max_window_layers": 28,
+    "rms_norm_eps": 1e-6,
+    "hidden_act": "silu",
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "pad_token_id": 151643,
+}
+QWEN2_5_VL_7B_VISION = {
+    "depth": 32,
+    "hidden_size": 1280,
+    "intermediate_size": 3420,
+    "num_heads": 16,
+    "hidden_act": "silu",
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "window_size": 112,
+    "fullatt_block_indexes": [7, 15, 23, 31],
+    "tokens_per_second": 2,
+    "out_hidden_size": 3584,
+}
+
+
+def _llava_15_7b_parts() -> RandomModelParts:
+    """llava-hf/llava-1.5-7b-hf: Vicuna-7B (Llama-2 7B shape, vocab 32064) + CLIP ViT-L/14-336 (feature
+    layer -2, 576 image tokens), ``CLIPImageProcessor`` at 336 px with CLIP's mean/std."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tokenizer = word_level_tokenizer(
+        tiny_vocabulary(TINY_TEMPLATE_WORDS),
+        TINY_SPECIAL_TOKENS,
+        pad="<pad>",
+        eos="</s>",
+        bos="<s>",
+        named_tokens={"image_token": "<image>"},
+        fixed_ids=LLAVA_15_IDS,
+        size=32000,
+    )
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 336},
+        crop_size={"height": 336, "width": 336},
+        do_center_crop=True,
+        resample=3,
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=TINY_CHAT_TEMPLATE,
+    )
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**LLAVA_15_7B_VISION).to_dict(),
+        text_config=LlamaConfig(**LLAVA_15_7B_TEXT).to_dict(),
+        image_token_index=LLAVA_15_IDS["<image>"],
+        image_seq_length=576,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        tie_word_embeddings=False,
+    )
+    config.pad_token_id = LLAVA_15_IDS["<pad>"]
+    return LlavaForConditionalGeneration, config, processor
+
+
+def _qwen2_5_vl_7b_parts() -> RandomModelParts:
+    """Qwen/Qwen2.5-VL-7B-Instruct: Qwen2.5-7B (28 layers, 28 heads, 4 KV heads, vocab 152064, M-RoPE
+    sections 16/24/24) + its 32-block windowed ViT (hidden 1280, full attention in blocks 7/15/23/31),
+    ``Qwen2VLImageProcessor`` with min/max pixels 3136 / 12845056, patch 14, merge 2."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    named = {
+        "image_token": "<|image_pad|>",
+        "video_token": "<|video_pad|>",
+        "vision_start_token": "<|vision_start|>",
+        "vision_end_token": "<|vision_end|>",
+    }
+    tokenizer = word_level_tokenizer(
+        tiny_vocabulary(QWEN2_5_VL_TEMPLATE_WORDS),
+        QWEN2_5_VL_SPECIAL_TOKENS,
+        pad="<|endoftext|>",
+        eos="<|im_end|>",
+        named_tokens=named,
+        fixed_ids=QWEN2_5_VL_IDS,
+        size=151643,
+    )
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=14,
+        merge_size=2,
+        temporal_patch_size=2,
+        size={"shortest_edge": 3136, "longest_edge": 12845056},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
+    processor = image_only_processor_class(Qwen2_5_VLProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN2_5_VL_CHAT_TEMPLATE
+    )
+    config = Qwen2_5_VLConfig(
+        text_config=dict(QWEN2_5_VL_7B_TEXT),
+        vision_config=dict(QWEN2_5_VL_7B_VISION),
+        image_token_id=QWEN2_5_VL_IDS["<|image_pad|>"],
+        video_token_id=QWEN2_5_VL_IDS["<|video_pad|>"],
+        vision_start_token_id=QWEN2_5_VL_IDS["<|vision_start|>"],
+        vision_end_token_id=QWEN2_5_VL_IDS["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    return Qwen2_5_VLForConditionalGeneration, config, processor
+
+
+CONFIG_ONLY_MODELS: dict[str, Callable[[], RandomModelParts]] = {
+    "llava-hf/llava-1.5-7b-hf": _llava_15_7b_parts,
+    "Qwen/Qwen2.5-VL-7B-Instruct": _qwen2_5_vl_7b_parts,
+}
+
+
+def build_config_only_checkpoint(name: str, dest: str | Path) -> Path:
+    """Config + processor, no weights: for ``--check`` / ``--plan`` of real-architecture recipes.
+
+    Writes into ``dest`` the published ``config.json`` of hub model ``name`` (one of
+    :data:`CONFIG_ONLY_MODELS`) and a working processor (the real image-processor settings and chat
+    template; a local word-level tokenizer that gives every special token its real id). The folder is a
+    valid ``model.name`` for :func:`mcl.models.resolve_model_path` and :func:`mcl.models.load_processor`;
+    the model builds from it on the meta device (e.g. to count parameters), but there are no weights to load.
+    """
+    if name not in CONFIG_ONLY_MODELS:
+        raise UnknownNameError(f"no config-only checkpoint for {name!r} ({', '.join(CONFIG_ONLY_MODELS)})")
+    model_class, config, processor = CONFIG_ONLY_MODELS[name]()
+    config.architectures = [model_class.__name__]
+    config.dtype = "bfloat16"
+    out = Path(dest)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

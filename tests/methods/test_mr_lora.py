@@ -80,6 +80,7 @@ def _processor(model_path: str):
         ({"router_epochs": 0}, "router_epochs"),
         ({"router_epochs": 2.5}, "router_epochs"),
         ({"router_lr": -1.0}, "router_lr"),
+        ({"router_init": "average"}, "router_init"),
     ],
 )
 def test_bad_params_name_the_field(params, field):
@@ -367,3 +368,82 @@ def test_zero3_single_process_saves_complete_experts_and_routes(small_root, tiny
     records = result.results[-1].predictions
     assert len(records) == 2 * SMALL["test_per_task"]
     assert all(r["expert"] in (0, 1) for r in records)
+
+
+# -- router_init: the router's starting point --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_experts(tiny_model_path, tmp_path_factory):
+    """Three experts of distinct random (non-zero) weights, saved by MR-LoRA's own train phases."""
+    from mcl.models import load_model_and_processor
+
+    out = tmp_path_factory.mktemp("mr_lora_experts")
+    names, lora, previous = ("a", "b", "c"), LoraConfig(r=4, alpha=8), None
+    method = build_method("mr_lora", {})
+    for t in range(3):
+        base, processor = load_model_and_processor(tiny_model_path)
+        ctx = TaskContext(t, names, lora, previous, processor=processor)
+        model = method.setup_model(base, ctx)
+        generator = torch.Generator().manual_seed(100 + t)
+        with torch.no_grad():
+            for p in (p for p in model.parameters() if p.requires_grad):
+                p.add_(torch.randn(p.shape, generator=generator))
+        previous = out / f"task{t}"
+        method.save_state(model, previous, ctx)
+    return names, lora, previous
+
+
+def _router(saved_experts, tiny_model_path, router_init):
+    from mcl.models import load_model_and_processor
+
+    names, lora, state = saved_experts
+    base, processor = load_model_and_processor(tiny_model_path)
+    ctx = TaskContext(2, names, lora, state, processor=processor, phase="router")
+    return build_method("mr_lora", {"router_init": router_init}).setup_model(base, ctx), state
+
+
+def test_merged_router_starts_as_the_mean_of_the_saved_experts(saved_experts, tiny_model_path):
+    """Every router tensor (LoRA A, B and the projector copy) = the element-wise mean of the three experts'
+    saved tensors (MLLM-CL's merged0.2: weight 1/5 each for its 5 experts; here 1/3 each)."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    model, state = _router(saved_experts, tiny_model_path, "merged")
+    experts = [load_file(str(state / f"expert_{i}" / "adapter_model.safetensors")) for i in range(3)]
+    router = get_peft_model_state_dict(model, adapter_name="router")
+    assert sorted(router) == sorted(experts[0])
+    assert any("lora_B" in k for k in router) and any("multi_modal_projector" in k for k in router)
+    for key, value in router.items():
+        expected = (experts[0][key] + experts[1][key] + experts[2][key]) / 3
+        torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-6)
+        assert not torch.equal(value, experts[0][key])  # a merge, not a copy of one expert
+    for i in range(3):  # the experts themselves are loaded unchanged, frozen
+        loaded = get_peft_model_state_dict(model, adapter_name=f"expert_{i}")
+        assert all(torch.equal(loaded[k], experts[i][k]) for k in experts[i])
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".router." in n for n in trainable)
+    assert model.active_adapters == ["router"]
+
+
+def test_fresh_router_is_a_new_lora(saved_experts, tiny_model_path):
+    """The default start is unchanged: peft's new LoRA (B = 0), not the experts' mean."""
+    from peft import get_peft_model_state_dict
+
+    model, _ = _router(saved_experts, tiny_model_path, "fresh")
+    router = get_peft_model_state_dict(model, adapter_name="router")
+    lora_b = [v for k, v in router.items() if "lora_B" in k]
+    assert lora_b and all(torch.count_nonzero(v) == 0 for v in lora_b)
+    assert build_method("mr_lora", {}).params.router_init == "fresh"
+
+
+def test_average_adapters_refuses_mismatched_shapes(saved_experts, tiny_model_path):
+    from methods.mr_lora import average_adapters
+
+    model, _ = _router(saved_experts, tiny_model_path, "fresh")
+    with pytest.raises(ValueError, match="no source adapters"):
+        average_adapters(model, "router", [])
+    with pytest.raises(ValueError, match="'nope' has no tensor"):
+        average_adapters(model, "router", ["expert_0", "nope"])
+    with pytest.raises(ValueError, match="no adapter 'ghost'"):
+        average_adapters(model, "ghost", ["expert_0"])
