@@ -75,6 +75,7 @@ Hyper-parameters
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -87,7 +88,7 @@ from typing import Any
 
 import torch
 
-from mcl.adapters import full_numel, lora_target_modules, peft_lora_config, projector_modules
+from mcl.adapters import full_numel, full_shape, lora_target_modules, peft_lora_config, projector_modules
 from mcl.data import build_prompt, training_order
 from mcl.methods_api import (
     Method,
@@ -354,15 +355,29 @@ def average_adapters(model: torch.nn.Module, target: str, sources: Sequence[str]
                 continue
             start, end = match.span(1)
             peers = [params.get(name[:start] + source + name[end:]) for source in sources]
-            bad = [s for s, p in zip(sources, peers, strict=True) if p is None or p.shape != param.shape]
+            bad = [
+                s
+                for s, p in zip(sources, peers, strict=True)
+                if p is None or full_shape(p) != full_shape(param)
+            ]
             if bad:
                 raise ValueError(f"adapter {bad[0]!r} has no tensor like {name} {tuple(param.shape)}")
-            mean = torch.stack([p.detach().to(torch.float32) for p in peers]).mean(dim=0)
-            param.copy_(mean.to(param.dtype))
+            with _gathered([param, *peers]):  # ZeRO-3 partitions the projector copies at load
+                mean = torch.stack([p.detach().to(torch.float32) for p in peers]).mean(dim=0)
+                param.copy_(mean.to(param.dtype))
             count += 1
     if not count:
         raise ValueError(f"average_adapters: the model has no adapter {target!r}")
     return count
+
+
+def _gathered(params: list[torch.nn.Parameter]) -> contextlib.AbstractContextManager[Any]:
+    """``params`` whole on every rank while inside, rank 0's changes kept (ZeRO-3); a no-op otherwise."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
 def adapter_parameter_counts(model: torch.nn.Module) -> dict[str, int]:

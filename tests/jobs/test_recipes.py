@@ -2,7 +2,7 @@
 
 Every recipe passes ``jobs/run_stream.py --check`` with only ``stream.root`` (a tiny fixture of the recipe's
 stream in its published layout) and ``model.name`` (a config-only checkpoint of the recipe's real
-architecture: config + processor, no weights) changed. ``--plan`` joins ``MODES`` when it lands.
+architecture: config + processor, no weights) changed.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from mcl.tiny_models import CONFIG_ONLY_MODELS, build_config_only_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "jobs" / "configs" / "recipes").glob("*.yaml"))
-MODES = ["--check"]  # add "--plan" here once jobs/run_stream.py has it
+MODES = ["--check", "--plan"]
 # Published parameter counts: LLaVA-1.5-7B 7.06 B, Qwen2.5-VL-7B-Instruct 8.29 B.
 PARAMETERS = {"llava-hf/llava-1.5-7b-hf": 7_063_427_072, "Qwen/Qwen2.5-VL-7B-Instruct": 8_292_166_656}
 
@@ -79,7 +79,11 @@ def test_recipe_passes_with_only_root_and_model_changed(recipe, mode, config_onl
         f"model.name={config_only[cfg.model.name]}",
     ]
     assert _run_stream().main(argv) == 0, capsys.readouterr().err
-    assert "check passed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    if mode == "--check":
+        assert "check passed" in out
+    else:  # the plan of the real architecture, its sequence length measured on the stream's rows
+        assert f"over {cfg.scaling.num_workers} worker(s)" in out and "assumed" not in out, out
 
 
 def test_the_paper_recipe_is_spelled_out():
