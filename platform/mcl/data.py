@@ -208,12 +208,11 @@ def group_by_length(
       each global batch keeps its rows; only their places within the batch change.
 
     Then, inside every global batch, rows are sorted by length and dealt in runs of ``micro_batch`` to the
-    (rank, micro-batch) slots of position sharding (row ``j`` of a batch goes to rank ``j % num_workers``;
-    each rank runs its rows as consecutive micro-batches), so every micro-batch holds rows of similar length.
-    Micro-step ``k`` of every rank gets neighbouring runs (ranks wait for each other per step), the rank order
-    reversed every other micro-step and every other batch so that no rank keeps getting the longest run. The *set* of rows of each
-    global batch depends only on ``order``, ``lengths``, ``global_batch``, ``mega_batches`` and ``seed``,
-    never on ``num_workers`` or ``micro_batch``; every position of ``order`` appears exactly once.
+    (rank, micro-batch) slots of position sharding (row ``j`` of a batch goes to rank ``j % num_workers``,
+    which runs its rows as consecutive micro-batches): micro-step ``k`` of every rank gets neighbouring runs,
+    the rank order reversed every other micro-step and batch so that no rank keeps getting the longest. The
+    *set* of rows of each global batch never depends on ``num_workers`` or ``micro_batch``; every position of
+    ``order`` appears exactly once.
 
     Follows HF transformers' ``get_length_grouped_indices`` (``trainer_pt_utils.py``: mega-batches of 50
     batches sorted by length, the longest first) and LLaVA's ``get_modality_length_grouped_indices``
@@ -237,21 +236,8 @@ def group_by_length(
             f"an order of {len(order)} rows cannot be grouped in global batches of {global_batch} over "
             f"{num_workers} workers x micro-batches of {micro} (mega-batches of {mega_batches})"
         )
-    spans = _epoch_spans(order.epoch)
-    if len(order.extra) or any((stop - start) % global_batch for start, stop in spans):
-        batches = np.arange(len(order)).reshape(-1, global_batch)
-    else:
-        batches = np.concatenate(
-            [
-                start + _length_sorted_batches(lengths[start:stop], global_batch, mega_batches, f"{seed}-{e}")
-                for e, (start, stop) in enumerate(spans)
-            ]
-        )
-    within = np.argsort(-lengths[batches], axis=1, kind="stable")
-    arranged = np.empty_like(batches)
-    ranked = np.take_along_axis(batches, within, 1)
-    for parity in (0, 1):
-        arranged[parity::2, _micro_batch_slots(global_batch, num_workers, micro, parity)] = ranked[parity::2]
+    batches = _global_batches(order, lengths, global_batch, mega_batches, seed)
+    arranged = _arrange_within_batches(batches, lengths, num_workers, micro)
     perm = arranged.reshape(-1)
     return RowOrder(order.rows, order.index[perm], order.epoch[perm], order.extra)
 
@@ -263,6 +249,35 @@ def as_row_order(rows: Sequence[dict[str, Any]]) -> RowOrder:
         return rows
     epoch = np.asarray([row.get("epoch", 0) for row in rows], dtype=np.int32)
     return RowOrder([], -1 - np.arange(len(rows), dtype=np.int64), epoch, list(rows))
+
+
+def _global_batches(
+    order: RowOrder, lengths: np.ndarray, global_batch: int, mega_batches: int, seed: int | str
+) -> np.ndarray:
+    """Positions of ``order`` as a (steps, global_batch) array: regrouped by length within each epoch for a
+    plain order; as they are for an order with extra rows (or epochs not cut at batch boundaries)."""
+    spans = _epoch_spans(order.epoch)
+    if len(order.extra) or any((stop - start) % global_batch for start, stop in spans):
+        return np.arange(len(order)).reshape(-1, global_batch)
+    return np.concatenate(
+        [
+            start + _length_sorted_batches(lengths[start:stop], global_batch, mega_batches, f"{seed}-{e}")
+            for e, (start, stop) in enumerate(spans)
+        ]
+    )
+
+
+def _arrange_within_batches(
+    batches: np.ndarray, lengths: np.ndarray, num_workers: int, micro: int
+) -> np.ndarray:
+    """``batches`` with each row's positions sorted by length and dealt to the (rank, micro-batch) slots."""
+    ranked = np.take_along_axis(batches, np.argsort(-lengths[batches], axis=1, kind="stable"), 1)
+    arranged = np.empty_like(batches)
+    for parity in (0, 1):
+        arranged[parity::2, _micro_batch_slots(batches.shape[1], num_workers, micro, parity)] = ranked[
+            parity::2
+        ]
+    return arranged
 
 
 def _epoch_spans(epoch: np.ndarray) -> list[tuple[int, int]]:

@@ -41,9 +41,9 @@ def _ids(order: RowOrder) -> list[tuple[str, int]]:
     return [(row["id"], row["epoch"]) for row in order]
 
 
-def _batch_sets(order: RowOrder) -> list[Counter]:
+def _batch_sets(order: RowOrder, size: int = G) -> list[Counter]:
     ids = _ids(order)
-    return [Counter(ids[i : i + G]) for i in range(0, len(ids), G)]
+    return [Counter(ids[i : i + size]) for i in range(0, len(ids), size)]
 
 
 def _padding_fraction(lengths: np.ndarray, workers: int, micro: int) -> float:
@@ -209,3 +209,53 @@ def test_lengths_equal_the_preprocessors_input_ids_image_tokens_included(
         )
     order = RowOrder(rows[:6], np.asarray([5, 0, -1, 2, -2, 5]), np.zeros(6, dtype=np.int32), rows[6:8])
     assert order_lengths(order, counter).tolist() == [expected[i] for i in (5, 0, 6, 2, 7, 5)]
+
+
+# -- the driver ---------------------------------------------------------------------------------------------
+
+
+def test_the_driver_groups_every_methods_order_and_keeps_replay_batches(
+    tmp_path: Path, tiny_model_path: str
+) -> None:
+    """``phase_training_data`` regroups what a method returns: a plain order (task 0) is regrouped within each
+    epoch; replay's mixed order (task 1) keeps every batch's rows."""
+    import dataclasses
+
+    from mcl.config import load_config
+    from mcl.methods_api import Phase
+    from mcl.run import phase_training_data, prepare_run
+    from mcl.streams import build_stream
+
+    root = tmp_path / "generated"
+    options = {"train_per_task": 40, "test_per_task": 2, "tasks": "[aerial,underwater]"}
+    build_stream("generated", root, {"train_per_task": 40, "test_per_task": 2})
+    cfg = load_config(
+        Path(__file__).resolve().parents[2] / "jobs" / "configs" / "default.yaml",
+        [
+            f"stream.root={root}",
+            *(f"stream.options.{k}={v}" for k, v in options.items()),
+            f"tracking.output_dir={tmp_path / 'out'}",
+            "method.name=replay",
+            "method.params.buffer_per_task=6",
+            "train.epochs=2",
+            "train.batch_size=8",
+            "scaling.num_workers=2",
+            "train.micro_batch_size=2",
+            "train.group_by_length=true",
+        ],
+    )
+    grouped_prep = prepare_run(cfg, log=lambda _m: None)
+    off = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, group_by_length=False))
+    plain_prep = dataclasses.replace(grouped_prep, config=off)
+
+    first = phase_training_data(grouped_prep, 0, Phase(), None)
+    reference = phase_training_data(plain_prep, 0, Phase(), None)
+    assert isinstance(first.rows, RowOrder) and first.driver_state == reference.driver_state
+    assert not np.array_equal(first.rows.index, reference.rows.index)
+    for epoch in range(2):
+        assert Counter(first.rows.index[first.rows.epoch == epoch].tolist()) == Counter(
+            reference.rows.index[reference.rows.epoch == epoch].tolist()
+        )
+    mixed = phase_training_data(grouped_prep, 1, Phase(), first.driver_state).rows
+    mixed_reference = phase_training_data(plain_prep, 1, Phase(), first.driver_state).rows
+    assert len(mixed.extra) and _batch_sets(mixed, 8) == _batch_sets(mixed_reference, 8)
