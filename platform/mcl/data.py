@@ -14,6 +14,7 @@ import functools
 import math
 import random
 from collections.abc import Callable, Iterator, Sequence
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -180,6 +181,142 @@ def mixed_training_order(
     return RowOrder(current, np.concatenate(indices), epoch_of, extra)
 
 
+# Global batches per mega-batch of a length-grouped epoch (the default of HF transformers' LengthGroupedSampler).
+LENGTH_GROUP_MEGA_BATCHES = 50
+
+
+def group_by_length(
+    order: Sequence[dict[str, Any]],
+    lengths: np.ndarray,
+    *,
+    global_batch: int,
+    num_workers: int = 1,
+    micro_batch: int = 0,
+    seed: int | str = 0,
+    mega_batches: int = LENGTH_GROUP_MEGA_BATCHES,
+) -> RowOrder:
+    """``order`` regrouped so that rows of similar token length share global batches and micro-batches.
+
+    ``lengths[j]`` is the token length of position ``j`` (image tokens included, see :mod:`mcl.lengths`).
+
+    * A plain order (a :class:`RowOrder` without extra rows): within each epoch, every ``mega_batches``
+      consecutive global batches of the method's (already shuffled) order form a mega-batch whose rows are
+      sorted by length and cut into global batches; the epoch's global batches are then shuffled (seeded by
+      ``seed`` and the epoch: no length curriculum), and the one holding the epoch's longest row goes first,
+      so that a sequence too long for memory fails in the first step rather than hours in.
+    * An order with extra rows (replay, QUAD: each global batch holds a fixed number of them) or a plain list:
+      each global batch keeps its rows; only their places within the batch change.
+
+    Then, inside every global batch, rows are sorted by length and dealt in runs of ``micro_batch`` to the
+    (rank, micro-batch) slots of position sharding (row ``j`` of a batch goes to rank ``j % num_workers``,
+    which runs its rows as consecutive micro-batches): micro-step ``k`` of every rank gets neighbouring runs,
+    the rank order reversed every other micro-step and batch so that no rank keeps getting the longest. The
+    *set* of rows of each global batch never depends on ``num_workers`` or ``micro_batch``; every position of
+    ``order`` appears exactly once.
+
+    Follows HF transformers' ``get_length_grouped_indices`` (``trainer_pt_utils.py``: mega-batches of 50
+    batches sorted by length, the longest first) and LLaVA's ``get_modality_length_grouped_indices``
+    (``haotian-liu/LLaVA``, ``llava/train/llava_trainer.py``). Differences: LLaVA's mega-batch is one global
+    batch (``world_size * accumulation * per-device batch``), so its batches stay random and only
+    ``split_to_even_chunks`` balances the per-rank token totals; ours spans 50 global batches, so batches
+    themselves are of similar length. LLaVA groups text-only and image rows apart (its lengths are signed by
+    modality); every mcl training row has an image (:class:`mcl.streams.samples.Sample`), so there is one
+    modality. HF shuffles the sorted batches within their mega-batches only; we shuffle over the epoch.
+
+    Raises:
+        ValueError: ``lengths`` does not match ``order``, or the batch sizes do not divide as the engine needs.
+    """
+    order = as_row_order(order)
+    lengths = np.asarray(lengths)
+    micro = micro_batch or global_batch // max(num_workers, 1)
+    if len(lengths) != len(order):
+        raise ValueError(f"{len(lengths)} lengths for an order of {len(order)} rows")
+    if len(order) % global_batch or global_batch % (num_workers * micro) or mega_batches < 1:
+        raise ValueError(
+            f"an order of {len(order)} rows cannot be grouped in global batches of {global_batch} over "
+            f"{num_workers} workers x micro-batches of {micro} (mega-batches of {mega_batches})"
+        )
+    batches = _global_batches(order, lengths, global_batch, mega_batches, seed)
+    arranged = _arrange_within_batches(batches, lengths, num_workers, micro)
+    perm = arranged.reshape(-1)
+    return RowOrder(order.rows, order.index[perm], order.epoch[perm], order.extra)
+
+
+def as_row_order(rows: Sequence[dict[str, Any]]) -> RowOrder:
+    """``rows`` as a :class:`RowOrder`: itself, or a plain list's rows all held as extra rows (so that
+    :func:`group_by_length` keeps its batches' rows), each row's ``epoch`` kept (0 where it has none)."""
+    if isinstance(rows, RowOrder):
+        return rows
+    epoch = np.asarray([row.get("epoch", 0) for row in rows], dtype=np.int32)
+    return RowOrder([], -1 - np.arange(len(rows), dtype=np.int64), epoch, list(rows))
+
+
+def _global_batches(
+    order: RowOrder, lengths: np.ndarray, global_batch: int, mega_batches: int, seed: int | str
+) -> np.ndarray:
+    """Positions of ``order`` as a (steps, global_batch) array: regrouped by length within each epoch for a
+    plain order; as they are for an order with extra rows (or epochs not cut at batch boundaries)."""
+    spans = _epoch_spans(order.epoch)
+    if len(order.extra) or any((stop - start) % global_batch for start, stop in spans):
+        return np.arange(len(order)).reshape(-1, global_batch)
+    return np.concatenate(
+        [
+            start + _length_sorted_batches(lengths[start:stop], global_batch, mega_batches, f"{seed}-{e}")
+            for e, (start, stop) in enumerate(spans)
+        ]
+    )
+
+
+def _arrange_within_batches(
+    batches: np.ndarray, lengths: np.ndarray, num_workers: int, micro: int
+) -> np.ndarray:
+    """``batches`` with each row's positions sorted by length and dealt to the (rank, micro-batch) slots."""
+    ranked = np.take_along_axis(batches, np.argsort(-lengths[batches], axis=1, kind="stable"), 1)
+    arranged = np.empty_like(batches)
+    for parity in (0, 1):
+        arranged[parity::2, _micro_batch_slots(batches.shape[1], num_workers, micro, parity)] = ranked[
+            parity::2
+        ]
+    return arranged
+
+
+def _epoch_spans(epoch: np.ndarray) -> list[tuple[int, int]]:
+    """(start, stop) of each run of equal epoch values."""
+    cuts = [0, *(np.flatnonzero(np.diff(epoch)) + 1).tolist(), len(epoch)]
+    return list(pairwise(cuts)) if len(epoch) else []
+
+
+def _length_sorted_batches(
+    lengths: np.ndarray, global_batch: int, mega_batches: int, seed: str
+) -> np.ndarray:
+    """Offsets into one epoch's positions as a (batches, global_batch) array: mega-batches sorted by length
+    and cut into batches, the batches shuffled, the one holding the longest row first."""
+    size = mega_batches * global_batch
+    batches = np.concatenate(
+        [
+            (s + np.argsort(-lengths[s : s + size], kind="stable")).reshape(-1, global_batch)
+            for s in range(0, len(lengths), size)
+        ]
+    )
+    shuffled = list(range(len(batches)))
+    random.Random(f"mcl-length-groups-{seed}").shuffle(shuffled)
+    batches = batches[shuffled]
+    longest = int(np.argmax(lengths[batches].max(axis=1)))
+    batches[[0, longest]] = batches[[longest, 0]]
+    return batches
+
+
+def _micro_batch_slots(global_batch: int, num_workers: int, micro_batch: int, parity: int) -> np.ndarray:
+    """Where, in a global batch, the ``s``-th longest row goes: run ``g = s // micro_batch`` of rows fills
+    micro-step ``g // num_workers`` of one rank, the rank order reversed on every other micro-step and, with
+    ``parity`` 1, on the other ones (odd batches), so that no rank keeps getting the longest run."""
+    s = np.arange(global_batch)
+    run, within = divmod(s, micro_batch)
+    step, slot = divmod(run, num_workers)
+    rank = np.where((step + parity) % 2 == 0, slot, num_workers - 1 - slot)
+    return (step * micro_batch + within) * num_workers + rank
+
+
 def shard(rows: Sequence[dict[str, Any]], rank: int, world_size: int) -> Sequence[dict[str, Any]]:
     """Rows of one rank: positions ``rank, rank + world_size, ...`` (a view of a :class:`RowOrder`)."""
     return rows[rank::world_size]
@@ -189,6 +326,17 @@ def build_prompt(processor: Any, question: str) -> str:
     """The model's own chat template around one image and a question (generation prompt appended)."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def answer_text(prompt: str, answer: str) -> str:
+    """The text tokenised after ``prompt`` for a supervised answer (EOS follows): a space joins them unless the
+    prompt already ends in whitespace."""
+    return ("" if prompt.endswith((" ", "\n")) else " ") + answer
+
+
+def cached_processor(model_path: str, trust_remote_code: bool = False) -> Any:
+    """The model's processor, loaded once per process (a few of them are kept)."""
+    return _cached_processor(model_path, trust_remote_code)
 
 
 @functools.lru_cache(maxsize=4)
@@ -239,9 +387,9 @@ class Preprocessor:
             prompt_ids = enc["input_ids"][0].astype(np.int64)
             answer_ids = np.zeros(0, dtype=np.int64)
             if self.train and bool(batch["supervised"][i]):
-                answer = str(batch["answer"][i])
-                sep = "" if prompt.endswith((" ", "\n")) else " "
-                ids = tokenizer(sep + answer, add_special_tokens=False)["input_ids"]
+                ids = tokenizer(answer_text(prompt, str(batch["answer"][i])), add_special_tokens=False)[
+                    "input_ids"
+                ]
                 answer_ids = np.asarray([*ids, tokenizer.eos_token_id], dtype=np.int64)
             if self.train:
                 labels.append(np.concatenate([np.full_like(prompt_ids, IGNORE_INDEX), answer_ids]))

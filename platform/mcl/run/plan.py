@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from mcl.config import ExperimentConfig
-from mcl.data import SampleRows
+from mcl.data import RowOrder, SampleRows, as_row_order, group_by_length
+from mcl.lengths import training_lengths
 from mcl.methods_api import Phase, TrainingData, TrainingRequest
 from mcl.run.prepare import PreparedRun
 from mcl.run.rundir import RunDir, phase_folder_name, read_driver_state
@@ -62,7 +63,26 @@ def phase_training_data(
             f"method {cfg.method.name!r} gave {len(data.rows)} training rows for phase {phase.name!r} of task "
             f"{task_index}; it must be a positive multiple of train.batch_size ({cfg.train.batch_size})"
         )
+    if cfg.train.group_by_length:
+        data = dataclasses.replace(
+            data, rows=length_grouped_rows(prep, cfg, data.rows, f"{request.seed}-{phase.name}")
+        )
     return data
+
+
+def length_grouped_rows(prep: PreparedRun, cfg: ExperimentConfig, rows: Any, seed: str) -> RowOrder:
+    """``rows`` regrouped by token length (``train.group_by_length``, see :func:`mcl.data.group_by_length`),
+    the lengths measured with the run's model's processor."""
+    order = as_row_order(rows)
+    lengths = training_lengths(order, prep.model_path, cfg.model.trust_remote_code)
+    return group_by_length(
+        order,
+        lengths,
+        global_batch=cfg.train.batch_size,
+        num_workers=cfg.scaling.num_workers,
+        micro_batch=cfg.micro_batch,
+        seed=seed,
+    )
 
 
 def task_training_rows(prep: PreparedRun, task_index: int) -> Any:
