@@ -203,3 +203,40 @@ def test_a_failing_driver_stops_its_train_job_before_the_next_phase(ray_session,
 
     summary = run_experiment(cfg, log=lambda _m: None, resume=True)
     assert len(summary.matrix) == 3 and not RunDir(run_dir).abort_requested()
+
+
+def test_paper_scale_settings_run_through_ray_train(ray_session, small_root, tmp_path):
+    """The 7B recipes' settings on the real path (2 Ray Train workers, ZeRO-2, ZeRO-Offload, length-grouped
+    batches, cosine schedule with a warm-up ratio, a projector learning rate): micro-batches of 2 with
+    accumulation 4 and activation checkpointing train as the whole per-worker batch of 8 without them."""
+    from mlflow import MlflowClient
+
+    from mcl.run import run_experiment
+
+    common = [
+        "stream.options.tasks=[aerial]",
+        "train.epochs=2",
+        "train.lr_schedule=cosine",
+        "train.warmup_ratio=0.25",
+        "train.projector_lr=0.001",
+        "train.group_by_length=true",
+        "scaling.offload=optimizer",
+    ]
+    whole = run_experiment(_config(tmp_path / "whole", small_root, *common), log=lambda _m: None)
+    micro = run_experiment(
+        _config(
+            tmp_path / "micro",
+            small_root,
+            *common,
+            "train.micro_batch_size=2",
+            "train.gradient_checkpointing=true",
+        ),
+        log=lambda _m: None,
+    )
+    losses = [[e["loss"] for e in s.task_results[0].train_log] for s in (whole, micro)]
+    assert len(losses[0]) == 4
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4, abs=1e-5)
+    assert micro.matrix == whole.matrix
+    params = MlflowClient(micro.tracking_uri).get_run(micro.run_id).data.params
+    assert params["train.micro_batch_size"] == "2" and params["scaling.offload"] == "optimizer"
+    assert "plan.total_gib" in params or any(k.startswith("plan.") for k in params)
