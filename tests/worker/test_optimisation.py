@@ -132,3 +132,10 @@ def test_activation_checkpointing_is_on_in_training_and_off_for_generation(tiny_
     base.model.language_model(input_ids=ids)
     assert trained == base.config.text_config.num_hidden_layers and set(calls) == {False}
     assert len(calls) == trained  # no recomputation in eval mode
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_the_attention_implementation_reaches_the_model(tiny_model_path, implementation):
+    model, _ = load_model_and_processor(tiny_model_path, attn_implementation=implementation)
+    assert model.config.text_config._attn_implementation == implementation
+    assert model.config.vision_config._attn_implementation == implementation
