@@ -181,15 +181,39 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Greedy evaluation after every task on the test sets of all tasks (seen and unseen)."""
+    """Greedy evaluation after every task on the test sets of all tasks (seen and unseen).
+
+    ``sort_by_length``: evaluate rows in batches of similar prompt length (image tokens included), longest
+    first; predictions are returned in the test sets' order. ``max_new_tokens_by_type`` (answer type -> tokens)
+    and ``stop_strings_by_type`` (answer type -> strings) stop generation per scorer: a batch groups rows of one
+    answer type where it can, each row stops at its type's limit or at the first of its type's stop strings,
+    and its prediction is cut there. Types not named use ``max_new_tokens`` and no stop strings.
+    """
 
     batch_size: int = 32
     max_new_tokens: int = 8
     max_samples_per_task: int = 0
+    sort_by_length: bool = False
+    max_new_tokens_by_type: dict[str, int] = field(default_factory=dict)
+    stop_strings_by_type: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1", self.batch_size)
         _check(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1", self.max_new_tokens)
+        for kind, tokens in self.max_new_tokens_by_type.items():
+            _check(
+                _is_integer(tokens) and tokens >= 1,
+                f"eval.max_new_tokens_by_type.{kind}",
+                "must be an integer >= 1",
+                tokens,
+            )
+        for kind, stops in self.stop_strings_by_type.items():
+            _check(
+                isinstance(stops, list) and all(isinstance(s, str) and s for s in stops),
+                f"eval.stop_strings_by_type.{kind}",
+                "must be a list of non-empty strings",
+                stops,
+            )
         _check(
             self.max_samples_per_task >= 0,
             "eval.max_samples_per_task",

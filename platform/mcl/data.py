@@ -29,6 +29,9 @@ IGNORE_INDEX = -100
 ROW_KEYS = ("id", "image", "question", "answer", "answer_type", "task", "supervised")
 TEXT_KEYS = ("input_ids", "labels")
 TOKEN_ALIGNED = "tokens__"  # prefix of per-token processor outputs (e.g. token_type_ids), padded like ids
+# An evaluation row's place in the rows it was taken from (see :class:`AnswerOrder`): travels with the row
+# through preprocessing into its prediction record, so records can be put back in that order.
+POSITION = "position"
 
 
 def sample_row(sample: Sample) -> dict[str, Any]:
@@ -317,6 +320,59 @@ def _micro_batch_slots(global_batch: int, num_workers: int, micro_batch: int, pa
     return (step * micro_batch + within) * num_workers + rank
 
 
+def evaluation_order(lengths: np.ndarray | None, groups: Sequence[str] | None = None) -> np.ndarray:
+    """The order to evaluate rows in, as positions: a permutation of ``range(n)``.
+
+    Rows of one group (an answer type) come together, groups in the order they first appear; within a group,
+    the longest first when ``lengths`` (token lengths, image tokens included) are given, the original order
+    otherwise (the sort is stable). Consecutive rows then have similar lengths, so batches cut from the order
+    (or from each rank's shard of it, positions ``rank::world_size``: still sorted, still even) pad little.
+    """
+    n = len(lengths) if lengths is not None else len(groups) if groups is not None else 0
+    keys: list[np.ndarray] = []
+    if lengths is not None:
+        keys.append(-np.asarray(lengths, dtype=np.int64))
+    if groups is not None:
+        if len(groups) != n:
+            raise ValueError(f"{len(groups)} groups for {n} rows")
+        first: dict[str, int] = {}
+        keys.append(np.asarray([first.setdefault(g, len(first)) for g in groups], dtype=np.int64))
+    if not keys:
+        return np.arange(n)
+    return np.lexsort(keys) if len(keys) > 1 else np.argsort(keys[0], kind="stable")
+
+
+class AnswerOrder(LazySequence):
+    """Evaluation rows in the order to answer them: ``rows[order[k]]`` at place ``k``, each with its
+    :data:`POSITION` in ``rows`` (built when read; slices are views, so :func:`shard` keeps it lazy)."""
+
+    def __init__(self, rows: Sequence[dict[str, Any]], order: np.ndarray) -> None:
+        self.rows = rows
+        self.order = order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, item: Any) -> Any:
+        if isinstance(item, slice):
+            return AnswerOrder(self.rows, self.order[item])
+        position = int(self.order[item])
+        return {**self.rows[position], POSITION: position}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for position in self.order.tolist():
+            yield {**self.rows[position], POSITION: position}
+
+
+def in_original_order(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Prediction records (gathered from every rank) back in the order of the rows they answer, each without
+    its :data:`POSITION`; records without one (rows not from an :class:`AnswerOrder`) are returned as they are."""
+    if not records or POSITION not in records[0]:
+        return records
+    ordered = sorted(records, key=lambda r: r[POSITION])
+    return [{k: v for k, v in r.items() if k != POSITION} for r in ordered]
+
+
 def shard(rows: Sequence[dict[str, Any]], rank: int, world_size: int) -> Sequence[dict[str, Any]]:
     """Rows of one rank: positions ``rank, rank + world_size, ...`` (a view of a :class:`RowOrder`)."""
     return rows[rank::world_size]
@@ -405,6 +461,8 @@ class Preprocessor:
                 else:  # per image: concatenated over samples along dim 0
                     model_inputs.setdefault(key, []).append(value)
         out = {key: np.asarray(batch[key]) for key in ROW_KEYS}
+        if POSITION in batch:
+            out[POSITION] = np.asarray(batch[POSITION])
         out["input_ids"] = _object_array(input_ids)
         if self.train:
             out["labels"] = _object_array(labels)
@@ -422,7 +480,9 @@ def _object_array(arrays: list[np.ndarray]) -> np.ndarray:
 
 
 def rows_to_batch(rows: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
-    return {key: np.asarray([r[key] for r in rows]) for key in ROW_KEYS}
+    rows = list(rows)
+    keys = (*ROW_KEYS, POSITION) if rows and POSITION in rows[0] else ROW_KEYS
+    return {key: np.asarray([r[key] for r in rows]) for key in keys}
 
 
 def local_batches(
@@ -502,7 +562,7 @@ def collate(batch: dict[str, np.ndarray], pad_id: int, *, left_pad: bool) -> dic
     if labels is not None:
         out["labels"] = torch.from_numpy(labels)
     for key in batch:
-        if key in ROW_KEYS or key in TEXT_KEYS:
+        if key in ROW_KEYS or key in TEXT_KEYS or key == POSITION:
             continue
         if key.startswith(TOKEN_ALIGNED):
             padded = np.zeros((n, longest), dtype=np.asarray(batch[key][0]).dtype)

@@ -97,13 +97,14 @@ class LengthCounter:
             raise DataError(f"sample {row.get('id')!r}: image {path!r} cannot be read ({exc})") from None
         return self.image_tokens(size)
 
-    def lengths(self, rows: Sequence[dict[str, Any]]) -> np.ndarray:
-        """Token lengths of ``rows`` (annotation rows: ``question``, ``answer``, ``image``, ``supervised``)."""
+    def lengths(self, rows: Sequence[dict[str, Any]], answers: bool = True) -> np.ndarray:
+        """Token lengths of ``rows`` (annotation rows: ``question``, ``answer``, ``image``, ``supervised``);
+        with ``answers`` False, of their prompts only (what an evaluation batch holds)."""
         if not rows:
             return np.zeros(0, dtype=np.int32)
         prompts = [build_prompt(self.processor, str(row["question"])) for row in rows]
         out = np.asarray([len(ids) for ids in self.tokenizer(prompts)["input_ids"]], dtype=np.int64)
-        supervised = [i for i, row in enumerate(rows) if row.get("supervised", True)]
+        supervised = [i for i, row in enumerate(rows) if answers and row.get("supervised", True)]
         if supervised:
             answers = [answer_text(prompts[i], str(rows[i]["answer"])) for i in supervised]
             ids = self.tokenizer(answers, add_special_tokens=False)["input_ids"]
@@ -123,9 +124,11 @@ def _chunks(rows: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str
         yield chunk
 
 
-def row_lengths(counter: LengthCounter, rows: Sequence[dict[str, Any]], desc: str = "") -> np.ndarray:
-    """Token lengths of ``rows`` (int32), counted ``TOKENIZE_CHUNK`` rows at a time; a progress bar on stderr
-    for ``PROGRESS_MIN_ROWS`` rows or more."""
+def row_lengths(
+    counter: LengthCounter, rows: Sequence[dict[str, Any]], desc: str = "", answers: bool = True
+) -> np.ndarray:
+    """Token lengths of ``rows`` (int32; prompts only without ``answers``), counted ``TOKENIZE_CHUNK`` rows at
+    a time; a progress bar on stderr for ``PROGRESS_MIN_ROWS`` rows or more."""
     out = np.empty(len(rows), dtype=np.int32)
     bar = None
     if len(rows) >= PROGRESS_MIN_ROWS:
@@ -134,7 +137,7 @@ def row_lengths(counter: LengthCounter, rows: Sequence[dict[str, Any]], desc: st
         bar = tqdm(total=len(rows), desc=desc or "measuring token lengths", unit="row", mininterval=2.0)
     at = 0
     for chunk in _chunks(rows, TOKENIZE_CHUNK):
-        out[at : at + len(chunk)] = counter.lengths(chunk)
+        out[at : at + len(chunk)] = counter.lengths(chunk, answers)
         at += len(chunk)
         if bar is not None:
             bar.update(len(chunk))
@@ -154,3 +157,12 @@ def order_lengths(order: RowOrder, counter: LengthCounter) -> np.ndarray:
 def training_lengths(order: RowOrder, model_path: str, trust_remote_code: bool = False) -> np.ndarray:
     """The token length of every position of ``order`` for the model at ``model_path`` (see the module doc)."""
     return order_lengths(order, LengthCounter(cached_processor(model_path, trust_remote_code)))
+
+
+def prompt_lengths(
+    rows: Sequence[dict[str, Any]], model_path: str, trust_remote_code: bool = False
+) -> np.ndarray:
+    """The token length of the prompt of every row of ``rows`` (image tokens included) for the model at
+    ``model_path``: what an evaluation batch pads (``eval.sort_by_length``)."""
+    counter = LengthCounter(cached_processor(model_path, trust_remote_code))
+    return row_lengths(counter, rows, "measuring prompt lengths (eval.sort_by_length)", answers=False)

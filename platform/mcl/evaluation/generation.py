@@ -8,12 +8,13 @@ turns records into accuracy per task.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from mcl.data import collate
+from mcl.data import POSITION, collate, in_original_order
 
 if TYPE_CHECKING:
     from mcl.methods_api import Method, TaskContext
@@ -26,6 +27,66 @@ class Evaluator(Protocol):
     extras) for this rank's evaluation batches; rank 0 gets every rank's records, the others ``[]``."""
 
     def predict(self, batches: Iterable[dict[str, np.ndarray]], ctx: TaskContext) -> list[Record]: ...
+
+
+@dataclass(frozen=True)
+class AnswerLimits:
+    """How long each answer may grow, by answer type (``eval.max_new_tokens_by_type``,
+    ``eval.stop_strings_by_type``); types not named get ``max_new_tokens`` and no stop strings."""
+
+    max_new_tokens: int
+    max_new_tokens_by_type: Mapping[str, int] = field(default_factory=dict)
+    stop_strings_by_type: Mapping[str, Sequence[str]] = field(default_factory=dict)
+
+    @property
+    def per_type(self) -> bool:
+        """Whether any type has its own limit or stop strings (else every batch generates as before)."""
+        return bool(self.max_new_tokens_by_type or self.stop_strings_by_type)
+
+    def tokens(self, answer_type: str) -> int:
+        return self.max_new_tokens_by_type.get(answer_type, self.max_new_tokens)
+
+    def stops(self, answer_type: str) -> tuple[str, ...]:
+        return tuple(self.stop_strings_by_type.get(answer_type, ()))
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """``text`` up to its first stop string: the one whose end comes first (the longest of those ending
+    there), so the cut depends only on the text up to that end and generation may stop as soon as it appears.
+    ``text`` itself when it holds none."""
+    ends = [(text.find(s) + len(s), -len(s)) for s in stops if s in text]
+    if not ends:
+        return text
+    end, minus_len = min(ends)
+    return text[: end + minus_len]
+
+
+class RowStops:
+    """A ``transformers`` stopping criterion with a limit per row of the batch: row ``i`` is done once it has
+    ``max_new[i]`` new tokens or its decoded answer holds one of ``stops[i]`` (see :func:`cut_at_stop`)."""
+
+    def __init__(
+        self, tokenizer: Any, prompt_len: int, max_new: list[int], stops: list[tuple[str, ...]]
+    ) -> None:
+        self.tokenizer, self.prompt_len, self.max_new, self.stops = tokenizer, prompt_len, max_new, stops
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        new = input_ids[:, self.prompt_len :]
+        done = [
+            self._done(row, limit, stops)
+            for row, limit, stops in zip(new, self.max_new, self.stops, strict=True)
+        ]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    def _done(self, row: Any, limit: int, stops: tuple[str, ...]) -> bool:
+        if len(row) >= limit:
+            return True
+        if not stops:
+            return False
+        text = self.tokenizer.decode(row, skip_special_tokens=True)
+        return any(s in text for s in stops)
 
 
 class GenerationEvaluator:
@@ -41,7 +102,7 @@ class GenerationEvaluator:
         model: Any,
         method: Method,
         processor: Any,
-        max_new_tokens: int,
+        max_new_tokens: int | AnswerLimits,
         device: Any,
         dtype: Any,
         *,
@@ -49,9 +110,12 @@ class GenerationEvaluator:
     ) -> None:
         self.model, self.method, self.processor = model, method, processor
         self.device, self.dtype = device, dtype
+        self.limits = (
+            max_new_tokens if isinstance(max_new_tokens, AnswerLimits) else AnswerLimits(max_new_tokens)
+        )
         tokenizer = processor.tokenizer
         self.gen_kwargs = {
-            "max_new_tokens": max_new_tokens,
+            "max_new_tokens": self.limits.max_new_tokens,
             "do_sample": False,
             "pad_token_id": tokenizer.pad_token_id,
             "eos_token_id": tokenizer.eos_token_id,
@@ -74,27 +138,55 @@ class GenerationEvaluator:
                 if not dummy:
                     records.extend(answers)
         self.model.train(was_training)
-        return _gather_on_rank0(records, rank, world)
+        return in_original_order(_gather_on_rank0(records, rank, world))
 
     def _answer(self, batch: dict[str, np.ndarray], ctx: TaskContext) -> list[Record]:
         from mcl.worker.engine import to_device
 
         tokenizer = self.processor.tokenizer
         inputs = to_device(collate(batch, tokenizer.pad_token_id, left_pad=True), self.device, self.dtype)
-        generated = self.method.generate(self.model, inputs, self.gen_kwargs, ctx)
+        types = [str(t) for t in batch["answer_type"]]
+        gen_kwargs = self._batch_kwargs(types, inputs["input_ids"].shape[1])
+        generated = self.method.generate(self.model, inputs, gen_kwargs, ctx)
         new_tokens, extras = generated if isinstance(generated, tuple) else (generated, {})
-        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        if self.limits.per_type:
+            texts = [
+                cut_at_stop(
+                    tokenizer.decode(row[: self.limits.tokens(t)], skip_special_tokens=True),
+                    self.limits.stops(t),
+                )
+                for row, t in zip(new_tokens, types, strict=True)
+            ]
+        else:
+            texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        positions = batch.get(POSITION)
         return [
             {
                 "id": str(batch["id"][i]),
                 "task": str(batch["task"][i]),
                 "prediction": text.strip(),
                 "answer": str(batch["answer"][i]),
-                "answer_type": str(batch["answer_type"][i]),
+                "answer_type": types[i],
+                **({POSITION: int(positions[i])} if positions is not None else {}),
                 **{key: values[i] for key, values in extras.items()},
             }
             for i, text in enumerate(texts)
         ]
+
+    def _batch_kwargs(self, types: list[str], prompt_len: int) -> dict[str, Any]:
+        """Generation settings of a batch: as configured, or with per-type limits the longest of the batch's
+        limits and a stopping criterion that ends each row at its own (:class:`RowStops`)."""
+        if not self.limits.per_type:
+            return self.gen_kwargs
+        from transformers import StoppingCriteriaList
+
+        limits = [self.limits.tokens(t) for t in types]
+        stops = RowStops(self.processor.tokenizer, prompt_len, limits, [self.limits.stops(t) for t in types])
+        return {
+            **self.gen_kwargs,
+            "max_new_tokens": max(limits),
+            "stopping_criteria": StoppingCriteriaList([stops]),
+        }
 
 
 def _lockstep(
@@ -144,4 +236,4 @@ def score_records(records: list[Record], task_names: list[str]) -> dict[str, flo
     return {t: 100.0 * sum(v) / len(v) if v else float("nan") for t, v in totals.items()}
 
 
-__all__ = ["Evaluator", "GenerationEvaluator", "score_records"]
+__all__ = ["AnswerLimits", "Evaluator", "GenerationEvaluator", "RowStops", "cut_at_stop", "score_records"]

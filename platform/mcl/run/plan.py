@@ -10,9 +10,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from mcl.config import ExperimentConfig
-from mcl.data import RowOrder, SampleRows, as_row_order, group_by_length
-from mcl.lengths import training_lengths
+from mcl.data import AnswerOrder, RowOrder, SampleRows, as_row_order, evaluation_order, group_by_length
+from mcl.lengths import prompt_lengths, training_lengths
 from mcl.methods_api import Phase, TrainingData, TrainingRequest
 from mcl.run.prepare import PreparedRun
 from mcl.run.rundir import RunDir, phase_folder_name, read_driver_state
@@ -145,3 +147,20 @@ def eval_rows(prep: PreparedRun) -> SampleRows:
     """Every task's test samples (the first ``eval.max_samples_per_task`` of each), as rows read lazily."""
     limit = prep.config.eval.max_samples_per_task
     return SampleRows(ChainedSamples([t.test[:limit] if limit else t.test for t in prep.stream.tasks]))
+
+
+def answer_order(prep: PreparedRun, rows: Any) -> AnswerOrder:
+    """Evaluation ``rows`` in the order to answer them, each with its position in ``rows`` (so predictions can
+    be put back in that order, :func:`mcl.data.in_original_order`): grouped by answer type when the run stops
+    generation per type (``eval.max_new_tokens_by_type`` / ``eval.stop_strings_by_type``), longest prompt first
+    with ``eval.sort_by_length``, as they are otherwise. See :func:`mcl.data.evaluation_order`."""
+    ev = prep.config.eval
+    lengths = (
+        prompt_lengths(rows, prep.model_path, prep.config.model.trust_remote_code)
+        if ev.sort_by_length
+        else None
+    )
+    per_type = bool(ev.max_new_tokens_by_type or ev.stop_strings_by_type)
+    groups = [str(row["answer_type"]) for row in rows] if per_type else None
+    order = evaluation_order(lengths, groups) if lengths is not None or groups else np.arange(len(rows))
+    return AnswerOrder(rows, order)

@@ -50,6 +50,7 @@ def prepare_run(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Pr
     model_path = resolve_model_path(cfg.model.name)
     check_image_text_model(model_path, cfg.model.trust_remote_code)
     check_kernels(cfg, log)
+    check_eval_answer_types(cfg)
     stream, report = _read_stream(cfg, log)
     _check_answer_types(stream)
     _check_eval_samples(stream, cfg)
@@ -84,6 +85,19 @@ def _check_answer_types(stream: Stream) -> None:
                 raise DataError(
                     f"task {task.name!r} sample {sample.id!r}: unknown answer_type {sample.answer_type!r}; "
                     f"valid types: {', '.join(sorted(SCORERS))}"
+                )
+
+
+def check_eval_answer_types(cfg: ExperimentConfig) -> None:
+    """Every answer type named by ``eval.max_new_tokens_by_type`` / ``eval.stop_strings_by_type`` has a
+    scorer (:data:`mcl.evaluation.scoring.SCORERS`); raises :class:`ConfigError` naming the field."""
+    from mcl.evaluation.scoring import SCORERS
+
+    for name in ("max_new_tokens_by_type", "stop_strings_by_type"):
+        for kind in getattr(cfg.eval, name):
+            if kind not in SCORERS:
+                raise ConfigError(
+                    f"eval.{name}.{kind}: unknown answer type {kind!r}; valid types: {', '.join(sorted(SCORERS))}"
                 )
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from mcl.adapters import projector_module_names
 from mcl.config import config_from_dict
 from mcl.data import collate
-from mcl.evaluation.generation import GenerationEvaluator, score_records
+from mcl.evaluation.generation import AnswerLimits, GenerationEvaluator, score_records
 from mcl.logs import quiet_known_warnings
 from mcl.methods_api import TaskContext, build_method
 from mcl.run.rundir import PhaseDir
@@ -115,7 +115,9 @@ class PhaseRecipe:
             self.engine.module,
             self.method,
             self.processor,
-            cfg.eval.max_new_tokens,
+            AnswerLimits(
+                cfg.eval.max_new_tokens, cfg.eval.max_new_tokens_by_type, cfg.eval.stop_strings_by_type
+            ),
             self.device,
             self.dtype,
             synced_gpus=self.engine.zero3 and self.world > 1,

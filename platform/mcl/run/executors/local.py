@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from mcl.methods_api import Phase
-from mcl.run.plan import eval_rows, phase_folder, phase_job
+from mcl.run.plan import answer_order, eval_rows, phase_folder, phase_job
 from mcl.run.prepare import PreparedRun
 from mcl.run.rundir import PhaseDir, RunDir
 from mcl.worker.local import run_task_locally
@@ -16,7 +16,7 @@ class LocalExecutor:
 
     def __init__(self, prep: PreparedRun, run_dir: RunDir, log: Callable[[str], None] = print) -> None:
         self.prep, self.run_dir, self.log = prep, run_dir, log
-        self._eval_rows = eval_rows(prep)
+        self._eval_rows = answer_order(prep, eval_rows(prep))
 
     def run_phase(self, task_index: int, phase: Phase, previous: str | None) -> PhaseDir:
         job, rows = phase_job(self.prep, task_index, phase, previous)

@@ -15,7 +15,7 @@ from typing import Any
 from mcl.data import Preprocessor, ray_dataset, shard
 from mcl.methods_api import Phase
 from mcl.run.cluster import data_tasks_per_rank, init_ray_for_run
-from mcl.run.plan import PlannedPhase, eval_rows, plan_phases
+from mcl.run.plan import PlannedPhase, answer_order, eval_rows, plan_phases
 from mcl.run.prepare import PreparedRun
 from mcl.run.rundir import PhaseDir, RunDir
 
@@ -159,7 +159,7 @@ def phase_datasets(prep: PreparedRun, phases: list[PlannedPhase]) -> dict[str, A
                 shard(item.rows, rank, world), train_pre, micro, tasks
             )
     if any(item.job.evaluate for item in phases):
-        rows = eval_rows(prep)
+        rows = answer_order(prep, eval_rows(prep))  # sharded by position: each rank's shard keeps the order
         eval_pre = Preprocessor(prep.model_path, train=False, trust_remote_code=trust)
         for rank in range(world):
             datasets[f"eval_{rank}"] = ray_dataset(
