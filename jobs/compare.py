@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mcl.config import apply_overrides, config_from_dict, load_config
     from mcl.errors import MclError
-    from mcl.evaluation.leaderboard import leaderboard, to_csv_rows, to_markdown
+    from mcl.evaluation.leaderboard import leaderboard, to_csv_rows, to_markdown, zero_shot_records
     from mcl.methods_api import available_methods
     from mcl.run import format_matrix, format_metrics, prepare_run, run_experiment
 
@@ -99,14 +99,17 @@ def main(argv: list[str] | None = None) -> int:
         eta = f", ETA {elapsed / i * (len(plans) - i) / 60:.0f} min" if i else ""
         print(f"\n##### run {i + 1}/{len(plans)}: {method}, seed {seed}{eta}", flush=True)
         if args.local:
-            names, matrix, metrics, run_id = _run_local(cfg, Path(args.out) / "local" / cfg.tracking.run_name)
+            names, matrix, metrics, run_id, baseline = _run_local(
+                cfg, Path(args.out) / "local" / cfg.tracking.run_name
+            )
         else:
             summary = run_experiment(cfg, resume=True)
-            names, matrix, metrics, run_id = (
+            names, matrix, metrics, run_id, baseline = (
                 summary.task_names,
                 summary.matrix,
                 summary.metrics,
                 summary.run_id,
+                summary.baseline,
             )
         print(format_matrix(names, matrix))
         print(format_metrics(metrics))
@@ -118,11 +121,12 @@ def main(argv: list[str] | None = None) -> int:
                 "run_id": run_id,
                 "tasks": names,
                 "matrix": matrix,
+                "baseline": baseline,
                 **metrics,
             }
         )
 
-    entries = leaderboard(records)
+    entries = leaderboard([*records, *zero_shot_records(records)])  # with the untrained model's row
     table = to_markdown(entries)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -139,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run_local(cfg, out: Path) -> tuple[list[str], list[list[float]], dict[str, float], str]:
+def _run_local(
+    cfg, out: Path
+) -> tuple[list[str], list[list[float]], dict[str, float], str, list[float] | None]:
     """One stream run in this process; a finished one (``result.json`` in ``out``) is read back."""
     from mcl.evaluation.metrics import cl_metrics
     from mcl.run import prepare_run, run_stream_locally
@@ -147,7 +153,7 @@ def _run_local(cfg, out: Path) -> tuple[list[str], list[list[float]], dict[str, 
     done = out / "result.json"
     if done.exists():
         data = json.loads(done.read_text())
-        return data["tasks"], data["matrix"], data["metrics"], ""
+        return data["tasks"], data["matrix"], data["metrics"], "", data.get("baseline")
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
@@ -155,8 +161,9 @@ def _run_local(cfg, out: Path) -> tuple[list[str], list[list[float]], dict[str, 
     result = run_stream_locally(prep, out, log=lambda _m: None)
     metrics = cl_metrics(result.matrix, result.baseline)
     names = prep.stream.task_names
-    done.write_text(json.dumps({"tasks": names, "matrix": result.matrix, "metrics": metrics}))
-    return names, result.matrix, metrics, ""
+    record = {"tasks": names, "matrix": result.matrix, "baseline": result.baseline, "metrics": metrics}
+    done.write_text(json.dumps(record))
+    return names, result.matrix, metrics, "", result.baseline
 
 
 if __name__ == "__main__":

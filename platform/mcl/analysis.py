@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from mcl.evaluation.leaderboard import METRICS, Entry, leaderboard, to_csv_rows
+from mcl.evaluation.leaderboard import METRICS, Entry, leaderboard, mean_std, to_csv_rows, zero_shot_records
 from mcl.evaluation.metrics import accuracy_matrix_json, cl_metrics
 from mcl.run.rundir import MATRIX_JSON
 
@@ -51,8 +51,9 @@ class TrialData:
     params: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     tasks: list[str] = field(default_factory=list)
-    matrix: list[list[float]] | None = None
+    matrix: list[list[float | None]] | None = None  # None cells: not evaluated (eval.tasks)
     baseline: list[float] | None = None
+    probes: dict[str, dict[str, Any]] = field(default_factory=dict)  # accuracy_matrix.json's "probes"
     tag_label: str = ""  # the sweep's ``mcl.label`` tag: method and searched values, e.g. "ewc lr=0.003"
     note: str = ""  # why the trial is left out of the analysis; "" for a usable trial
 
@@ -226,7 +227,8 @@ def _read_matrix(client: MlflowClient, run_id: str, folder: Path) -> dict[str, A
         raise ValueError(
             f"{MATRIX_ARTIFACT}: baseline has {len(baseline)} entries for {len(data['tasks'])} tasks"
         )
-    data["baseline"] = [float(b) for b in baseline] if baseline is not None else None
+    data["baseline"] = [None if b is None else float(b) for b in baseline] if baseline is not None else None
+    data["probes"] = raw.get("probes") or {}
     return data
 
 
@@ -261,6 +263,7 @@ def _trial(client: MlflowClient, run: Run, folder: Path) -> TrialData:
         trial.note = f"left out: {err}"
         return trial
     trial.tasks, trial.matrix, trial.baseline = data["tasks"], data["matrix"], data["baseline"]
+    trial.probes = data["probes"]
     return trial
 
 
@@ -296,25 +299,70 @@ def trial_metrics(trial: TrialData) -> dict[str, float]:
 
 
 def _records(trials: Sequence[TrialData], by: GroupBy) -> list[dict[str, Any]]:
-    return [{"method": t.label(by), "stream": t.stream, "seed": t.seed, **trial_metrics(t)} for t in trials]
+    return [
+        {
+            "method": t.label(by),
+            "stream": t.stream,
+            "seed": t.seed,
+            "baseline": t.baseline,
+            **trial_metrics(t),
+        }
+        for t in trials
+    ]
 
 
 def leaderboard_entries(
-    sweep_data: SweepData, by: GroupBy = "variant", stream: str | None = None
+    sweep_data: SweepData, by: GroupBy = "variant", stream: str | None = None, zero_shot: bool = False
 ) -> list[Entry]:
-    """Leaderboard entries (mean and std over seeds) of the sweep's usable trials."""
+    """Leaderboard entries (mean and std over seeds) of the sweep's usable trials; with ``zero_shot``, also
+    the untrained model's row (``zero_shot``, see :func:`mcl.evaluation.leaderboard.zero_shot_records`)."""
     trials = [t for group in sweep_data.groups(by, stream).values() for t in group]
-    return leaderboard(_records(trials, by))
+    records = _records(trials, by)
+    return leaderboard([*records, *zero_shot_records(records)] if zero_shot else records)
 
 
-def leaderboard_frame(
-    sweep_data: SweepData, by: GroupBy = "variant", stream: str | None = None
-) -> pd.DataFrame:
-    """The sweep's leaderboard: one row per (method, stream), ``<metric>_mean`` and ``<metric>_std`` columns."""
+def _frame(entries: list[Entry]) -> pd.DataFrame:
     import pandas as pd
 
     columns = ["method", "stream", "seeds"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
-    return pd.DataFrame(to_csv_rows(leaderboard_entries(sweep_data, by, stream)), columns=columns)
+    return pd.DataFrame(to_csv_rows(entries), columns=columns)
+
+
+def leaderboard_frame(
+    sweep_data: SweepData, by: GroupBy = "variant", stream: str | None = None, zero_shot: bool = False
+) -> pd.DataFrame:
+    """The sweep's leaderboard: one row per (method, stream), ``<metric>_mean`` and ``<metric>_std`` columns
+    (with ``zero_shot``, also the untrained model's row)."""
+    return _frame(leaderboard_entries(sweep_data, by, stream, zero_shot))
+
+
+def zero_shot_frame(sweep_data: SweepData, stream: str | None = None) -> pd.DataFrame:
+    """The untrained model's row (``zero_shot``) per stream, as leaderboard columns: MFN = MFT = its mean
+    accuracy over the tasks, BWT = FWT = 0; mean and std over seeds."""
+    trials = [t for group in sweep_data.groups("method", stream).values() for t in group]
+    return _frame(leaderboard(zero_shot_records(_records(trials, "method"))))
+
+
+def probe_frame(sweep_data: SweepData, by: GroupBy = "variant", stream: str | None = None) -> pd.DataFrame:
+    """General-capability probes (``stream.probes``) per (method, stream, probe): the untrained model's
+    accuracy, the final accuracy and ``retention`` = final / untrained, mean and std over seeds."""
+    import pandas as pd
+
+    rows = []
+    for (stream_name, label), trials in sweep_data.groups(by, stream).items():
+        names = sorted({p for t in trials for p in t.probes})
+        for name in names:
+            found = [t.probes[name] for t in trials if name in t.probes]
+            row: dict[str, Any] = {"method": label, "stream": stream_name, "probe": name, "seeds": len(found)}
+            for key, values in (
+                ("baseline", [p.get("baseline") for p in found]),
+                ("final", [(p.get("after_task") or [None])[-1] for p in found]),
+                ("retention", [p.get("retention") for p in found]),
+            ):
+                row[f"{key}_mean"], row[f"{key}_std"] = mean_std([float(v) for v in values if v is not None])
+            rows.append(row)
+    stats = [f"{k}_{s}" for k in ("baseline", "final", "retention") for s in ("mean", "std")]
+    return pd.DataFrame(rows, columns=["method", "stream", "probe", "seeds", *stats])
 
 
 def leaderboard_across_sweeps(
@@ -398,7 +446,11 @@ def mean_matrix(trials: Sequence[TrialData]) -> tuple[list[str], Any, Any]:
 
 
 def plot_matrices(sweep_data: SweepData, by: GroupBy = "variant", stream: str | None = None) -> Figure:
-    """One annotated heatmap per (method, stream): the accuracy matrix averaged over seeds."""
+    """One annotated heatmap per (method, stream): the accuracy matrix averaged over seeds (grey: not
+    evaluated)."""
+    import numpy as np
+    from matplotlib import colormaps
+
     groups = _usable_groups(sweep_data, by, stream)
     size = max(len(g[0].tasks) for g in groups.values())
     side = max(3.5, 0.8 * size + 2.0)
@@ -409,11 +461,14 @@ def plot_matrices(sweep_data: SweepData, by: GroupBy = "variant", stream: str | 
     image = None
     for ax, ((stream_name, label), trials) in zip(axes, groups.items(), strict=True):
         tasks, mean, _ = mean_matrix(trials)
-        image = ax.imshow(mean, cmap="viridis", vmin=0.0, vmax=100.0)
+        cmap = colormaps["viridis"].with_extremes(bad="lightgrey")  # not evaluated (eval.tasks): grey
+        image = ax.imshow(np.ma.masked_invalid(mean), cmap=cmap, vmin=0.0, vmax=100.0)
         for t in range(len(tasks)):
             for i in range(len(tasks)):
-                color = "black" if mean[t][i] > 60.0 else "white"
-                ax.text(i, t, f"{mean[t][i]:.1f}", ha="center", va="center", color=color, fontsize=8)
+                value = mean[t][i]
+                color = "black" if not math.isfinite(value) or value > 60.0 else "white"
+                text = f"{value:.1f}" if math.isfinite(value) else "-"
+                ax.text(i, t, text, ha="center", va="center", color=color, fontsize=8)
         ax.set_xticks(range(len(tasks)), labels=tasks, rotation=45, ha="right")
         ax.set_yticks(range(len(tasks)), labels=[f"after {n}" for n in tasks])
         ax.set_xlabel("evaluated task")
@@ -561,6 +616,8 @@ __all__ = [
     "plot_matrices",
     "plot_stability_plasticity",
     "plot_task_curves",
+    "probe_frame",
     "save_figure",
     "trial_metrics",
+    "zero_shot_frame",
 ]

@@ -73,6 +73,47 @@ class ModelConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """An evaluation-only task (a general-capability probe, see :mod:`mcl.streams.probes`): the test split of
+    task ``task`` of the registered stream ``stream`` (read from ``root`` with ``options``, which may name an
+    export), or the MLLM-CL test file ``file`` (images relative to ``image_root``, default its folder).
+    ``max_samples``: its first that many samples (0 = ``eval.max_samples_per_task``)."""
+
+    name: str = ""
+    stream: str = ""
+    task: str = ""
+    root: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    file: str = ""
+    image_root: str = ""
+    answer_type: str = "exact"
+    max_samples: int = 0
+
+
+def _check_probes(probes: list[ProbeConfig]) -> None:
+    seen: set[str] = set()
+    for i, probe in enumerate(probes):
+        where = f"stream.probes[{i}]"
+        _check(isinstance(probe, ProbeConfig), where, "must be a mapping of ProbeConfig fields", probe)
+        _check(
+            re.fullmatch(r"[A-Za-z0-9_.-]+", probe.name) is not None,
+            f"{where}.name",
+            "must be a non-empty name of letters, digits, '_', '.' or '-'",
+            probe.name,
+        )
+        _check(probe.name not in seen, f"{where}.name", "must be unique among stream.probes", probe.name)
+        seen.add(probe.name)
+        _check(
+            bool(probe.stream) != bool(probe.file),
+            f"{where}.stream",
+            "give exactly one of 'stream' (with 'task') or 'file'",
+            probe.stream,
+        )
+        _check(not probe.stream or bool(probe.task), f"{where}.task", "names the stream's task", probe.task)
+        _check(probe.max_samples >= 0, f"{where}.max_samples", "must be >= 0", probe.max_samples)
+
+
+@dataclass
 class StreamConfig:
     """Which stream to run, where its data lives and its stream-specific options.
 
@@ -86,6 +127,10 @@ class StreamConfig:
     options: dict[str, Any] = field(default_factory=dict)
     check_images: bool = True
     skip_bad_samples: bool = False
+    probes: list[ProbeConfig] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _check_probes(self.probes)
 
 
 @dataclass
@@ -181,7 +226,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Greedy evaluation after every task on the test sets of all tasks (seen and unseen).
+    """Greedy evaluation after every task on the test sets of the tasks ``tasks`` names: ``all`` (seen and
+    unseen), or ``seen_and_next`` (what the CL metrics read, see :mod:`mcl.evaluation.policy`).
 
     ``sort_by_length``: evaluate rows in batches of similar prompt length (image tokens included), longest
     first; predictions are returned in the test sets' order. ``max_new_tokens_by_type`` (answer type -> tokens)
@@ -193,6 +239,7 @@ class EvalConfig:
     batch_size: int = 32
     max_new_tokens: int = 8
     max_samples_per_task: int = 0
+    tasks: Literal["all", "seen_and_next"] = "all"
     sort_by_length: bool = False
     max_new_tokens_by_type: dict[str, int] = field(default_factory=dict)
     stop_strings_by_type: dict[str, list[str]] = field(default_factory=dict)
@@ -387,6 +434,9 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
             raise ConfigError(f"{name}: must be null, got {value!r}")
         return None
     plain = origin if origin in (dict, list) else hint
+    item = typing.get_args(hint)[0] if origin is list and typing.get_args(hint) else None
+    if plain is list and dataclasses.is_dataclass(item) and isinstance(value, list):
+        return [_coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
     if plain in _SCALARS:
         what, ok, convert = _SCALARS[plain]
         if not ok(value):

@@ -174,17 +174,24 @@ def _model_path(cfg) -> str:
 
 def test_a_failing_driver_stops_its_train_job_before_the_next_phase(ray_session, small_root, tmp_path):
     """The driver raises after task 1 is published: the Train job running in the background finishes the
-    phase in progress at most and trains nothing after it; a resume clears the stop and finishes the run."""
+    phase in progress at most and trains nothing after it; a resume clears the stop and finishes the run.
+
+    The run also evaluates under ``eval.tasks=seen_and_next`` with a probe (per-phase Ray datasets
+    ``p<k>_eval_<rank>`` / ``p<k>_baseline_<rank>``): the skipped cell is null, the probe is logged apart."""
     import threading
     import time
 
     from mcl.run import RunDir, run_experiment
 
+    probe = {"name": "indoor", "stream": "generated", "task": "indoor", "root": str(small_root)}
+    probe["options"] = {"train_per_task": 32, "test_per_task": 8}
     cfg = _config(
         tmp_path,
         small_root,
         "stream.options.tasks=[aerial,underwater,street]",
         "tracking.run_name=driver-fails",
+        "eval.tasks=seen_and_next",
+        f"stream.probes={json.dumps([probe])}",
     )
 
     def fail(t: int, names: list[str], matrix: list[list[float]]) -> None:
@@ -203,6 +210,23 @@ def test_a_failing_driver_stops_its_train_job_before_the_next_phase(ray_session,
 
     summary = run_experiment(cfg, log=lambda _m: None, resume=True)
     assert len(summary.matrix) == 3 and not RunDir(run_dir).abort_requested()
+    _check_seen_and_next_and_probe(summary)
+
+
+def _check_seen_and_next_and_probe(summary) -> None:
+    from mlflow import MlflowClient
+
+    nulls = [(t, i) for t, row in enumerate(summary.matrix) for i, v in enumerate(row) if v is None]
+    assert nulls == [(0, 2)] and None not in summary.baseline
+    assert {"mfn", "bwt", "fwt"} <= set(summary.metrics)
+    client = MlflowClient(summary.tracking_uri)
+    run = client.get_run(summary.run_id)
+    steps = [m.step for m in client.get_metric_history(summary.run_id, "probe_indoor")]
+    assert sorted(steps) == [0, 1, 2] and "acc_street" in run.data.metrics
+    assert "baseline_probe_indoor" in run.data.metrics and "retention_indoor" in run.data.metrics
+    data = json.loads(Path(client.download_artifacts(summary.run_id, "accuracy_matrix.json")).read_text())
+    assert data["matrix"][0][2] is None and len(data["probes"]["indoor"]["after_task"]) == 3
+    assert "probe:indoor" not in data["tasks"]
 
 
 def test_paper_scale_settings_run_through_ray_train(ray_session, small_root, tmp_path):

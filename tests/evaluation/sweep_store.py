@@ -28,6 +28,8 @@ MATRICES: dict[tuple[str, int], list[list[float]]] = {
     ("replay", 1): [[90.0, 20.0, 30.0], [80.0, 75.0, 10.0], [70.0, 70.0, 95.0]],
 }
 BASELINE = [5.0, 10.0, 15.0]
+# A general-capability probe (stream.probes) of every finished trial: untrained 50, after every task.
+PROBE = {"vqa": {"baseline": 50.0, "after_task": [45.0, 40.0, 25.0], "retention": 0.5}}
 
 
 @dataclass
@@ -82,7 +84,12 @@ def _log_trial(tracker: Tracker, sweep_name: str, sweep_run: str, spec: TrialSpe
         return run  # left RUNNING, like a trial still training (or one whose process died)
     metrics = cl_metrics(spec.matrix, BASELINE)
     tracker.log_metrics(run, {**metrics, "wall_time_s": 12.0, "cpu_hours": 0.01, "gpu_hours": 0.0})
-    data = {**accuracy_matrix_json(tasks, spec.matrix), "baseline": BASELINE, "metrics": metrics}
+    data = {
+        **accuracy_matrix_json(tasks, spec.matrix),
+        "baseline": BASELINE,
+        "metrics": metrics,
+        "probes": PROBE,
+    }
     if spec.artifact:
         tracker.log_dict(run, data, "accuracy_matrix.json")
     tracker.end_run(run)

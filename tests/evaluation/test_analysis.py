@@ -35,8 +35,10 @@ from mcl.analysis import (
     plot_matrices,
     plot_stability_plasticity,
     plot_task_curves,
+    probe_frame,
     save_figure,
     trial_metrics,
+    zero_shot_frame,
 )
 from mcl.evaluation.leaderboard import leaderboard
 
@@ -112,6 +114,18 @@ def test_leaderboard_means_and_stds_match_hand_computed_values(alpha):
     assert replay["bwt_mean"] == pytest.approx(-12.5) and replay["bwt_std"] == pytest.approx(0.0)
     # fwt against BASELINE: seq s0 ((10-10) + (10-15)) / 2 = -2.5, seq s1 ((20-10) + (20-15)) / 2 = 7.5
     assert seq["fwt_mean"] == pytest.approx(2.5)
+
+
+def test_zero_shot_row_and_probes_of_a_sweep(alpha):
+    zero = zero_shot_frame(alpha)
+    assert list(zero["method"]) == ["zero_shot"] and zero["seeds"][0] == 2  # one per (stream, seed)
+    assert zero["mfn_mean"][0] == pytest.approx(sum(BASELINE) / 3) and zero["bwt_mean"][0] == 0.0
+    with_zero = leaderboard_frame(alpha, zero_shot=True).set_index("method")
+    assert with_zero.loc["zero_shot", "mfn_mean"] == pytest.approx(10.0) and len(with_zero) == 3
+    probes = probe_frame(alpha).set_index("method")
+    assert list(probes["probe"]) == ["vqa", "vqa"] and list(probes["seeds"]) == [2, 2]
+    assert probes.loc["replay", "retention_mean"] == pytest.approx(0.5)
+    assert probes.loc["replay", "final_mean"] == pytest.approx(25.0)
 
 
 def test_trial_metrics_fill_missing_ones_from_the_matrix():

@@ -49,13 +49,17 @@ def test_compare_writes_a_leaderboard_over_methods_and_seeds(tmp_path, generated
     ]
     assert all(len(r["matrix"]) == 2 for r in runs)
     rows = list(csv.DictReader((out / "leaderboard.csv").open()))
-    assert sorted(r["method"] for r in rows) == ["joint", "sequential_lora"]
+    assert sorted(r["method"] for r in rows) == ["joint", "sequential_lora", "zero_shot"]
     assert all(r["seeds"] == "2" for r in rows)
     seq = [r["mfn"] for r in runs if r["method"] == "sequential_lora"]
     row = next(r for r in rows if r["method"] == "sequential_lora")
     assert float(row["mfn_mean"]) == pytest.approx(sum(seq) / 2)
     table = (out / "leaderboard.md").read_text()
     assert "| sequential_lora | generated | 2 |" in table and "MFN" in table
+    # The untrained model's row (one per seed): its MFN is the mean of the baseline.
+    zero = next(r for r in rows if r["method"] == "zero_shot")
+    baselines = [sum(r["baseline"]) / len(r["baseline"]) for r in runs if r["method"] == "joint"]
+    assert float(zero["mfn_mean"]) == pytest.approx(sum(baselines) / 2) and float(zero["bwt_mean"]) == 0.0
 
     # Re-running reads the finished runs back instead of training them again.
     marker = out / "local" / "compare-joint-s1" / "result.json"

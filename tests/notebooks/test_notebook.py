@@ -123,3 +123,17 @@ def test_notebook_runs_on_a_sweep_store_and_writes_the_figures(tmp_path):
     assert "sweep 'alpha'" in text and "4 usable trials, 1 skipped" in text
     assert "unfinished: status RUNNING" in text
     assert "beta" in text  # the across-sweeps table compares alpha with the newer sweep
+    # The evalpolicy- cells: the zero-shot row and the sweep store's probe (retention 0.5).
+    ran = {c.id: c for c in nb.cells if c.id.startswith("evalpolicy-") and c.cell_type == "code"}
+    assert len(ran) == 2 and all(c.execution_count for c in ran.values())
+    assert "zero_shot" in cell_outputs(nbformat_cells(ran["evalpolicy-01"]))
+    assert "vqa" in cell_outputs(nbformat_cells(ran["evalpolicy-03"]))
+
+
+def nbformat_cells(cell):
+    """A notebook holding only ``cell`` (to read one cell's outputs with :func:`cell_outputs`)."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [cell]
+    return nb

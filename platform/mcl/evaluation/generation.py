@@ -3,7 +3,8 @@
 An :class:`Evaluator` turns a rank's evaluation batches into prediction records, gathered on rank 0. Today's
 backend, :class:`GenerationEvaluator`, generates inside the training workers (through the method's
 ``generate`` hook, so routed and branched methods answer as they would at inference). :func:`score_records`
-turns records into accuracy per task.
+turns records into accuracy per task; :func:`phase_scores` scores a phase's records (tasks and probes) for every
+evaluation backend.
 """
 
 from __future__ import annotations
@@ -236,4 +237,36 @@ def score_records(records: list[Record], task_names: list[str]) -> dict[str, flo
     return {t: 100.0 * sum(v) / len(v) if v else float("nan") for t, v in totals.items()}
 
 
-__all__ = ["AnswerLimits", "Evaluator", "GenerationEvaluator", "RowStops", "cut_at_stop", "score_records"]
+@dataclass
+class PhaseScores:
+    """A phase's scores: accuracy (%) per evaluated task, and per probe (``stream.probes``)."""
+
+    accuracy: dict[str, float]
+    probes: dict[str, float]
+
+
+def phase_scores(records: list[Record], task_names: Sequence[str], probe_names: Sequence[str]) -> PhaseScores:
+    """Score a phase's prediction records (adds each record's ``score``): the accuracy of each task of
+    ``task_names`` (the tasks the phase evaluates; NaN for one without records) and, apart, of each probe,
+    whose records carry the task ``probe:<name>``. Records of other tasks are scored but not counted.
+    Every evaluation backend builds its :class:`~mcl.worker.job.TaskResult` scores with this function."""
+    from mcl.streams.probes import probe_task_name
+
+    probe_tasks = {name: probe_task_name(name) for name in probe_names}
+    scored = score_records(records, [*task_names, *probe_tasks.values()])
+    return PhaseScores(
+        accuracy={t: scored[t] for t in task_names},
+        probes={name: scored[task] for name, task in probe_tasks.items()},
+    )
+
+
+__all__ = [
+    "AnswerLimits",
+    "Evaluator",
+    "GenerationEvaluator",
+    "PhaseScores",
+    "RowStops",
+    "cut_at_stop",
+    "phase_scores",
+    "score_records",
+]

@@ -1,7 +1,9 @@
 """Leaderboards: CL metrics of many runs, grouped by method (and stream), as mean and std over seeds.
 
 Pure functions over plain records (``{"method", "stream", "seed", "mfn", ...}``), so a comparison job, a sweep
-or a notebook can build the same table from MLflow runs or from run summaries.
+or a notebook can build the same table from MLflow runs or from run summaries. A record that carries its run's
+``baseline`` (the untrained model's accuracy per task) also gives the ``zero_shot`` row
+(:func:`zero_shot_records`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 METRICS = ("mft", "mfn", "maa", "bwt", "fwt", "forgetting")
+ZERO_SHOT = "zero_shot"
 
 
 @dataclass
@@ -52,6 +55,22 @@ def leaderboard(records: Iterable[dict[str, Any]], metrics: Sequence[str] = METR
     return sorted(entries, key=lambda e: (e.stream, -_or_inf(e.mean.get("mfn"))))
 
 
+def zero_shot_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``zero_shot`` records of the untrained model: one per (stream, seed) among ``records`` that carry a
+    ``baseline`` (the first such record's; every method starts from the same base model), with the metrics
+    of :func:`mcl.evaluation.metrics.zero_shot_metrics` (MFN = MFT = its mean accuracy, BWT = FWT = 0)."""
+    from mcl.evaluation.metrics import zero_shot_metrics
+
+    out: dict[tuple[str, Any], dict[str, Any]] = {}
+    for r in records:
+        baseline = r.get("baseline")
+        key = (str(r.get("stream", "")), r.get("seed"))
+        if baseline is None or key in out or any(b is None for b in baseline):
+            continue
+        out[key] = {"method": ZERO_SHOT, "stream": key[0], "seed": key[1], **zero_shot_metrics(baseline)}
+    return list(out.values())
+
+
 def _or_inf(value: float | None) -> float:
     return value if value is not None and math.isfinite(value) else -math.inf
 
@@ -78,4 +97,13 @@ def to_csv_rows(entries: Sequence[Entry], metrics: Sequence[str] = METRICS) -> l
     return rows
 
 
-__all__ = ["METRICS", "Entry", "leaderboard", "mean_std", "to_csv_rows", "to_markdown"]
+__all__ = [
+    "METRICS",
+    "ZERO_SHOT",
+    "Entry",
+    "leaderboard",
+    "mean_std",
+    "to_csv_rows",
+    "to_markdown",
+    "zero_shot_records",
+]

@@ -27,7 +27,7 @@ from mcl.run.rundir import PhaseDir, Progress, RunDir
 from mcl.run.table import AccuracyTable
 from mcl.worker.job import TaskResult
 
-OnTask = Callable[[int, list[str], list[list[float]]], None]
+OnTask = Callable[[int, list[str], list[list[float | None]]], None]
 
 
 @dataclass
@@ -37,8 +37,8 @@ class RunSummary:
     run_id: str
     tracking_uri: str
     task_names: list[str]
-    matrix: list[list[float]]
-    baseline: list[float] | None
+    matrix: list[list[float | None]]  # None: not evaluated (eval.tasks)
+    baseline: list[float | None] | None
     metrics: dict[str, float]
     output_dir: str
     task_results: list[TaskResult] = field(default_factory=list)
@@ -54,8 +54,10 @@ class LocalStreamResult:
     results: list[TaskResult]
     state_dirs: list[Path]
     phase_dirs: dict[str, Path]
-    matrix: list[list[float]]
-    baseline: list[float] | None = None
+    matrix: list[list[float | None]]
+    baseline: list[float | None] | None = None
+    probes: dict[str, list[float]] = field(default_factory=dict)  # per probe: accuracy after every task
+    baseline_probes: dict[str, float] | None = None
 
 
 class StreamLoop:
@@ -136,7 +138,7 @@ class StreamLoop:
         self.state_dirs.append(str(self.previous))
         self.progress.tasks_done.append(t)
         self._save_progress()
-        accuracies = ", ".join(f"{n} {a:.1f}" for n, a in zip(self.names, row, strict=True))
+        accuracies = ", ".join(f"{n} {a:.1f}" for n, a in zip(self.names, row, strict=True) if a is not None)
         self.log(f"task {name} done in {wall:.1f}s: {accuracies}")
 
     def _start_task_run(self, t: int, phases: list[Phase]) -> str:
@@ -248,5 +250,11 @@ def run_stream_locally(
     loop.run(range(start_task, tasks if tasks is not None else len(loop.names)))
     table = loop.table
     return LocalStreamResult(
-        loop.results, [Path(s) for s in loop.state_dirs], loop.phase_dirs, table.matrix, table.baseline
+        loop.results,
+        [Path(s) for s in loop.state_dirs],
+        loop.phase_dirs,
+        table.matrix,
+        table.baseline,
+        table.probes,
+        table.baseline_probes,
     )

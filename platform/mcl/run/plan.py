@@ -14,6 +14,7 @@ import numpy as np
 
 from mcl.config import ExperimentConfig
 from mcl.data import AnswerOrder, RowOrder, SampleRows, as_row_order, evaluation_order, group_by_length
+from mcl.evaluation.policy import baseline_columns, evaluated_columns
 from mcl.lengths import prompt_lengths, training_lengths
 from mcl.methods_api import Phase, TrainingData, TrainingRequest
 from mcl.run.prepare import PreparedRun
@@ -120,6 +121,8 @@ def _phase_job(
         evaluate=phase.evaluate,
         optimize=phase.optimize,
         driver_state=data.driver_state if data.driver_state is not None else driver_state,
+        eval_tasks=[prep.stream.task_names[i] for i in phase_eval_columns(prep, t)],
+        probe_names=prep.probe_names,
     )
     return job, data.rows
 
@@ -145,8 +148,32 @@ def plan_phases(
 
 def eval_rows(prep: PreparedRun) -> SampleRows:
     """Every task's test samples (the first ``eval.max_samples_per_task`` of each), as rows read lazily."""
+    return _test_rows(prep, range(len(prep.stream.tasks)), probes=False)
+
+
+def phase_eval_columns(prep: PreparedRun, task_index: int) -> list[int]:
+    """The task columns the evaluating phase of task ``task_index`` evaluates (``eval.tasks``)."""
+    return evaluated_columns(prep.config.eval.tasks, task_index, len(prep.stream.tasks))
+
+
+def phase_eval_rows(prep: PreparedRun, task_index: int) -> SampleRows:
+    """The rows the evaluating phase of task ``task_index`` evaluates: the test samples of the tasks
+    ``eval.tasks`` names for that row (see :mod:`mcl.evaluation.policy`), then every probe's."""
+    return _test_rows(prep, phase_eval_columns(prep, task_index), probes=True)
+
+
+def baseline_eval_rows(prep: PreparedRun) -> SampleRows:
+    """The rows the untrained model (the baseline row) is evaluated on: every task's test samples (FWT and
+    the zero-shot row read them), then every probe's."""
+    columns = baseline_columns(prep.config.eval.tasks, len(prep.stream.tasks))
+    return _test_rows(prep, columns, probes=True)
+
+
+def _test_rows(prep: PreparedRun, columns: Any, probes: bool) -> SampleRows:
     limit = prep.config.eval.max_samples_per_task
-    return SampleRows(ChainedSamples([t.test[:limit] if limit else t.test for t in prep.stream.tasks]))
+    tasks = [prep.stream.tasks[i] for i in columns]
+    parts = [t.test[:limit] if limit else t.test for t in tasks]
+    return SampleRows(ChainedSamples(parts + ([p.test for p in prep.probes] if probes else [])))
 
 
 def answer_order(prep: PreparedRun, rows: Any) -> AnswerOrder:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +13,10 @@ from mcl.errors import ConfigError, DataError, UnknownNameError
 from mcl.methods_api import Method, build_method
 from mcl.models import resolve_model_path
 from mcl.run.rundir import RunDir
-from mcl.streams import Stream, build_stream
+from mcl.streams import Stream, TaskData, build_stream
 from mcl.streams.check import DataReport, read_clean_stream
 from mcl.streams.formats import check_images
+from mcl.streams.probes import load_probes
 from mcl.streams.store import ChainedSamples
 
 # Settings that may change between an interrupted run and its resumption (where and how it runs).
@@ -38,6 +39,11 @@ class PreparedRun:
     model_path: str
     stream: Stream
     data_report: DataReport | None = None  # with stream.skip_bad_samples: the samples left out
+    probes: list[TaskData] = field(default_factory=list)  # stream.probes: evaluation-only tasks
+
+    @property
+    def probe_names(self) -> list[str]:
+        return [p.name for p in self.probes]
 
 
 def prepare_run(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> PreparedRun:
@@ -54,11 +60,17 @@ def prepare_run(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Pr
     stream, report = _read_stream(cfg, log)
     _check_answer_types(stream)
     _check_eval_samples(stream, cfg)
+    probes = load_probes(cfg.stream.probes, cfg.eval.max_samples_per_task)
+    _check_answer_types(Stream("probes", probes))
     if cfg.stream.check_images and report is None:
         check_images(ChainedSamples([split for t in stream.tasks for split in (t.train, t.test)]))
+    if cfg.stream.check_images and probes:
+        check_images(ChainedSamples([p.test for p in probes]))
     counts = ", ".join(f"{t.name} {len(t.train)}/{len(t.test)}" for t in stream.tasks)
     log(f"stream {stream.name!r}: {len(stream.tasks)} tasks (train/test: {counts})")
-    return PreparedRun(cfg, method, model_path, stream, report)
+    if probes:
+        log("probes: " + ", ".join(f"{p.name} {len(p.test)}" for p in probes))
+    return PreparedRun(cfg, method, model_path, stream, report, probes)
 
 
 def _read_stream(cfg: ExperimentConfig, log: Callable[[str], None]) -> tuple[Stream, DataReport | None]:

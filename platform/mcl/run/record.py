@@ -97,6 +97,8 @@ class RunRecorder:
             return
         tracker, run_id = self.tracker, self.run_id
         tracker.log_metrics(run_id, table.metrics())
+        if table.probes:  # final / untrained accuracy per probe
+            tracker.log_metrics(run_id, {f"retention_{n}": v for n, v in table.retention().items()})
         run_dir.matrix_json.write_text(json.dumps(table.to_json(), indent=1))
         tracker.log_artifact(run_id, run_dir.matrix_json)
         if self.cfg.tracking.heatmap:
@@ -156,16 +158,22 @@ class RunRecorder:
         """Accuracies, method metrics, memory, state and predictions of a task; its run is closed."""
         tracker, names = self.tracker, self.prep.stream.task_names
         t = result.task_index
-        acc = {f"acc_{n}": result.accuracy[n] for n in names}
+        acc = {f"acc_{n}": result.accuracy[n] for n in names if n in result.accuracy}  # eval.tasks
+        probes = {f"probe_{n}": v for n, v in result.probe_accuracy.items()}
         tracker.log_metrics(
-            task_run, {**acc, "acc_current": result.accuracy[names[t]], **result.method_metrics}
+            task_run, {**acc, **probes, "acc_current": result.accuracy[names[t]], **result.method_metrics}
         )
-        tracker.log_metrics(self.run_id, {**acc, **result.method_metrics}, step=t)
+        tracker.log_metrics(self.run_id, {**acc, **probes, **result.method_metrics}, step=t)
         tracker.log_metrics(task_run, {"wall_time_s": wall_s, **{f"mem_{k}": v for k, v in memory.items()}})
         if result.baseline_accuracy is not None:
             tracker.log_metrics(
                 self.run_id, {f"baseline_acc_{n}": result.baseline_accuracy[n] for n in names}
             )
+            baseline_probes = result.baseline_probe_accuracy or {}
+            if baseline_probes:
+                tracker.log_metrics(
+                    self.run_id, {f"baseline_probe_{n}": v for n, v in baseline_probes.items()}
+                )
         if state.exists():
             tracker.log_artifact(task_run, state, "state")
         with tempfile.TemporaryDirectory() as tmp:

@@ -293,9 +293,9 @@ def _task_names(trial: TrialSpec) -> list[str]:
 def _write_leaderboard(tracker: Any, run_id: str, records: list[dict[str, Any]], sweep_dir: Path) -> str:
     """leaderboard.md / .csv / .png of the finished trials, in the sweep folder and on the sweep run."""
     from mcl.analysis import leaderboard_png
-    from mcl.evaluation.leaderboard import leaderboard, to_csv_rows, to_markdown
+    from mcl.evaluation.leaderboard import leaderboard, to_csv_rows, to_markdown, zero_shot_records
 
-    entries = leaderboard(records)
+    entries = leaderboard([*records, *zero_shot_records(records)])  # with the untrained model's row
     md = to_markdown(entries) if entries else "(no finished trials)"
     (sweep_dir / "leaderboard.md").write_text(md + "\n")
     rows = to_csv_rows(entries)

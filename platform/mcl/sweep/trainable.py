@@ -55,6 +55,7 @@ def run_trial(config: dict[str, Any]) -> None:
         "metrics": summary.metrics,
         "tasks": summary.task_names,
         "matrix": summary.matrix,
+        "baseline": summary.baseline,
         "versions": versions,
         "final_state": summary.state_dirs[-1] if summary.state_dirs else None,
         "node_id": node,

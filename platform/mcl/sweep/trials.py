@@ -88,6 +88,7 @@ def trial_record(trial: TrialSpec, done: dict[str, Any]) -> dict[str, Any]:
         "seed": trial.seed,
         "trial": trial.key,
         "run_id": done["run_id"],
+        "baseline": done.get("baseline"),  # the untrained model's row: the zero_shot entry
         **done["metrics"],
     }
 

@@ -26,6 +26,8 @@ class TaskJob:
         evaluate: Evaluate all tasks at the end of this phase.
         optimize: Take optimiser steps (False: gradients only, for :meth:`Method.on_gradients`).
         driver_state: The method's driver-side state, saved with this phase's state by rank 0.
+        eval_tasks: The tasks this phase's evaluation scores (``eval.tasks``); None: every task.
+        probe_names: The probes (``stream.probes``) evaluated with them, and with the baseline.
     """
 
     config: dict[str, Any]
@@ -39,6 +41,8 @@ class TaskJob:
     evaluate: bool = True
     optimize: bool = True
     driver_state: dict[str, Any] | None = None
+    eval_tasks: list[str] | None = None
+    probe_names: list[str] = field(default_factory=list)
 
     @property
     def key(self) -> str:
@@ -61,6 +65,8 @@ class TaskResult:
     method_metrics: dict[str, float] = field(default_factory=dict)
     phase: str = "train"
     resumed_at_step: int = 0  # > 0: the phase continued from a step checkpoint taken after that many steps
+    probe_accuracy: dict[str, float] = field(default_factory=dict)  # per probe name (stream.probes)
+    baseline_probe_accuracy: dict[str, float] | None = None  # the untrained model's, with baseline_accuracy
 
     def save(self, out_dir: str | Path) -> Path:
         return PhaseDir(out_dir).write_result(asdict(self))

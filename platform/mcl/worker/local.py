@@ -20,9 +20,11 @@ def run_task_locally(
     out_dir: str | Path,
     device: Any = None,
     log: Callable[[str], None] = print,
+    baseline_rows: Sequence[dict[str, Any]] | None = None,
 ) -> TaskResult:
     """Run one phase in this process (single worker). With ``scaling.deepspeed`` on, a one-process gloo/nccl
-    group is created for DeepSpeed."""
+    group is created for DeepSpeed. ``baseline_rows``: what the untrained model is evaluated on
+    (``job.evaluate_before``; default ``eval_rows``)."""
     cfg = config_from_dict(job.config)
     if cfg.scaling.num_workers != 1:
         raise ValueError("run_task_locally runs one worker; set scaling.num_workers=1")
@@ -42,6 +44,9 @@ def run_task_locally(
         out_dir,
         device=device,
         log=log,
+        baseline_batches=lambda: local_batches(
+            eval_rows if baseline_rows is None else baseline_rows, eval_pre, cfg.eval.batch_size
+        ),
     )
     assert result is not None
     return result

@@ -1,6 +1,7 @@
 """The Ray Train worker function: every remaining phase of a run, one after another, in one worker group.
 
-Phase ``k`` streams this rank's shard ``p<k>_train_<rank>`` (and ``eval_<rank>`` if it evaluates), trains from
+Phase ``k`` streams this rank's shard ``p<k>_train_<rank>`` (and ``p<k>_eval_<rank>`` if it evaluates,
+``p<k>_baseline_<rank>`` if it evaluates the untrained model first), trains from
 the state the previous phase left, and rank 0 publishes the phase folder in the run folder as a whole (the
 driver waits for it). After a worker failure Ray Train restarts the group and this function again: phases
 already published are skipped, so the run continues from the last finished phase with the same seeds.
@@ -96,7 +97,8 @@ def _run_phase(
     micro, eval_bs = loop_config["micro_batch"], loop_config["eval_batch"]
     train_shard = ray.train.get_dataset_shard(f"p{k}_train_{rank}")
     # Phases that do not evaluate read no evaluation data.
-    eval_shard = ray.train.get_dataset_shard(f"eval_{rank}") if job.evaluate else None
+    eval_shard = ray.train.get_dataset_shard(f"p{k}_eval_{rank}") if job.evaluate else None
+    baseline_shard = ray.train.get_dataset_shard(f"p{k}_baseline_{rank}") if job.evaluate_before else None
     if rank == 0:
         out = run_dir.partial(folder).path
         shutil.rmtree(out, ignore_errors=True)  # left by a worker group that died mid-phase
@@ -106,11 +108,7 @@ def _run_phase(
         train_and_evaluate_task(
             job,
             train_shard.iter_batches(batch_size=micro, batch_format="numpy", prefetch_batches=2),
-            lambda: (
-                eval_shard.iter_batches(batch_size=eval_bs, batch_format="numpy", prefetch_batches=1)
-                if eval_shard is not None
-                else []
-            ),
+            lambda: _eval_batches(eval_shard, eval_bs),
             out,
             device=ray.train.torch.get_device(),
             checkpoints=RayStepCheckpoints(
@@ -118,12 +116,20 @@ def _run_phase(
                 loop_config["fit_id"],
                 loop_config["first_phase"],
             ),
+            baseline_batches=lambda: _eval_batches(baseline_shard, eval_bs),
         )
         if rank == 0:
             run_dir.publish(folder)  # atomic: the driver sees a whole phase or none
     finally:
         if rank != 0:
             shutil.rmtree(out, ignore_errors=True)
+
+
+def _eval_batches(shard: Any, batch_size: int) -> Any:
+    """This rank's evaluation batches from a dataset shard (none without one)."""
+    if shard is None:
+        return []
+    return shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=1)
 
 
 def _from_rank0(value: Any) -> Any:

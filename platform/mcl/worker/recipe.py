@@ -21,7 +21,7 @@ import numpy as np
 from mcl.adapters import projector_module_names
 from mcl.config import config_from_dict
 from mcl.data import collate
-from mcl.evaluation.generation import AnswerLimits, GenerationEvaluator, score_records
+from mcl.evaluation.generation import AnswerLimits, GenerationEvaluator, phase_scores
 from mcl.logs import quiet_known_warnings
 from mcl.methods_api import TaskContext, build_method
 from mcl.run.rundir import PhaseDir
@@ -72,6 +72,7 @@ class PhaseRecipe:
         self.train_log: list[dict[str, float]] = []
         self.timing: dict[str, float] = {}
         self.baseline: dict[str, float] | None = None
+        self.baseline_probes: dict[str, float] | None = None
         self.start_step = 0  # > 0 when the phase resumes from a step checkpoint
 
     # -- setup
@@ -148,10 +149,12 @@ class PhaseRecipe:
 
     # -- evaluate
     def evaluate_baseline(self, batches: Batches) -> None:
-        """Accuracy of the untrained model on every task (rank 0; None elsewhere)."""
+        """Accuracy of the untrained model on every task and probe (rank 0; None elsewhere)."""
         self.say(f"{self.tag} evaluating the untrained model on all tasks (baseline for forward transfer)")
         records = self.evaluator.predict(batches, dataclasses.replace(self.ctx, stage="baseline"))
-        self.baseline = score_records(records, self.job.task_names) if self.rank == 0 else None
+        if self.rank == 0:
+            scores = phase_scores(records, self.job.task_names, self.job.probe_names)
+            self.baseline, self.baseline_probes = scores.accuracy, scores.probes
 
     # -- step checkpoints
     def resume_from(self, checkpoints: StepCheckpoints) -> bool:
@@ -161,6 +164,7 @@ class PhaseRecipe:
             return False
         self.start_step, meta = found
         self.train_log, self.baseline = meta["train_log"], meta["baseline"]
+        self.baseline_probes = meta.get("baseline_probes")
         if meta.get("method") is not None:
             self.method.load_step_state(meta["method"], self.ctx)
         self.say(f"{self.tag} resuming at step {self.start_step}/{self.job.steps} from a step checkpoint")
@@ -172,6 +176,7 @@ class PhaseRecipe:
         meta = {
             "train_log": self.train_log,
             "baseline": self.baseline,
+            "baseline_probes": self.baseline_probes,
             "method": self.method.step_state(self.ctx),
         }
         checkpoints.save(self.engine, self.job.key, step, meta)
@@ -278,10 +283,14 @@ class PhaseRecipe:
     def result(self, records: list[dict[str, Any]]) -> TaskResult:
         """The phase's result (rank 0), printed as it is built."""
         job = self.job
-        accuracy = score_records(records, job.task_names) if job.evaluate else {}
+        tasks = job.task_names if job.eval_tasks is None else job.eval_tasks
+        scores = phase_scores(records, tasks, job.probe_names) if job.evaluate else None
+        accuracy = scores.accuracy if scores is not None else {}
         method_metrics = self.method.eval_metrics(records, self.ctx) if job.evaluate else {}
         if accuracy:
             self.say(f"{self.tag} accuracy " + ", ".join(f"{t} {a:.1f}" for t, a in accuracy.items()))
+        if scores is not None and scores.probes:
+            self.say(f"{self.tag} probes " + ", ".join(f"{p} {a:.1f}" for p, a in scores.probes.items()))
         if method_metrics:
             self.say(f"{self.tag} " + ", ".join(f"{k} {v:.2f}" for k, v in method_metrics.items()))
         timing = {**self.timing, "eval_samples": float(len(records))}
@@ -297,6 +306,8 @@ class PhaseRecipe:
             method_metrics=method_metrics,
             phase=job.phase,
             resumed_at_step=self.start_step,
+            probe_accuracy=scores.probes if scores is not None else {},
+            baseline_probe_accuracy=self.baseline_probes,
         )
 
     # -- cleanup
@@ -383,14 +394,17 @@ def train_and_evaluate_task(
     device: Any = None,
     log: Callable[[str], None] = print,
     checkpoints: StepCheckpoints | None = None,
+    baseline_batches: Callable[[], Batches] | None = None,
 ) -> TaskResult | None:
     """Train the method through one phase, evaluate all tasks, save state. Returns the result on rank 0.
 
     Args:
         job: What to train (see :class:`TaskJob`).
         train_batches: This rank's preprocessed training batches, ``job.steps`` of them, in order.
-        eval_batches: A callable returning this rank's preprocessed evaluation batches (all tasks' test
-            samples); called once, or twice when ``job.evaluate_before``.
+        eval_batches: A callable returning this rank's preprocessed evaluation batches (the test samples of
+            the tasks and probes the phase evaluates); called once.
+        baseline_batches: The same for the untrained model's evaluation (``job.evaluate_before``; default
+            ``eval_batches``).
         out_dir: Where rank 0 writes the phase folder (state and result).
         device: Torch device (default: CUDA if available, else CPU).
         log: Progress printer (rank 0 only).
@@ -401,7 +415,7 @@ def train_and_evaluate_task(
     recipe.setup()
     resumed = checkpoints is not None and checkpoints.every > 0 and recipe.resume_from(checkpoints)
     if job.evaluate_before and not resumed:
-        recipe.evaluate_baseline(eval_batches())
+        recipe.evaluate_baseline((baseline_batches or eval_batches)())
     recipe.train(train_batches, checkpoints)
     records = recipe.evaluate(eval_batches() if job.evaluate else [])
     out = PhaseDir(out_dir)

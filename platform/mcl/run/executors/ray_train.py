@@ -15,7 +15,14 @@ from typing import Any
 from mcl.data import Preprocessor, ray_dataset, shard
 from mcl.methods_api import Phase
 from mcl.run.cluster import data_tasks_per_rank, init_ray_for_run
-from mcl.run.plan import PlannedPhase, answer_order, eval_rows, plan_phases
+from mcl.run.plan import (
+    PlannedPhase,
+    answer_order,
+    baseline_eval_rows,
+    phase_eval_columns,
+    phase_eval_rows,
+    plan_phases,
+)
 from mcl.run.prepare import PreparedRun
 from mcl.run.rundir import PhaseDir, RunDir
 
@@ -138,9 +145,10 @@ def fit_phases(prep: PreparedRun, phases: list[PlannedPhase], run_dir: RunDir) -
 
 
 def phase_datasets(prep: PreparedRun, phases: list[PlannedPhase]) -> dict[str, Any]:
-    """Ray Datasets of a worker group's phases: ``p<k>_train_<rank>`` per phase and rank, and one
-    ``eval_<rank>`` per rank (every task's test samples) if any phase evaluates. Lazy: a phase's data is
-    read and preprocessed while that phase streams it."""
+    """Ray Datasets of a worker group's phases, per phase ``k`` and rank: ``p<k>_train_<rank>``;
+    ``p<k>_eval_<rank>`` if the phase evaluates (the tasks ``eval.tasks`` names for its row, and the probes);
+    ``p<k>_baseline_<rank>`` if it also evaluates the untrained model (every task, and the probes). Lazy: a
+    phase's data is read and preprocessed while that phase streams it."""
     import ray.data
 
     cfg = prep.config
@@ -152,19 +160,32 @@ def phase_datasets(prep: PreparedRun, phases: list[PlannedPhase]) -> dict[str, A
     trust = cfg.model.trust_remote_code
     train_pre = Preprocessor(prep.model_path, train=True, trust_remote_code=trust)
     tasks = data_tasks_per_rank(cfg)
-    datasets = {}
+    eval_pre = Preprocessor(prep.model_path, train=False, trust_remote_code=trust)
+    datasets: dict[str, Any] = {}
+    shared: dict[tuple[int, ...], list[Any]] = {}  # the same rows (e.g. under eval.tasks=all): one dataset
+
+    def evaluation(columns: list[int], rows: Any) -> list[Any]:
+        if tuple(columns) not in shared:
+            rows = answer_order(prep, rows)  # sharded by position: each rank's shard keeps the order
+            shared[tuple(columns)] = [
+                ray_dataset(shard(rows, rank, world), eval_pre, cfg.eval.batch_size, tasks)
+                for rank in range(world)
+            ]
+        return shared[tuple(columns)]
+
     for k, item in enumerate(phases):
         for rank in range(world):
             datasets[f"p{k}_train_{rank}"] = ray_dataset(
                 shard(item.rows, rank, world), train_pre, micro, tasks
             )
-    if any(item.job.evaluate for item in phases):
-        rows = answer_order(prep, eval_rows(prep))  # sharded by position: each rank's shard keeps the order
-        eval_pre = Preprocessor(prep.model_path, train=False, trust_remote_code=trust)
-        for rank in range(world):
-            datasets[f"eval_{rank}"] = ray_dataset(
-                shard(rows, rank, world), eval_pre, cfg.eval.batch_size, tasks
-            )
+        if item.job.evaluate:
+            columns = phase_eval_columns(prep, item.job.task_index)
+            for rank, ds in enumerate(evaluation(columns, phase_eval_rows(prep, item.job.task_index))):
+                datasets[f"p{k}_eval_{rank}"] = ds
+        if item.job.evaluate_before:
+            columns = list(range(len(prep.stream.tasks)))
+            for rank, ds in enumerate(evaluation(columns, baseline_eval_rows(prep))):
+                datasets[f"p{k}_baseline_{rank}"] = ds
     return datasets
 
 
