@@ -26,7 +26,9 @@ class LocalExecutor:
             answer_order(self.prep, phase_eval_rows(self.prep, task_index)) if phase.evaluate else [],
             folder.path,
             log=self.log,
-            baseline_rows=answer_order(self.prep, baseline_eval_rows(self.prep)) if job.evaluate_before else None,
+            baseline_rows=answer_order(self.prep, baseline_eval_rows(self.prep))
+            if job.evaluate_before
+            else None,
         )
         return folder
 
