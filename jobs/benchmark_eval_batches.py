@@ -5,7 +5,7 @@
 Usage:
     python jobs/benchmark_eval_batches.py                    # 192 test rows, batches of 8, 16 new tokens
     python jobs/benchmark_eval_batches.py --out eval.json    # also write the figures as JSON
-    python jobs/benchmark_eval_batches.py --smoke            # 24 rows, batches of 4 (the test runs it)
+    python jobs/benchmark_eval_batches.py --smoke            # 24 rows, batches of 4, 8 tokens (the test runs it)
 
 The test rows: ``--samples`` rows over a pool of real PNGs, prompt lengths spread as in a multimodal test
 mix: 50% short VQA (question 6-15 words, answer type ``exact``), 30% multiple choice with its options listed
@@ -49,7 +49,7 @@ MIX = (  # share, words in the question, answer type
 )
 TYPE_TOKENS = {"choice": 2, "exact": 6}  # max_new_tokens_by_type; contains: --max-new-tokens
 IMAGE_POOL = 8
-SMOKE = {"samples": 24, "batch_size": 4, "repeats": 1}
+SMOKE = {"samples": 24, "batch_size": 4, "max_new_tokens": 8, "repeats": 1}
 
 
 def _ensure_paths() -> None:
