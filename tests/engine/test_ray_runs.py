@@ -113,12 +113,17 @@ def test_one_and_two_workers_give_the_same_losses(two_worker_run, small_root, tm
 def test_zero3_saves_full_adapters_that_reload_to_the_same_answers(ray_session, small_root, tmp_path):
     """ZeRO-3 with every parameter partitioned (threshold 0), two tasks: the second task starts from the
     first's adapter inside a ZeRO-3 engine; parameters are gathered before saving, so each adapter is
-    complete, reloads with PeftModel.from_pretrained and answers exactly as the trained model did."""
+    complete, reloads with PeftModel.from_pretrained and answers exactly as the trained model did.
+
+    Evaluation runs in batches sorted by prompt length (``eval.sort_by_length``, 3 rows a batch: each rank
+    steps through several batches in lockstep, generating with ``synced_gpus``); the gathered predictions come
+    back in the test sets' order and score the same matrix as one plain batch of every row."""
     import torch
     from peft import PeftModel
     from safetensors.torch import load_file
 
     from mcl.data import Preprocessor, collate, rows_to_batch, sample_row
+    from mcl.evaluation.generation import score_records
     from mcl.models import load_model_and_processor
     from mcl.run import run_experiment
     from mcl.streams import build_stream
@@ -130,6 +135,8 @@ def test_zero3_saves_full_adapters_that_reload_to_the_same_answers(ray_session, 
         "scaling.zero_stage=3",
         "scaling.zero3_param_persistence_threshold=0",
         "train.epochs=3",
+        "eval.sort_by_length=true",
+        "eval.batch_size=3",
     )
     summary = run_experiment(cfg, log=lambda _m: None)
     stream = build_stream(
@@ -156,8 +163,10 @@ def test_zero3_saves_full_adapters_that_reload_to_the_same_answers(ray_session, 
             )
         new_tokens = out[:, batch["input_ids"].shape[1] :]
         texts = [t.strip() for t in processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-        recorded = {p["id"]: p["prediction"] for p in result.predictions}
-        assert texts == [recorded[r["id"]] for r in rows]
+        assert [p["id"] for p in result.predictions] == [r["id"] for r in rows]  # the original order
+        assert texts == [p["prediction"] for p in result.predictions]
+        plain = [{**r, "prediction": text} for r, text in zip(rows, texts, strict=True)]
+        assert score_records(plain, summary.task_names) == result.accuracy
 
 
 def processor_pad_id(cfg) -> int:
