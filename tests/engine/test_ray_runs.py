@@ -232,9 +232,13 @@ def _check_seen_and_next_and_probe(summary) -> None:
     run = client.get_run(summary.run_id)
     steps = [m.step for m in client.get_metric_history(summary.run_id, "probe_indoor")]
     assert sorted(steps) == [0, 1, 2] and "acc_street" in run.data.metrics
-    assert "baseline_probe_indoor" in run.data.metrics and "retention_indoor" in run.data.metrics
+    untrained = run.data.metrics["baseline_probe_indoor"]
+    # retention = final / untrained: undefined (not logged, null in the JSON) when the untrained model scored 0.
+    assert ("retention_indoor" in run.data.metrics) == (untrained > 0)
     data = json.loads(Path(client.download_artifacts(summary.run_id, "accuracy_matrix.json")).read_text())
     assert data["matrix"][0][2] is None and len(data["probes"]["indoor"]["after_task"]) == 3
+    assert data["probes"]["indoor"]["baseline"] == untrained
+    assert (data["probes"]["indoor"]["retention"] is None) == (untrained == 0)
     assert "probe:indoor" not in data["tasks"]
 
 

@@ -164,3 +164,29 @@ def test_config_validates_eval_tasks_and_probes_with_field_names():
     for data, message in bad:
         with pytest.raises(ConfigError, match=message):
             config_from_dict(data)
+
+
+def test_sweep_analysis_reads_matrices_with_null_cells():
+    from mcl.analysis import SweepData, TrialData, leaderboard_frame, plot_matrices
+
+    full = [[80.0, 10.0, 20.0], [30.0, 90.0, 10.0], [20.0, 40.0, 90.0]]
+    trials = [
+        TrialData(
+            f"r{s}",
+            f"ewc-generated-s{s}",
+            "ewc",
+            "generated",
+            s,
+            "FINISHED",
+            tasks=["a", "b", "c"],
+            matrix=masked(full, "seen_and_next"),
+            baseline=[5.0, 10.0, 15.0],
+        )
+        for s in (0, 1)
+    ]
+    data = SweepData("sweep", "sweep", "mcl-sweeps", "sqlite://", "FINISHED", trials=trials)
+    frame = leaderboard_frame(data).set_index("method")
+    assert frame.loc["ewc", "mfn_mean"] == pytest.approx(50.0)
+    assert frame.loc["ewc", "fwt_mean"] == pytest.approx(((10 - 10) + (10 - 15)) / 2)
+    fig = plot_matrices(data)
+    assert "-" in [t.get_text() for t in fig.axes[0].texts]  # the null cell, greyed

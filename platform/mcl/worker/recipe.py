@@ -25,6 +25,7 @@ from mcl.evaluation.generation import AnswerLimits, GenerationEvaluator, phase_s
 from mcl.logs import quiet_known_warnings
 from mcl.methods_api import TaskContext, build_method
 from mcl.run.rundir import PhaseDir
+from mcl.streams.probes import PROBE_PREFIX
 from mcl.worker.checkpoint import should_checkpoint, skip_batches
 from mcl.worker.engine import (
     StepEngine,
@@ -286,7 +287,9 @@ class PhaseRecipe:
         tasks = job.task_names if job.eval_tasks is None else job.eval_tasks
         scores = phase_scores(records, tasks, job.probe_names) if job.evaluate else None
         accuracy = scores.accuracy if scores is not None else {}
-        method_metrics = self.method.eval_metrics(records, self.ctx) if job.evaluate else {}
+        # The method's own metrics read the stream's tasks only: probes are scored apart.
+        task_records = [r for r in records if not str(r["task"]).startswith(PROBE_PREFIX)]
+        method_metrics = self.method.eval_metrics(task_records, self.ctx) if job.evaluate else {}
         if accuracy:
             self.say(f"{self.tag} accuracy " + ", ".join(f"{t} {a:.1f}" for t, a in accuracy.items()))
         if scores is not None and scores.probes:
