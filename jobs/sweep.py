@@ -59,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print(f"sweep {sweep.name!r}: {len(trials)} trials")
         for t in trials:
-            print(f"  {t.key}")
+            print(f"  {t.key}" + (f"  (tasks {', '.join(t.task_order)})" if t.task_order else ""))
         return 0
     summary = run_sweep(sweep)
-    print("\nleaderboard (percent points, mean ± std over seeds):")
+    print("\nleaderboard (percent points, mean ± std over seeds and task orders):")
     print(summary.leaderboard_md)
     print(f"\nsweep finished in {summary.wall_s:.0f}s; outputs in {summary.sweep_dir}")
     from mcl.tracking import ui_command

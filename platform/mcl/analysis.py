@@ -22,7 +22,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from mcl.evaluation.leaderboard import METRICS, Entry, leaderboard, mean_std, to_csv_rows, zero_shot_records
+from mcl.evaluation.leaderboard import (
+    METRICS,
+    Entry,
+    has_orders,
+    leaderboard,
+    mean_std,
+    to_csv_rows,
+    zero_shot_records,
+)
 from mcl.evaluation.metrics import accuracy_matrix_json, cl_metrics
 from mcl.run.rundir import MATRIX_JSON
 
@@ -55,6 +63,7 @@ class TrialData:
     baseline: list[float] | None = None
     probes: dict[str, dict[str, Any]] = field(default_factory=dict)  # accuracy_matrix.json's "probes"
     tag_label: str = ""  # the sweep's ``mcl.label`` tag: method and searched values, e.g. "ewc lr=0.003"
+    order: int = 0  # the sweep's ``mcl.order`` tag: which of its task orders (``tasks`` is that order)
     note: str = ""  # why the trial is left out of the analysis; "" for a usable trial
 
     @property
@@ -69,7 +78,7 @@ class TrialData:
         if self.tag_label:
             return self.tag_label
         label = self.key
-        for part in (self.stream, f"s{self.seed}" if self.seed is not None else ""):
+        for part in (self.stream, f"o{self.order}", f"s{self.seed}" if self.seed is not None else ""):
             label = _drop_segment(label, part)
         return label
 
@@ -251,6 +260,7 @@ def _trial(client: MlflowClient, run: Run, folder: Path) -> TrialData:
         seed=_seed(run),
         status=run.info.status,
         tag_label=tags.get("mcl.label", ""),
+        order=int(tags.get("mcl.order", "0") or 0),
         params=dict(params),
         metrics=dict(run.data.metrics),
     )
@@ -304,6 +314,7 @@ def _records(trials: Sequence[TrialData], by: GroupBy) -> list[dict[str, Any]]:
             "method": t.label(by),
             "stream": t.stream,
             "seed": t.seed,
+            "order": t.order,
             "baseline": t.baseline,
             **trial_metrics(t),
         }
@@ -314,8 +325,9 @@ def _records(trials: Sequence[TrialData], by: GroupBy) -> list[dict[str, Any]]:
 def leaderboard_entries(
     sweep_data: SweepData, by: GroupBy = "variant", stream: str | None = None, zero_shot: bool = False
 ) -> list[Entry]:
-    """Leaderboard entries (mean and std over seeds) of the sweep's usable trials; with ``zero_shot``, also
-    the untrained model's row (``zero_shot``, see :func:`mcl.evaluation.leaderboard.zero_shot_records`)."""
+    """Leaderboard entries (mean and std over seeds and task orders, order sensitivity) of the sweep's usable
+    trials; with ``zero_shot``, also the untrained model's row (``zero_shot``, see
+    :func:`mcl.evaluation.leaderboard.zero_shot_records`)."""
     trials = [t for group in sweep_data.groups(by, stream).values() for t in group]
     records = _records(trials, by)
     return leaderboard([*records, *zero_shot_records(records)] if zero_shot else records)
@@ -324,15 +336,19 @@ def leaderboard_entries(
 def _frame(entries: list[Entry]) -> pd.DataFrame:
     import pandas as pd
 
-    columns = ["method", "stream", "seeds"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
+    orders = has_orders(entries)
+    stats = ("mean", "std", "order_std") if orders else ("mean", "std")
+    head = ["method", "stream", "seeds"] + (["orders"] if orders else [])
+    columns = head + [f"{m}_{s}" for m in METRICS for s in stats]
     return pd.DataFrame(to_csv_rows(entries), columns=columns)
 
 
 def leaderboard_frame(
     sweep_data: SweepData, by: GroupBy = "variant", stream: str | None = None, zero_shot: bool = False
 ) -> pd.DataFrame:
-    """The sweep's leaderboard: one row per (method, stream), ``<metric>_mean`` and ``<metric>_std`` columns
-    (with ``zero_shot``, also the untrained model's row)."""
+    """The sweep's leaderboard: one row per (method, stream), ``<metric>_mean`` and ``<metric>_std`` columns;
+    with several task orders also ``orders`` and ``<metric>_order_std`` (std over orders of the seed means);
+    with ``zero_shot``, also the untrained model's row."""
     return _frame(leaderboard_entries(sweep_data, by, stream, zero_shot))
 
 
@@ -431,18 +447,39 @@ def _title(stream: str, label: str, streams: int) -> str:
 
 
 def mean_matrix(trials: Sequence[TrialData]) -> tuple[list[str], Any, Any]:
-    """Task names, and the element-wise mean and sample std (0 for one trial) of the trials' matrices."""
+    """Task names, and the element-wise mean and sample std (0 for one trial) of the trials' matrices.
+
+    A matrix's columns are in its trial's own task order; they are aligned by task name to the first trial's
+    order (rows stay by training step: row t is after the t-th trained task, whichever task it was)."""
     import numpy as np
 
     tasks = trials[0].tasks
     for trial in trials[1:]:
-        if trial.tasks != tasks:
+        if sorted(trial.tasks) != sorted(tasks):
             raise ValueError(
                 f"trials {trials[0].key} and {trial.key} have different tasks: {tasks} vs {trial.tasks}"
             )
-    stack = np.array([t.matrix for t in trials], dtype=float)
+    stack = np.array([_columns_in(t, tasks) for t in trials], dtype=float)
     std = stack.std(axis=0, ddof=1) if len(trials) > 1 else np.zeros_like(stack[0])
     return tasks, stack.mean(axis=0), std
+
+
+def _columns_in(trial: TrialData, tasks: list[str]) -> list[list[float]]:
+    """``trial``'s matrix with its columns in the order of ``tasks`` (the same task names)."""
+    assert trial.matrix is not None
+    index = [trial.tasks.index(name) for name in tasks]
+    return [[row[i] for i in index] for row in trial.matrix]
+
+
+def _one_order(trials: Sequence[TrialData]) -> bool:
+    return all(t.tasks == trials[0].tasks for t in trials)
+
+
+def _step_labels(trials: Sequence[TrialData]) -> list[str]:
+    """Row labels of averaged matrices: ``after <task>``, or ``after task <t>`` when the trials' orders differ."""
+    if _one_order(trials):
+        return [f"after {n}" for n in trials[0].tasks]
+    return [f"after task {t + 1}" for t in range(len(trials[0].tasks))]
 
 
 def plot_matrices(sweep_data: SweepData, by: GroupBy = "variant", stream: str | None = None) -> Figure:
@@ -470,7 +507,7 @@ def plot_matrices(sweep_data: SweepData, by: GroupBy = "variant", stream: str | 
                 text = f"{value:.1f}" if math.isfinite(value) else "-"
                 ax.text(i, t, text, ha="center", va="center", color=color, fontsize=8)
         ax.set_xticks(range(len(tasks)), labels=tasks, rotation=45, ha="right")
-        ax.set_yticks(range(len(tasks)), labels=[f"after {n}" for n in tasks])
+        ax.set_yticks(range(len(tasks)), labels=_step_labels(trials))
         ax.set_xlabel("evaluated task")
         ax.set_title(f"{_title(stream_name, label, streams)} (n={len(trials)})")
     fig.colorbar(image, ax=axes, label="accuracy (%)")
@@ -493,8 +530,11 @@ def plot_task_curves(sweep_data: SweepData, by: GroupBy = "variant", stream: str
                 ax.fill_between(
                     steps, mean[:, i] - std[:, i], mean[:, i] + std[:, i], alpha=0.15, color=line.get_color()
                 )
-            ax.plot([i], [mean[i, i]], marker="*", markersize=12, color=line.get_color(), linestyle="none")
-        ax.set_xticks(steps, labels=[f"after {n}" for n in tasks], rotation=30, ha="right")
+            if _one_order(trials):
+                ax.plot(
+                    [i], [mean[i, i]], marker="*", markersize=12, color=line.get_color(), linestyle="none"
+                )
+        ax.set_xticks(steps, labels=_step_labels(trials), rotation=30, ha="right")
         ax.set_ylim(0.0, 100.0)
         ax.set_ylabel("accuracy (%)")
         ax.set_title(f"{_title(stream_name, label, streams)} (n={len(trials)})")
@@ -593,6 +633,72 @@ def plot_stability_plasticity(
     return fig
 
 
+def order_frame(
+    sweep_data: SweepData, metric: str = "mfn", by: GroupBy = "variant", stream: str | None = None
+) -> pd.DataFrame:
+    """One row per (stream, method, task order): the order (index and task names), its seeds, and ``metric``'s
+    mean and std over those seeds. The std over a method's rows of ``mean`` is its order sensitivity (the
+    leaderboard's ``<metric>_order_std``)."""
+    import pandas as pd
+
+    if metric not in METRICS:
+        raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
+    rows = []
+    for (stream_name, label), trials in _usable_groups(sweep_data, by, stream).items():
+        by_order: dict[int, list[TrialData]] = {}
+        for trial in trials:
+            by_order.setdefault(trial.order, []).append(trial)
+        for order, runs in sorted(by_order.items()):
+            values = [trial_metrics(t).get(metric, math.nan) for t in runs]
+            mean, std = mean_std([v for v in values if math.isfinite(v)])
+            rows.append(
+                {
+                    "method": label,
+                    "stream": stream_name,
+                    "order": order,
+                    "tasks": " > ".join(runs[0].tasks),
+                    "seeds": len(runs),
+                    f"{metric}_mean": mean,
+                    f"{metric}_std": std,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def plot_order_sensitivity(
+    sweep_data: SweepData, metric: str = "mfn", by: GroupBy = "variant", stream: str | None = None
+) -> Figure:
+    """Per (method, stream), ``metric`` for each task order (mean ± std over seeds), and in the legend the
+    std over orders of those means (the leaderboard's order-sensitivity column)."""
+    frame = order_frame(sweep_data, metric, by, stream)
+    groups = list(dict.fromkeys(zip(frame["stream"], frame["method"], strict=True)))
+    streams = len({s for s, _ in groups})
+    orders = sorted(set(frame["order"]))
+    fig = _new_figure(max(5.0, 1.2 * len(orders) * len(groups) + 2.0), 4.0)
+    ax = fig.add_subplot()
+    width = 0.8 / len(groups)
+    for g, (stream_name, label) in enumerate(groups):
+        rows = frame[(frame["stream"] == stream_name) & (frame["method"] == label)]
+        means = list(rows[f"{metric}_mean"])
+        spread = mean_std([v for v in means if math.isfinite(v)])[1] if len(means) > 1 else math.nan
+        x = [orders.index(o) + (g - (len(groups) - 1) / 2) * width for o in rows["order"]]
+        name = _title(stream_name, label, streams)
+        ax.bar(
+            x,
+            means,
+            width,
+            yerr=list(rows[f"{metric}_std"]),
+            capsize=3,
+            label=f"{name} (order std {spread:.1f})",
+        )
+    ax.set_xticks(range(len(orders)), labels=[f"order {o}" for o in orders])
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_ylabel(f"{metric.upper()} (%)")
+    ax.set_title(f"{sweep_data.name}: {metric.upper()} per task order (mean ± std over seeds)")
+    ax.legend(fontsize=7)
+    return fig
+
+
 def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
     """Write ``fig`` as a PNG at ``path`` (parent folders created) and return the path."""
     out = Path(path)
@@ -612,8 +718,10 @@ __all__ = [
     "list_sweeps",
     "load_sweep",
     "mean_matrix",
+    "order_frame",
     "plot_leaderboard",
     "plot_matrices",
+    "plot_order_sensitivity",
     "plot_stability_plasticity",
     "plot_task_curves",
     "probe_frame",

@@ -119,7 +119,8 @@ class StreamConfig:
 
     ``check_images``: every image must exist and decode before anything trains. ``skip_bad_samples``: leave
     out the samples a data check finds bad (see ``mcl.streams.check``) instead of stopping; the run records
-    how many in MLflow (``data_skipped_*``).
+    how many in MLflow (``data_skipped_*``). ``task_order``: the order to train the stream's tasks in, every
+    task named once (empty = the stream's published order; checked against the stream in ``prepare_run``).
     """
 
     name: str = "generated"
@@ -128,9 +129,21 @@ class StreamConfig:
     check_images: bool = True
     skip_bad_samples: bool = False
     probes: list[ProbeConfig] = field(default_factory=list)
+    task_order: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check_probes(self.probes)
+        order = self.task_order
+        _check(
+            isinstance(order, list) and all(isinstance(t, str) and t for t in order),
+            "stream.task_order",
+            "must be a list of task names (empty = the stream's order)",
+            order,
+        )
+        repeated = sorted({t for t in order if order.count(t) > 1})
+        _check(
+            not repeated, "stream.task_order", f"names tasks more than once ({', '.join(repeated)})", order
+        )
 
 
 @dataclass

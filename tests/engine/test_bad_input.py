@@ -271,3 +271,20 @@ def test_cli_check_validates_without_running(
     (stream_copy / "street" / "images" / "street-test-00001.png").unlink()
     assert _run_stream_module().main(["--check", f"stream.root={stream_copy}"]) == 2
     assert "street-test-00001" in capsys.readouterr().err
+
+
+def test_task_order_reorders_the_stream_and_names_unknown_and_missing_tasks(generated_root: Path) -> None:
+    order = ["street", "aerial", "indoor", "underwater"]
+    prep = _prepare(
+        f"stream.root={generated_root}", f"stream.task_order=[{','.join(order)}]", "stream.check_images=false"
+    )
+    assert prep.stream.task_names == order
+    assert [t.name for t in prep.stream.tasks] == order and prep.stream.tasks[0].train[0].task == "street"
+    with pytest.raises(
+        ConfigError, match=r"^stream\.task_order: .*unknown tasks forest; .*missing underwater, indoor"
+    ):
+        _prepare(f"stream.root={generated_root}", "stream.task_order=[street,aerial,forest]")
+    with pytest.raises(ConfigError, match=r"^stream\.task_order: names tasks more than once \(aerial\)"):
+        load_config(None, ["stream.task_order=[aerial,aerial]"])
+    with pytest.raises(ConfigError, match=r"^stream\.task_order: must be a list"):
+        load_config(None, ["stream.task_order=aerial"])

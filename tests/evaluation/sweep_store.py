@@ -30,6 +30,13 @@ MATRICES: dict[tuple[str, int], list[list[float]]] = {
 BASELINE = [5.0, 10.0, 15.0]
 # A general-capability probe (stream.probes) of every finished trial: untrained 50, after every task.
 PROBE = {"vqa": {"baseline": 50.0, "after_task": [45.0, 40.0, 25.0], "retention": 0.5}}
+# A second task order for the order-sensitivity tests, and sequential_lora's matrices trained in it (columns in
+# this order, as a run writes them: each run's matrix is in its own task order).
+ORDER_1 = ["shape", "count", "color"]
+ORDER_1_MATRICES: dict[int, list[list[float]]] = {
+    0: [[90.0, 10.0, 20.0], [20.0, 80.0, 10.0], [10.0, 30.0, 70.0]],
+    1: [[80.0, 20.0, 10.0], [40.0, 90.0, 20.0], [30.0, 20.0, 90.0]],
+}
 
 
 @dataclass
@@ -45,10 +52,13 @@ class TrialSpec:
     artifact: bool = True  # False: finished but without accuracy_matrix.json (a broken trial)
     suffix: str = ""  # searched hyper-parameters in the trial key, e.g. "-lr0.003"
     label: str = ""  # the ``mcl.label`` tag (method and searched values), when set
+    order: int | None = None  # the ``mcl.order`` tag (a sweep of several task orders); None: no tag
+    tasks: list[str] | None = None  # the trial's task order (None: the sweep's tasks)
 
     @property
     def key(self) -> str:
-        return f"{self.method}-{self.stream}-s{self.seed}{self.suffix}"
+        order = f"-o{self.order}" if self.order is not None else ""
+        return f"{self.method}-{self.stream}{order}-s{self.seed}{self.suffix}"
 
 
 def default_trials(methods: tuple[str, ...] = ("sequential_lora", "replay")) -> list[TrialSpec]:
@@ -56,7 +66,16 @@ def default_trials(methods: tuple[str, ...] = ("sequential_lora", "replay")) -> 
     return [TrialSpec(m, s, MATRICES[(m, s)]) for m in methods for s in (0, 1)]
 
 
+def order_trials() -> list[TrialSpec]:
+    """sequential_lora in 2 task orders x 2 seeds: order 0 is :data:`TASKS` (the matrices of
+    :data:`MATRICES`), order 1 is :data:`ORDER_1`."""
+    first = [TrialSpec("sequential_lora", s, MATRICES[("sequential_lora", s)], order=0) for s in (0, 1)]
+    second = [TrialSpec("sequential_lora", s, ORDER_1_MATRICES[s], order=1, tasks=ORDER_1) for s in (0, 1)]
+    return first + second
+
+
 def _log_trial(tracker: Tracker, sweep_name: str, sweep_run: str, spec: TrialSpec, tasks: list[str]) -> str:
+    tasks = spec.tasks or tasks
     tags = {
         "mcl.kind": "stream_run",
         "mcl.sweep": sweep_name,
@@ -67,6 +86,9 @@ def _log_trial(tracker: Tracker, sweep_name: str, sweep_run: str, spec: TrialSpe
     }
     if spec.label:
         tags["mcl.label"] = spec.label
+    if spec.order is not None:
+        tags["mcl.order"] = str(spec.order)
+        tags["mcl.task_order"] = ",".join(tasks)
     run = tracker.start_run(spec.key, parent_run_id=sweep_run, tags=tags)
     tracker.log_params(
         run,

@@ -21,7 +21,16 @@ from pathlib import Path
 
 import pytest
 from matplotlib.container import ErrorbarContainer
-from sweep_store import BASELINE, MATRICES, TASKS, TrialSpec, build_sweep, default_trials
+from sweep_store import (
+    BASELINE,
+    MATRICES,
+    ORDER_1,
+    TASKS,
+    TrialSpec,
+    build_sweep,
+    default_trials,
+    order_trials,
+)
 
 from mcl.analysis import (
     SweepData,
@@ -31,8 +40,11 @@ from mcl.analysis import (
     leaderboard_png,
     list_sweeps,
     load_sweep,
+    mean_matrix,
+    order_frame,
     plot_leaderboard,
     plot_matrices,
+    plot_order_sensitivity,
     plot_stability_plasticity,
     plot_task_curves,
     probe_frame,
@@ -272,3 +284,40 @@ def test_leaderboard_png_writes_a_png(tmp_path):
     path = leaderboard_png(entries, tmp_path / "leaderboard.png")
     assert path == tmp_path / "leaderboard.png"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def ordered(store: str) -> SweepData:
+    """A sweep of sequential_lora in 2 task orders x 2 seeds (order 1's matrices in its own task order) plus
+    replay in the published order only; in its own experiment of the store (the others do not see it)."""
+    build_sweep(store, "orders", order_trials() + default_trials(("replay",)), experiment="mcl-orders")
+    return load_sweep(store, "orders", experiment="mcl-orders")
+
+
+def test_leaderboard_gives_the_std_over_orders_of_the_seed_means(ordered):
+    """MFN of sequential_lora: order 0 seeds 50 and 60 (mean 55), order 1 seeds 110/3 and 140/3 (mean 125/3);
+    over all four runs the mean is 145/3; the order sensitivity is |55 - 125/3| / sqrt(2)."""
+    frame = leaderboard_frame(ordered).set_index("method")
+    seq, replay = frame.loc["sequential_lora"], frame.loc["replay"]
+    assert seq["seeds"] == 2 and seq["orders"] == 2 and replay["orders"] == 1
+    assert seq["mfn_mean"] == pytest.approx(145.0 / 3)
+    assert seq["mfn_order_std"] == pytest.approx((55.0 - 125.0 / 3) / SQRT2)
+    assert math.isnan(replay["mfn_order_std"])  # one order: no order sensitivity
+    assert {t.order for t in ordered.trials if t.method == "sequential_lora"} == {0, 1}
+
+
+def test_order_frame_has_one_row_per_order_and_matrices_align_by_task_name(ordered, tmp_path):
+    frame = order_frame(ordered, metric="mfn").set_index(["method", "order"])
+    assert frame.loc[("sequential_lora", 1), "tasks"] == " > ".join(ORDER_1)
+    assert frame.loc[("sequential_lora", 0), "mfn_mean"] == pytest.approx(55.0)
+    assert frame.loc[("sequential_lora", 1), "mfn_mean"] == pytest.approx(125.0 / 3)
+    assert frame.loc[("sequential_lora", 1), "mfn_std"] == pytest.approx(10.0 / SQRT2)
+    # Columns are aligned by task name: the last row's "count" column averages 20, 40 (order 0: column 0)
+    # and 30, 20 (order 1: column 1).
+    seq = [t for t in ordered.trials if t.method == "sequential_lora"]
+    tasks, mean, _ = mean_matrix(seq)
+    assert tasks == TASKS and mean[2][TASKS.index("count")] == pytest.approx((20 + 40 + 30 + 20) / 4)
+    fig = plot_order_sensitivity(ordered, metric="mfn")
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert any(label.startswith("sequential_lora (order std 9.4)") for label in labels), labels
+    assert save_figure(fig, tmp_path / "orders.png").stat().st_size > 10_000

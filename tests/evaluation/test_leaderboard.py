@@ -42,3 +42,24 @@ def test_leaderboard_groups_by_method_and_stream_and_sorts_by_mfn():
         "mfn_mean": 90.0,
         "mfn_std": 0.0,
     }
+
+
+def test_several_orders_add_the_std_over_orders_of_the_seed_means():
+    # order 0: seeds 20, 30 (mean 25); order 1: seeds 40, 60 (mean 50); joint: one order only
+    records = [
+        {"method": "seq", "stream": "g", "seed": s, "order": o, "mfn": v}
+        for (o, s), v in {(0, 0): 20.0, (0, 1): 30.0, (1, 0): 40.0, (1, 1): 60.0}.items()
+    ] + [{"method": "joint", "stream": "g", "seed": 0, "mfn": 90.0}]
+    joint, seq = leaderboard(records, metrics=("mfn",))
+    assert (seq.n, seq.seeds, seq.orders) == (4, 2, 2) and seq.mean["mfn"] == 37.5
+    assert seq.order_std["mfn"] == pytest.approx(25.0 / math.sqrt(2.0))
+    assert joint.orders == 1 and math.isnan(joint.order_std["mfn"])
+    rows = to_csv_rows([joint, seq], metrics=("mfn",))
+    assert list(rows[1]) == ["method", "stream", "seeds", "orders", "mfn_mean", "mfn_std", "mfn_order_std"]
+    assert rows[1]["seeds"] == 2 and rows[1]["mfn_order_std"] == pytest.approx(17.677, abs=1e-3)
+    table = to_markdown([joint, seq], metrics=("mfn",))
+    assert "| method | stream | seeds | orders | MFN | MFN order std |" in table
+    assert (
+        "| seq | g | 2 | 2 | 37.5 ± 17.1 | 17.7 |" in table
+        and "| joint | g | 1 | 1 | 90.0 ± 0.0 | n/a |" in table
+    )

@@ -24,7 +24,13 @@ REPO = Path(__file__).resolve().parents[2]
 NOTEBOOK = REPO / "notebooks" / "analysis.ipynb"
 SWEEP_STORE = REPO / "tests" / "evaluation" / "sweep_store.py"
 KERNEL = "mcl-test-python"
-FIGURES = ("matrices.png", "task_curves.png", "leaderboard.png", "stability_plasticity.png")
+FIGURES = (
+    "matrices.png",
+    "task_curves.png",
+    "leaderboard.png",
+    "stability_plasticity.png",
+    "order_sensitivity.png",
+)
 
 
 def load_sweep_store() -> ModuleType:
@@ -91,7 +97,7 @@ def cell_outputs(nb: nbformat.NotebookNode) -> str:
 
 
 def check_executed(nb: nbformat.NotebookNode, figures_dir: Path) -> None:
-    """Every code cell ran without error, and the four figures are real PNGs."""
+    """Every code cell ran without error, and the figures are real PNGs."""
     from PIL import Image
 
     code_cells = [c for c in nb.cells if c.cell_type == "code"]
@@ -111,7 +117,9 @@ def test_notebook_runs_on_a_sweep_store_and_writes_the_figures(tmp_path):
     store = load_sweep_store()
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     unfinished = store.TrialSpec("replay", 2, store.MATRICES[("replay", 0)], finished=False)
-    store.build_sweep(uri, "alpha", store.default_trials() + [unfinished])
+    # sequential_lora also in a second task order (its matrices in that order): the order cells have 2 orders.
+    second_order = [t for t in store.order_trials() if t.order == 1]
+    store.build_sweep(uri, "alpha", store.default_trials() + second_order + [unfinished])
     store.build_sweep(uri, "beta", store.default_trials(("replay",)))  # newer: the default sweep
     figures = tmp_path / "figures"
 
@@ -120,7 +128,9 @@ def test_notebook_runs_on_a_sweep_store_and_writes_the_figures(tmp_path):
     check_executed(nb, figures)
     text = cell_outputs(nb)
     assert f"python:       {sys.executable}" in text  # the kernel ran this interpreter
-    assert "sweep 'alpha'" in text and "4 usable trials, 1 skipped" in text
+    assert "sweep 'alpha'" in text and "6 usable trials, 1 skipped" in text
+    assert "shape > count > color" in text  # the order table lists sequential_lora's second order
+    assert "mfn_order_std" in text  # the leaderboard's order-sensitivity column
     assert "unfinished: status RUNNING" in text
     assert "beta" in text  # the across-sweeps table compares alpha with the newer sweep
     # The evalpolicy- cells: the zero-shot row and the sweep store's probe (retention 0.5).

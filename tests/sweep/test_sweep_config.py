@@ -98,6 +98,11 @@ def test_random_spaces_are_drawn_reproducibly_within_their_bounds():
         ({"colour": 1}, "sweep.colour"),
         ({"name": "a b"}, "name"),
         ({"storage": "s3://bucket/sweeps"}, "storage"),
+        ({"orders": 0}, "orders"),
+        ({"orders": [["a", "b"], []]}, "orders[1]"),
+        ({"orders": [["a", "a"]]}, "orders[0]"),
+        ({"orders": [["a", "b"], ["a", "b"]]}, "orders"),
+        ({"order_seed": "x"}, "order_seed"),
     ],
 )
 def test_bad_sweep_fields_are_named(changes, field):
@@ -141,3 +146,54 @@ def test_concurrency_counts_the_train_workers_each_trial_starts():
         _sweep(overrides={"scaling.num_workers": 8, "scaling.use_gpu": True, "train.batch_size": 16})
     )
     assert max_concurrent(gpu, {"CPU": 200, "GPU": 16}) == 2
+
+
+def test_orders_are_seeded_permutations_the_first_the_published_one(generated_root):
+    from mcl.streams import build_stream
+
+    published = build_stream("generated", generated_root, {}).task_names
+    over = {"stream.root": str(generated_root)}
+    sweep = _sweep(overrides=over, orders=3, seeds=[0, 1], order_seed=7)
+    trials = expand_trials(sweep)
+    assert [t.key for t in trials][:3] == [
+        "sequential_lora-generated-o0-s0",
+        "sequential_lora-generated-o0-s1",
+        "sequential_lora-generated-o1-s0",
+    ]
+    orders = [t.config["stream"]["task_order"] for t in trials[::2]]
+    assert orders[0] == published and all(sorted(o) == sorted(published) for o in orders)
+    assert len({tuple(o) for o in orders}) == 3  # distinct
+    assert [t.task_order for t in trials[::2]] == orders and [t.order for t in trials[::2]] == [0, 1, 2]
+    assert [t.config["stream"]["task_order"] for t in expand_trials(sweep)[::2]] == orders  # reproducible
+    other = expand_trials(_sweep(overrides=over, orders=3, order_seed=8))
+    assert [t.config["stream"]["task_order"] for t in other] != orders
+    # One order: keys and configs as before orders existed (a sweep saved then still resumes).
+    (single,) = expand_trials(_sweep(overrides=over))
+    assert single.key == "sequential_lora-generated-s0" and single.config["stream"]["task_order"] == []
+
+
+def test_explicit_orders_must_name_every_task(generated_root):
+    over = {"stream.root": str(generated_root), "stream.options": {"tasks": ["aerial", "underwater"]}}
+    trials = expand_trials(
+        _sweep(overrides=over, orders=[["underwater", "aerial"], ["aerial", "underwater"]])
+    )
+    assert [t.config["stream"]["task_order"] for t in trials] == [
+        ["underwater", "aerial"],
+        ["aerial", "underwater"],
+    ]
+    with pytest.raises(
+        ConfigError, match=r"^orders\[0\]: .*unknown: \['street'\], missing: \['underwater'\]"
+    ):
+        expand_trials(_sweep(overrides=over, orders=[["aerial", "street"]]))
+    with pytest.raises(ConfigError, match="^orders: 3 orders asked, .* only 2 orders"):
+        expand_trials(_sweep(overrides=over, orders=3))
+
+
+def test_a_sweep_saved_before_orders_existed_resumes():
+    from mcl.sweep.config import check_resumable
+
+    sweep = _sweep()
+    saved = {k: v for k, v in sweep.flat().items() if k not in ("orders", "order_seed")}
+    check_resumable(sweep, saved)
+    with pytest.raises(ConfigError, match="orders: 1 -> 2"):
+        check_resumable(_sweep(orders=2), saved)

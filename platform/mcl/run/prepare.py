@@ -74,6 +74,12 @@ def prepare_run(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Pr
 
 
 def _read_stream(cfg: ExperimentConfig, log: Callable[[str], None]) -> tuple[Stream, DataReport | None]:
+    """The stream (bad samples left out with ``stream.skip_bad_samples``), in ``stream.task_order``."""
+    stream, report = _read_clean(cfg, log)
+    return stream.reordered(cfg.stream.task_order), report
+
+
+def _read_clean(cfg: ExperimentConfig, log: Callable[[str], None]) -> tuple[Stream, DataReport | None]:
     if not cfg.stream.skip_bad_samples:
         return build_stream(cfg.stream.name, cfg.stream.root, cfg.stream.options), None
     stream, report = read_clean_stream(

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mcl.errors import DataError, SampleError, UnknownNameError
+from mcl.errors import ConfigError, DataError, SampleError, UnknownNameError
 from mcl.streams.samples import Sample
 
 StreamProblemHandler = Callable[[SampleError, str, str], None]
@@ -39,6 +39,27 @@ class Stream:
     @property
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
+
+    def reordered(self, order: list[str]) -> Stream:
+        """The same tasks trained in ``order`` (every task named exactly once; empty = this order). Errors name
+        the field ``stream.task_order`` and the unknown, repeated or missing tasks."""
+        if not order:
+            return self
+        by_name = {t.name: t for t in self.tasks}
+        unknown = [n for n in order if n not in by_name]
+        repeated = sorted({n for n in order if order.count(n) > 1})
+        missing = [n for n in by_name if n not in order]
+        problems = [
+            f"{what} {', '.join(names)}"
+            for what, names in (("unknown tasks", unknown), ("repeated", repeated), ("missing", missing))
+            if names
+        ]
+        if problems:
+            raise ConfigError(
+                f"stream.task_order: must name every task of stream {self.name!r} once "
+                f"({', '.join(by_name)}): {'; '.join(problems)}, got {order!r}"
+            )
+        return Stream(self.name, [by_name[n] for n in order])
 
     def validate(self) -> None:
         """Fail if the stream or any of its tasks is empty, or task names repeat."""

@@ -12,6 +12,9 @@ from mcl.errors import ConfigError
 
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform")
 EARLY_STOPPING_METRICS = ("maa", "acc_seen", "acc_current")
+# Fields added after sweeps were first saved, with the values that meant the same before (an old sweep
+# folder saved without them resumes under a config that leaves them at these values).
+_ADDED_FIELDS: dict[str, Any] = {"orders": 1, "order_seed": 0}
 # Sweep fields that may change between an interrupted sweep and its resumption (where and how it runs).
 _RESUMABLE_CHANGES = ("tracking.uri", "ray_address", "max_concurrent_trials")
 
@@ -58,6 +61,10 @@ class SweepConfig:
     methods: list[MethodEntry]
     streams: list[StreamEntry]
     seeds: list[int] = field(default_factory=lambda: [0])
+    # Task orders: K seeded permutations of each stream's tasks (the first is the published order), or an
+    # explicit list of orders (lists of task names), each trained with every seed.
+    orders: int | list[list[str]] = 1
+    order_seed: int = 0
     overrides: dict[str, Any] = field(default_factory=dict)
     search: dict[str, dict[str, Any]] = field(default_factory=dict)
     num_samples: int = 1
@@ -104,6 +111,14 @@ def sweep_config_from_dict(data: Any) -> SweepConfig:
     methods = _methods(data)
     streams = _streams(data)
     seeds = _seeds(data.get("seeds", [0]))
+    orders = _orders(data.get("orders", 1))
+    order_seed = data.get("order_seed", 0)
+    _need(
+        isinstance(order_seed, int) and not isinstance(order_seed, bool),
+        "order_seed",
+        "must be an integer",
+        order_seed,
+    )
     overrides = _mapping(data.get("overrides") or {}, "overrides")
     search = _spaces(_mapping(data.get("search") or {}, "search"), "search")
     num_samples = _int_at_least(data.get("num_samples", 1), 1, "num_samples", "must be an integer >= 1")
@@ -123,6 +138,8 @@ def sweep_config_from_dict(data: Any) -> SweepConfig:
         methods=methods,
         streams=streams,
         seeds=list(seeds),
+        orders=orders,
+        order_seed=order_seed,
         overrides=dict(overrides),
         search=search,
         num_samples=num_samples,
@@ -137,7 +154,7 @@ def sweep_config_from_dict(data: Any) -> SweepConfig:
 
 def check_resumable(sweep: SweepConfig, saved: dict[str, Any]) -> None:
     """Raise ConfigError unless ``sweep`` is the sweep whose flat config ``saved`` is, up to where it runs."""
-    changed = changed_fields(saved, sweep.flat(), _RESUMABLE_CHANGES)
+    changed = changed_fields({**_ADDED_FIELDS, **saved}, sweep.flat(), _RESUMABLE_CHANGES)
     if changed:
         diff = "; ".join(changed[:8])
         raise ConfigError(
@@ -178,6 +195,21 @@ def _seeds(seeds: Any) -> list[int]:
     )
     _need(distinct_ints, "seeds", "must be a list of distinct integers", seeds)
     return seeds
+
+
+def _orders(orders: Any) -> int | list[list[str]]:
+    """``orders``: an integer K >= 1, or a non-empty list of distinct orders (lists of distinct task names;
+    whether each names every task of its stream is checked when the trials are expanded)."""
+    if isinstance(orders, int) and not isinstance(orders, bool):
+        return _int_at_least(orders, 1, "orders", "must be an integer >= 1 or a list of task orders")
+    rule = "must be an integer >= 1 or a non-empty list of task orders (lists of task names)"
+    _need(isinstance(orders, list) and orders, "orders", rule, orders)
+    for i, order in enumerate(orders):
+        names_ok = isinstance(order, list) and order and all(isinstance(t, str) and t for t in order)
+        _need(names_ok, f"orders[{i}]", "must be a non-empty list of task names", order)
+        _need(len(set(order)) == len(order), f"orders[{i}]", "names a task more than once", order)
+    _need(len({tuple(o) for o in orders}) == len(orders), "orders", "must not repeat an order", orders)
+    return [list(o) for o in orders]
 
 
 def _early_stopping(early: Any) -> EarlyStopping | None:

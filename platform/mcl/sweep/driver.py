@@ -139,7 +139,7 @@ def _build_streams(trials: list[TrialSpec], log: Log) -> None:
     seen: set[str] = set()
     for t in trials:
         stream = t.config["stream"]
-        key = json.dumps(stream, sort_keys=True)
+        key = json.dumps({k: v for k, v in stream.items() if k != "task_order"}, sort_keys=True)
         if key not in seen:
             seen.add(key)
             built = build_stream(stream["name"], stream["root"], stream["options"])
@@ -149,7 +149,8 @@ def _build_streams(trials: list[TrialSpec], log: Log) -> None:
 def _run_pending(
     sweep: SweepConfig, pending: list[TrialSpec], run_id: str, sweep_dir: Path, log: Log
 ) -> None:
-    """Run the pending trials: one Tune experiment, or one per stream under an early-stopping scheduler."""
+    """Run the pending trials: one Tune experiment, or one per stream and task order under an early-stopping
+    scheduler."""
     import ray
 
     if not ray.is_initialized():
@@ -161,8 +162,9 @@ def _run_pending(
         f"{cluster.get('GPU', 0):g} GPUs (each trial: {trial_resources(pending[0])})"
     )
     groups = [pending]
-    if sweep.early_stopping:  # never compare trials of different streams
-        groups = [[t for t in pending if t.stream == s] for s in dict.fromkeys(t.stream for t in pending)]
+    if sweep.early_stopping:  # never compare trials of different streams, or of different task orders
+        kinds = dict.fromkeys((t.stream, t.order) for t in pending)
+        groups = [[t for t in pending if (t.stream, t.order) == kind] for kind in kinds]
     attempt = time.strftime("%Y%m%d-%H%M%S")
     for i, group in enumerate(groups):
         _run_tune(sweep, group, run_id, concurrency, sweep_dir, f"tune-{attempt}-{i}", log)

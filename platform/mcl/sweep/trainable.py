@@ -43,7 +43,15 @@ def run_trial(config: dict[str, Any]) -> None:
         print(f"[{trial.key}] {message}", flush=True)
 
     node = ray.get_runtime_context().get_node_id()
-    tags = {"mcl.sweep": sweep["name"], "mcl.trial": trial.key, "mcl.node_id": node, "mcl.label": trial.label}
+    tags = {
+        "mcl.sweep": sweep["name"],
+        "mcl.trial": trial.key,
+        "mcl.node_id": node,
+        "mcl.label": trial.label,
+        "mcl.order": str(trial.order),
+    }
+    if trial.task_order:  # an order the sweep set; else the stream's own (the run logs resolved.tasks)
+        tags["mcl.task_order"] = ",".join(trial.task_order)
     summary = run_experiment(
         cfg, log=log, resume=True, parent_run_id=sweep["run_id"], tags=tags, on_task=on_task
     )

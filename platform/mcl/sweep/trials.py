@@ -6,7 +6,7 @@ import json
 import math
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mcl.config import ExperimentConfig, config_from_dict, set_dotted
@@ -25,12 +25,16 @@ class TrialSpec:
     seed: int
     values: dict[str, Any]
     config: dict[str, Any]
+    order: int = 0  # index into the sweep's task orders (0: the first, the published order for orders: K)
+    task_order: list[str] = field(default_factory=list)  # [] = the stream's published order
 
 
 def expand_trials(sweep: SweepConfig) -> list[TrialSpec]:
-    """Every trial of the sweep, in a fixed order (stream, method, grid point, sample, seed). Random spaces
-    are drawn with an RNG seeded by the sweep's name, so a re-run sees the same trials. Each trial's
-    experiment config is validated here, so a bad value fails before anything runs."""
+    """Every trial of the sweep, in a fixed order (stream, method, grid point, sample, task order, seed).
+    Random spaces are drawn with an RNG seeded by the sweep's name, task orders with one seeded by
+    ``order_seed`` and the stream, so a re-run sees the same trials. Trial keys gain ``-o<k>`` only when the
+    sweep has more than one order. Each trial's experiment config is validated here, so a bad value fails
+    before anything runs."""
     from mcl.config import load_config
 
     base = load_config(sweep.base).to_dict()
@@ -40,23 +44,71 @@ def expand_trials(sweep: SweepConfig) -> list[TrialSpec]:
     trials: list[TrialSpec] = []
     keys: set[str] = set()
     for stream, stream_tag in zip(sweep.streams, _stream_tags(sweep.streams), strict=True):
+        orders = stream_orders(sweep, base, stream)
         for method in sweep.methods:
             for values in _search_points(sweep, method, rng):
                 label = method.name + "".join(f" {k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in values.items())
                 slug = re.sub(r"[^A-Za-z0-9_.=-]+", "-", label.replace(" ", "-"))
-                for seed in sweep.seeds:
-                    key = f"{slug}-{stream_tag}-s{seed}"
-                    if key in keys:
-                        key = f"{key}-{len(trials)}"
-                    keys.add(key)
-                    tree = _trial_tree(base, method, stream, seed, values)
-                    tree["tracking"]["run_name"] = key
-                    tree["tracking"]["experiment"] = sweep.tracking.experiment
-                    cfg = _validated(tree, key)
-                    trials.append(
-                        TrialSpec(key, label, method.name, stream.name, seed, values, cfg.to_dict())
-                    )
+                for k, order in enumerate(orders):
+                    tag = f"-o{k}" if len(orders) > 1 else ""
+                    for seed in sweep.seeds:
+                        key = f"{slug}-{stream_tag}{tag}-s{seed}"
+                        if key in keys:
+                            key = f"{key}-{len(trials)}"
+                        keys.add(key)
+                        tree = _trial_tree(base, method, stream, seed, values)
+                        if order:
+                            tree["stream"]["task_order"] = list(order)
+                        tree["tracking"]["run_name"] = key
+                        tree["tracking"]["experiment"] = sweep.tracking.experiment
+                        cfg = _validated(tree, key)
+                        spec = TrialSpec(key, label, method.name, stream.name, seed, values, cfg.to_dict())
+                        spec.order, spec.task_order = k, list(order)
+                        trials.append(spec)
     return trials
+
+
+def stream_orders(sweep: SweepConfig, base: dict[str, Any], stream: StreamEntry) -> list[list[str]]:
+    """The task orders of ``stream``'s trials; ``[[]]`` (the base config's order) for ``orders: 1``.
+
+    ``orders: K`` > 1 reads the stream's tasks (its published order first, then K-1 distinct seeded
+    permutations); an explicit list is checked against the stream's tasks.
+    """
+    if sweep.orders == 1:
+        return [[]]
+    names = _stream_tasks(base, stream)
+    if isinstance(sweep.orders, list):
+        for i, order in enumerate(sweep.orders):
+            if sorted(order) != sorted(names):
+                raise ConfigError(
+                    f"orders[{i}]: must name every task of stream {stream.name!r} once ({', '.join(names)}); "
+                    f"unknown: {sorted(set(order) - set(names))}, missing: {sorted(set(names) - set(order))}"
+                )
+        return [list(o) for o in sweep.orders]
+    if sweep.orders > math.factorial(len(names)):
+        raise ConfigError(
+            f"orders: {sweep.orders} orders asked, stream {stream.name!r} has only "
+            f"{math.factorial(len(names))} orders of its {len(names)} tasks"
+        )
+    rng = random.Random(f"mcl-orders-{sweep.order_seed}-{stream.name}")
+    out = [list(names)]
+    while len(out) < sweep.orders:
+        order = rng.sample(names, len(names))
+        if order not in out:
+            out.append(order)
+    return out
+
+
+def _stream_tasks(base: dict[str, Any], stream: StreamEntry) -> list[str]:
+    """The published task names of the sweep's ``stream`` (read, and for generated streams generated)."""
+    from mcl.streams import build_stream
+
+    root = stream.root or base["stream"]["root"]
+    options = stream.options or base["stream"]["options"]
+    try:
+        return build_stream(stream.name, root, options).task_names
+    except MclError as exc:
+        raise ConfigError(f"orders: cannot read the tasks of stream {stream.name!r}: {exc}") from None
 
 
 def trial_resources(trial: TrialSpec) -> dict[str, float]:
@@ -86,6 +138,7 @@ def trial_record(trial: TrialSpec, done: dict[str, Any]) -> dict[str, Any]:
         "method": trial.label,
         "stream": trial.stream,
         "seed": trial.seed,
+        "order": trial.order,
         "trial": trial.key,
         "run_id": done["run_id"],
         "baseline": done.get("baseline"),  # the untrained model's row: the zero_shot entry
