@@ -78,7 +78,8 @@ class StreamConfig:
 
     ``check_images``: every image must exist and decode before anything trains. ``skip_bad_samples``: leave
     out the samples a data check finds bad (see ``mcl.streams.check``) instead of stopping; the run records
-    how many in MLflow (``data_skipped_*``).
+    how many in MLflow (``data_skipped_*``). ``manifest``: a data manifest (``jobs/prepare_data.py --manifest``)
+    the data under ``root`` must match, file by file, before anything trains ("" = no check).
     """
 
     name: str = "generated"
@@ -86,6 +87,7 @@ class StreamConfig:
     options: dict[str, Any] = field(default_factory=dict)
     check_images: bool = True
     skip_bad_samples: bool = False
+    manifest: str = ""
 
 
 @dataclass

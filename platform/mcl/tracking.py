@@ -93,6 +93,13 @@ class Tracker:
         else:
             self.client.log_artifact(run_id, str(p), artifact_path=artifact_path)
 
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, v) for k, v in sorted(tags.items())]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(run_id, tags=items[start : start + 100])
+
     def log_dict(self, run_id: str, data: Any, name: str) -> None:
         self.client.log_text(run_id, json.dumps(data, indent=1), name)
 

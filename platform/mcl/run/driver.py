@@ -22,6 +22,7 @@ from mcl.run.executors.ray_train import RayTrainExecutor
 from mcl.run.memory_plan import plan_prepared
 from mcl.run.plan import phase_folder
 from mcl.run.prepare import PreparedRun, open_run_dir, prepare_run, run_name
+from mcl.run.provenance import executor_tag
 from mcl.run.record import RunRecorder
 from mcl.run.rundir import PhaseDir, Progress, RunDir
 from mcl.run.table import AccuracyTable
@@ -197,7 +198,7 @@ def run_experiment(
     name = run_name(cfg)
     run_dir, existing = open_run_dir(prep, name, resume)
     progress = run_dir.read_progress()
-    recorder = RunRecorder(prep, tags, log)
+    recorder = RunRecorder(prep, {**(tags or {}), **executor_tag(executor)}, log)
     progress.run_id = recorder.open(progress, name, parent_run_id)
     run_dir.write_progress(progress)
     loop: StreamLoop | None = None

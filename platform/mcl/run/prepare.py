@@ -38,6 +38,7 @@ class PreparedRun:
     model_path: str
     stream: Stream
     data_report: DataReport | None = None  # with stream.skip_bad_samples: the samples left out
+    manifest_sha256: str = ""  # with stream.manifest: the hash of the manifest the data was checked against
 
 
 def prepare_run(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> PreparedRun:
@@ -51,13 +52,24 @@ def prepare_run(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Pr
     check_image_text_model(model_path, cfg.model.trust_remote_code)
     check_kernels(cfg, log)
     stream, report = _read_stream(cfg, log)
+    manifest_hash = _check_manifest(cfg, log)
     _check_answer_types(stream)
     _check_eval_samples(stream, cfg)
     if cfg.stream.check_images and report is None:
         check_images(ChainedSamples([split for t in stream.tasks for split in (t.train, t.test)]))
     counts = ", ".join(f"{t.name} {len(t.train)}/{len(t.test)}" for t in stream.tasks)
     log(f"stream {stream.name!r}: {len(stream.tasks)} tasks (train/test: {counts})")
-    return PreparedRun(cfg, method, model_path, stream, report)
+    return PreparedRun(cfg, method, model_path, stream, report, manifest_hash)
+
+
+def _check_manifest(cfg: ExperimentConfig, log: Callable[[str], None]) -> str:
+    """With ``stream.manifest``, the data under ``stream.root`` checked against it (after the stream was read,
+    so that a generated stream exists); returns the manifest's sha256 ("" without one)."""
+    if not cfg.stream.manifest:
+        return ""
+    from mcl.streams.manifest import check_manifest
+
+    return check_manifest(cfg.stream.root, cfg.stream.manifest, log=log)
 
 
 def _read_stream(cfg: ExperimentConfig, log: Callable[[str], None]) -> tuple[Stream, DataReport | None]:
