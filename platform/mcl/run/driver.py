@@ -45,6 +45,7 @@ class RunSummary:
     task_results: list[TaskResult] = field(default_factory=list)
     state_dirs: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+    experiment_id: str = ""
 
 
 @dataclass
@@ -226,6 +227,7 @@ def run_experiment(
         task_results=loop.results,
         state_dirs=loop.state_dirs,
         wall_s=time.perf_counter() - t_start,
+        experiment_id=recorder.tracker.experiment_id,
     )
 
 
