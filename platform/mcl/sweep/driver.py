@@ -65,6 +65,8 @@ def run_sweep(sweep: SweepConfig, log: Log = print) -> SweepSummary:
         t.config["tracking"]["output_dir"] = str(trials_dir)
         # Tune runs each trial in its own working directory: relative data paths are resolved here.
         t.config["stream"]["root"] = str(Path(t.config["stream"]["root"]).resolve())
+        if t.config["stream"].get("manifest"):
+            t.config["stream"]["manifest"] = str(Path(t.config["stream"]["manifest"]).resolve())
     _build_streams(trials, log)
     tracker = Tracker(uri, sweep.tracking.experiment)  # creates the store and experiment once, here
     run_id = _open_sweep_run(sweep, sweep_dir, tracker, uri, log)
