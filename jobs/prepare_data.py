@@ -5,6 +5,7 @@ Usage:
     python jobs/prepare_data.py --stream coin --root /data/CoIN --option instructions_dir=. --option images_dir=datasets
     python jobs/prepare_data.py --stream ucit --root /data/UCIT --parquet /data/UCIT-parquet --shard-rows 2000
     python jobs/prepare_data.py --stream msvqa --root /data/MSVQA --skip-bad --parquet /data/MSVQA-parquet
+    python jobs/prepare_data.py --stream mllm-cl-domain --root /data/MLLM-CL/Domain_data --manifest domain.manifest.json
 
 Reads every task and split of the stream (options as ``stream.options``, one ``--option key=value`` each,
 values in YAML, dotted keys such as ``layout.RS.train=RemoteSensing/train.json``) and collects every problem
@@ -21,6 +22,10 @@ option).
 ``mcl.streams.sources``; one file per task, split and --shard-rows samples), then prints how to run from them:
 ``stream.root=OUT_DIR 'stream.options={source: parquet}'``. It writes the data as stored: options that select
 a view of it (sample limits, MSVQA's protocol) belong to the run that reads the export, not here.
+
+--manifest PATH writes a data manifest of the root (every annotation file's sha256, every image's size and
+sha256; see ``mcl.streams.manifest``) once the data passed the check; a run given ``stream.manifest=PATH``
+checks its data against it before training and names every changed, missing or added file.
 """
 
 from __future__ import annotations
@@ -55,6 +60,17 @@ def options_from_pairs(pairs: list[str]) -> dict[str, Any]:
     return options
 
 
+def _write_manifest(stream: str, root: str, path: str, workers: int) -> None:
+    from mcl.streams.manifest import build_manifest, write_manifest
+
+    manifest = build_manifest(root, stream, workers, skip=Path(path))
+    out = write_manifest(manifest, path).resolve()
+    _progress(
+        f"manifest of {len(manifest['annotations'])} annotation files and {len(manifest['images'])} images "
+        f"written to {out}; check a run's data against it with stream.manifest={out}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -85,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--workers", type=int, default=8, help="threads decoding images (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--manifest",
+        metavar="PATH",
+        help="write a data manifest here (sha256 of every annotation file, size and sha256 of every image); "
+        "a run with stream.manifest=PATH checks its data against it before training",
     )
     parser.add_argument("--parquet", metavar="OUT_DIR", help="write the good samples as Parquet shards here")
     parser.add_argument(
@@ -139,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if report.skipped:
         _progress(f"--skip-bad: left out {report.skipped} bad samples; {report.samples} remain")
+    if args.manifest:
+        _write_manifest(args.stream, args.root, args.manifest, args.workers)
     if args.parquet:
         from mcl.streams.sources import write_parquet_shards
 

@@ -6,10 +6,15 @@ Usage:
     python jobs/run_stream.py --check stream.root=/data/x     # validate config, data and images only
     python jobs/run_stream.py --plan model.name=/ckpt/llava-7b  # print the per-worker memory plan only
     python jobs/run_stream.py --resume tracking.run_name=my-run  # continue an interrupted run
+    python jobs/run_stream.py --from-run 3f2c...  tracking.uri=sqlite:///mlflow.db  # re-run a tracked run's config
     ray job submit --working-dir . -- python jobs/run_stream.py method.name=joint
 
 Prints the memory plan per worker (a ``warning:`` line when it will not fit), progress per task, then the
 accuracy matrix, the CL metrics and the command that opens MLflow.
+
+--from-run RUN_ID re-runs a tracked run's exact config (its MLflow ``config.yaml``; overrides may only say where
+it runs and is recorded) and prints both accuracy matrices and the verdict: exit status 0 when the matrix
+matches digit for digit, 1 when it does not, 2 when the run or its config cannot be used.
 """
 
 from __future__ import annotations
@@ -49,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="continue the run named by tracking.run_name where it stopped (finished tasks are not retrained)",
     )
+    parser.add_argument(
+        "--from-run",
+        metavar="RUN_ID",
+        help="re-run this MLflow run's exact config and report whether its accuracy matrix matches",
+    )
     args = parser.parse_args(argv)
 
     import mcl
@@ -56,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     from mcl.errors import MclError
 
     print(f"mcl engine: {Path(mcl.__file__).parent}")
+    if args.from_run:
+        return from_run(args.from_run, args.overrides)
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -85,10 +97,28 @@ def main(argv: list[str] | None = None) -> int:
         )
     print("\nCL metrics (percent points): " + format_metrics(summary.metrics))
     print(f"run finished in {summary.wall_s:.0f}s; outputs in {summary.output_dir}")
-    from mcl.tracking import ui_command
+    from mcl.tracking import experiment_ui_url
 
-    print(f"browse it: {ui_command(summary.tracking_uri)}  (MLflow run {summary.run_id})")
+    print(
+        f"browse it: {experiment_ui_url(summary.tracking_uri, summary.experiment_id)}  (MLflow run {summary.run_id})"
+    )
     return 0
+
+
+def from_run(run_id: str, overrides: list[str]) -> int:
+    """``--from-run``: 0 when the re-run's matrix matches the tracked run's, 1 when not, 2 on bad input."""
+    from mcl.errors import MclError
+    from mcl.run.reproduce import format_reproduction, reproduce_run
+    from mcl.tracking import experiment_ui_url
+
+    try:
+        rep = reproduce_run(run_id, overrides)
+    except MclError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print("\n" + format_reproduction(rep))
+    print(f"browse them: {experiment_ui_url(rep.summary.tracking_uri, rep.summary.experiment_id)}")
+    return 0 if rep.matches else 1
 
 
 if __name__ == "__main__":

@@ -65,9 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     print("\nleaderboard (percent points, mean ± std over seeds and task orders):")
     print(summary.leaderboard_md)
     print(f"\nsweep finished in {summary.wall_s:.0f}s; outputs in {summary.sweep_dir}")
-    from mcl.tracking import ui_command
+    from mlflow import MlflowClient
 
-    print(f"browse it: {ui_command(summary.tracking_uri)}  (MLflow sweep run {summary.run_id})")
+    from mcl.tracking import experiment_ui_url
+
+    exp_id = MlflowClient(summary.tracking_uri).get_run(summary.run_id).info.experiment_id
+    print(
+        f"browse it: {experiment_ui_url(summary.tracking_uri, exp_id)}  (MLflow sweep run {summary.run_id})"
+    )
     if summary.failed:
         print(
             f"{len(summary.failed)} trials did not finish: {', '.join(summary.failed)}; re-run to resume them"

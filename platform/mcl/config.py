@@ -121,6 +121,8 @@ class StreamConfig:
     out the samples a data check finds bad (see ``mcl.streams.check``) instead of stopping; the run records
     how many in MLflow (``data_skipped_*``). ``task_order``: the order to train the stream's tasks in, every
     task named once (empty = the stream's published order; checked against the stream in ``prepare_run``).
+    ``manifest``: a data manifest (``jobs/prepare_data.py --manifest``) the data under ``root`` must match,
+    file by file, before anything trains ("" = no check).
     """
 
     name: str = "generated"
@@ -130,6 +132,7 @@ class StreamConfig:
     skip_bad_samples: bool = False
     probes: list[ProbeConfig] = field(default_factory=list)
     task_order: list[str] = field(default_factory=list)
+    manifest: str = ""
 
     def __post_init__(self) -> None:
         _check_probes(self.probes)

@@ -48,6 +48,29 @@ task and split; an image path that is absolute or resolves outside the image roo
 missing or does not decode; a test sample whose ``answer_type`` names no registered scorer."""
 
 
+class DataChangedError(DataError):
+    """The data under a stream's root differs from its manifest (``stream.manifest``).
+
+    Attributes:
+        changed: Relative paths whose size or sha256 differ from the manifest's.
+        missing: Relative paths the manifest lists that are gone.
+        added: Relative paths that are not in the manifest.
+    """
+
+    def __init__(
+        self, root: object, manifest: object, changed: list[str], missing: list[str], added: list[str]
+    ) -> None:
+        self.changed, self.missing, self.added = list(changed), list(missing), list(added)
+        parts = [
+            f"{label} ({len(paths)}): {', '.join(paths)}"
+            for label, paths in (("changed", changed), ("missing", missing), ("added", added))
+            if paths
+        ]
+        super().__init__(
+            f"stream.manifest: the data under {root} differs from {manifest}; " + "; ".join(parts)
+        )
+
+
 class UnknownNameError(MclError, KeyError):
     """A method, stream or model name is not registered."""
 

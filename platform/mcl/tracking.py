@@ -26,6 +26,50 @@ def resolve_tracking_uri(configured: str = "", cwd: str | Path | None = None) ->
     return "sqlite:///" + str((base / "mlflow.db").resolve())
 
 
+# MLflow 3's UI opens an experiment on its GenAI pages (traces) unless told it holds training runs: the experiment
+# kind tag (read by the experiment header's kind selector) and the ``workflowType=machine_learning`` URL parameter
+# (which MLflow 3.17's UI reads instead of the tag to pick the view, remembered in the browser afterwards).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# A saved runs-table view (MLflow's "Views" menu; opened by ``viewStateShareKey=<id>`` in the URL): the key
+# metrics first, then what tells the runs apart.
+RUNS_VIEW_ID = "mcl-cl-metrics"
+RUNS_VIEW_TAG = "mlflow.sharedViewState." + RUNS_VIEW_ID
+KEY_METRICS = ("mfn", "bwt", "maa", "mft", "fwt", "forgetting")
+KEY_PARAMS = ("method.name", "stream.name", "train.seed")
+
+
+def runs_view_state() -> dict[str, Any]:
+    """The saved view's state: columns (metrics ``MFN, BWT, MAA`` first), runs sorted by MFN."""
+    columns = [f"metrics.`{m}`" for m in KEY_METRICS] + [f"params.`{p}`" for p in KEY_PARAMS]
+    return {"selectedColumns": columns, "columnOrder": columns, "orderByKey": columns[0], "orderByAsc": False}
+
+
+def experiment_tags(now_ms: int) -> dict[str, str]:
+    """The tags mcl sets on its experiments: the training-runs kind and the saved key-metrics view."""
+    view = {
+        "name": "mcl: continual-learning metrics",
+        "createdAt": now_ms,
+        "updatedAt": now_ms,
+        "state": json.dumps(runs_view_state(), separators=(",", ":")),
+    }
+    return {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, RUNS_VIEW_TAG: json.dumps(view, separators=(",", ":"))}
+
+
+def experiment_ui_path(experiment_id: str) -> str:
+    """The UI route of an experiment's runs table, in the training-runs view, with the key-metrics view open."""
+    return (
+        f"#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={RUNS_VIEW_ID}"
+    )
+
+
+def experiment_ui_url(uri: str, experiment_id: str) -> str:
+    """Where to see an experiment: the URL on a tracking server, else the command and the local URL."""
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{experiment_ui_path(experiment_id)}"
+    return f"{ui_command(uri)}, then open http://127.0.0.1:5000/{experiment_ui_path(experiment_id)}"
+
+
 def ui_command(uri: str) -> str:
     """The shell command that opens the MLflow UI on this store."""
     if uri.startswith(("http://", "https://")):
@@ -50,8 +94,19 @@ class Tracker:
             self.experiment_id = self.client.create_experiment(
                 experiment, artifact_location=artifact_location
             )
+            exp_tags: dict[str, str] = {}
         else:
             self.experiment_id = exp.experiment_id
+            exp_tags = exp.tags
+        self._tag_experiment(exp_tags)
+
+    def _tag_experiment(self, existing: dict[str, str]) -> None:
+        """Set :func:`experiment_tags` that are missing (a view the user edited in the UI is kept)."""
+        import time
+
+        for key, value in experiment_tags(int(time.time() * 1000)).items():
+            if key not in existing:
+                self.client.set_experiment_tag(self.experiment_id, key, value)
 
     def start_run(
         self, name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None
@@ -92,6 +147,13 @@ class Tracker:
             self.client.log_artifacts(run_id, str(p), artifact_path=artifact_path)
         else:
             self.client.log_artifact(run_id, str(p), artifact_path=artifact_path)
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, v) for k, v in sorted(tags.items())]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(run_id, tags=items[start : start + 100])
 
     def log_dict(self, run_id: str, data: Any, name: str) -> None:
         self.client.log_text(run_id, json.dumps(data, indent=1), name)

@@ -95,6 +95,24 @@ def test_two_workers_zero2_run_is_tracked_in_mlflow(two_worker_run):
     matrix_file = Path(client.download_artifacts(summary.run_id, "accuracy_matrix.json"))
     data = json.loads(matrix_file.read_text())
     assert data["tasks"] == summary.task_names and data["matrix"] == summary.matrix
+    _assert_provenance(cfg, parent.data.tags)
+
+
+def _assert_provenance(cfg, tags: dict[str, str]) -> None:
+    """The run's provenance tags: versions, hardware, the local Ray node, code, config and data identity."""
+    from mcl.run import provenance
+
+    p = provenance.PREFIX
+    assert tags[p + "version.ray"] == provenance.versions()["ray"] and tags[p + "version.python"]
+    assert int(tags[p + "cpu_count"]) >= 1 and tags[p + "cpu_model"] and tags[p + "gpu_count"] == "0"
+    assert tags[p + "ray_nodes"] == "1"  # the local instance that run_experiment started
+    (node,) = json.loads(tags[p + "ray_node_resources"])
+    assert node["cpus"] == 4.0 and node["gpus"] == 0.0  # scaling.ray_num_cpus=4
+    assert tags[p + "executor"] == "mcl.run.executors.ray_train.RayTrainExecutor"
+    assert len(tags.get(p + "code_commit", "")) == 40 or len(tags.get(p + "code_sha256", "")) == 64
+    assert tags[p + "config_sha256"] == provenance.config_sha256(cfg)
+    expected = provenance.data_identity(cfg.stream.root)["data_annotations_sha256"]
+    assert tags[p + "data_annotations_sha256"] == expected
 
 
 def test_one_and_two_workers_give_the_same_losses(two_worker_run, small_root, tmp_path):

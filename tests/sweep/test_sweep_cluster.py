@@ -29,6 +29,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mcl.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, experiment_ui_url
+
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 SWEEP = "e2e"
@@ -163,6 +165,10 @@ def test_killed_sweep_resumes_with_one_run_per_trial_and_task(resumed_sweep):
     sweeps = [r for r in active if _tags(r).get("mcl.kind") == "sweep"]
     assert len(sweeps) == 1 and sweeps[0]["info"]["status"] == "FINISHED"
     sweep_id = sweeps[0]["info"]["run_id"]
+    sweep_tags = _tags(sweeps[0])  # the sweep run's provenance (its trials carry their own)
+    assert (
+        sweep_tags["mcl.provenance.version.mlflow"] and len(sweep_tags["mcl.provenance.config_sha256"]) == 64
+    )
     trials = [r for r in active if _tags(r).get("mcl.kind") == "stream_run"]
     assert sorted(_tags(r)["mcl.method"] for r in trials) == sorted(METHODS)
     for trial in trials:
@@ -246,8 +252,10 @@ def test_mlflow_ui_lists_the_sweep_runs(resumed_sweep):
     assert chromium, "chromium is not installed (.ci/run installs the Debian package)"
     uri = resumed_sweep.uri
     exp = _api(uri, "experiments/get-by-name", experiment_name=EXPERIMENT)["experiment"]
-    # The experiment's runs table (the bare experiment URL opens MLflow 3's GenAI overview instead).
-    page = f"{uri}/#/experiments/{exp['experiment_id']}/runs"
+    # The URL mcl prints: the runs table in the training-runs view (the bare experiment URL opens MLflow 3's
+    # GenAI pages instead), with mcl's saved view of the key metrics.
+    page = experiment_ui_url(uri, exp["experiment_id"])
+    assert {t["key"]: t["value"] for t in exp["tags"]}[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
     artifacts = Path(os.environ.get("MCL_TEST_ARTIFACTS", REPO / "test-artifacts"))
     artifacts.mkdir(parents=True, exist_ok=True)
     shot = artifacts / "mlflow_ui_experiment.png"
@@ -268,6 +276,11 @@ def test_mlflow_ui_lists_the_sweep_runs(resumed_sweep):
     # ... and the table counts every run of the experiment: the sweep, its trials and their tasks.
     expected = 1 + len(METHODS) * (1 + len(TASKS))
     assert f"<strong>{expected}</strong> matching runs" in dom.stdout, dom.stdout[-3000:]
+    # The saved view's columns: MFN, BWT and MAA first, as header cells of the table.
+    headers = re.findall(r'col-id="metrics\.`(\w+)`"', dom.stdout)
+    assert {"mfn", "bwt", "maa"} <= set(headers), dom.stdout[-3000:]
+    for key in ("mfn", "bwt", "maa"):
+        assert f">{key}<" in dom.stdout, key
     subprocess.run([*base, f"--screenshot={shot}", page], capture_output=True, text=True, timeout=180)
     assert shot.exists() and shot.stat().st_size > 10000
 

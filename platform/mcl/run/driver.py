@@ -22,6 +22,7 @@ from mcl.run.executors.ray_train import RayTrainExecutor
 from mcl.run.memory_plan import plan_prepared
 from mcl.run.plan import phase_folder
 from mcl.run.prepare import PreparedRun, open_run_dir, prepare_run, run_name
+from mcl.run.provenance import executor_tag
 from mcl.run.record import RunRecorder
 from mcl.run.rundir import PhaseDir, Progress, RunDir
 from mcl.run.table import AccuracyTable
@@ -44,6 +45,7 @@ class RunSummary:
     task_results: list[TaskResult] = field(default_factory=list)
     state_dirs: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+    experiment_id: str = ""
 
 
 @dataclass
@@ -199,7 +201,7 @@ def run_experiment(
     name = run_name(cfg)
     run_dir, existing = open_run_dir(prep, name, resume)
     progress = run_dir.read_progress()
-    recorder = RunRecorder(prep, tags, log)
+    recorder = RunRecorder(prep, {**(tags or {}), **executor_tag(executor)}, log)
     progress.run_id = recorder.open(progress, name, parent_run_id)
     run_dir.write_progress(progress)
     loop: StreamLoop | None = None
@@ -227,6 +229,7 @@ def run_experiment(
         task_results=loop.results,
         state_dirs=loop.state_dirs,
         wall_s=time.perf_counter() - t_start,
+        experiment_id=recorder.tracker.experiment_id,
     )
 
 

@@ -40,6 +40,7 @@ class PreparedRun:
     stream: Stream
     data_report: DataReport | None = None  # with stream.skip_bad_samples: the samples left out
     probes: list[TaskData] = field(default_factory=list)  # stream.probes: evaluation-only tasks
+    manifest_sha256: str = ""  # with stream.manifest: the hash of the manifest the data was checked against
 
     @property
     def probe_names(self) -> list[str]:
@@ -58,6 +59,7 @@ def prepare_run(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Pr
     check_kernels(cfg, log)
     check_eval_answer_types(cfg)
     stream, report = _read_stream(cfg, log)
+    manifest_hash = _check_manifest(cfg, log)
     _check_answer_types(stream)
     _check_eval_samples(stream, cfg)
     probes = load_probes(cfg.stream.probes, cfg.eval.max_samples_per_task)
@@ -70,7 +72,17 @@ def prepare_run(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Pr
     log(f"stream {stream.name!r}: {len(stream.tasks)} tasks (train/test: {counts})")
     if probes:
         log("probes: " + ", ".join(f"{p.name} {len(p.test)}" for p in probes))
-    return PreparedRun(cfg, method, model_path, stream, report, probes)
+    return PreparedRun(cfg, method, model_path, stream, report, probes=probes, manifest_sha256=manifest_hash)
+
+
+def _check_manifest(cfg: ExperimentConfig, log: Callable[[str], None]) -> str:
+    """With ``stream.manifest``, the data under ``stream.root`` checked against it (after the stream was read,
+    so that a generated stream exists); returns the manifest's sha256 ("" without one)."""
+    if not cfg.stream.manifest:
+        return ""
+    from mcl.streams.manifest import check_manifest
+
+    return check_manifest(cfg.stream.root, cfg.stream.manifest, log=log)
 
 
 def _read_stream(cfg: ExperimentConfig, log: Callable[[str], None]) -> tuple[Stream, DataReport | None]:

@@ -19,6 +19,7 @@ from mcl.evaluation.metrics import heatmap_png
 from mcl.methods_api import Phase
 from mcl.run.memory_plan import MemoryPlan
 from mcl.run.prepare import PreparedRun
+from mcl.run.provenance import as_tags, ray_cluster, run_tags
 from mcl.run.rundir import Progress, RunDir
 from mcl.run.table import AccuracyTable
 from mcl.tracking import Tracker, resolve_tracking_uri
@@ -83,6 +84,7 @@ class RunRecorder:
         }
         self.tracker.log_params(self.run_id, {**cfg.flat(), **resolved})
         self.tracker.log_artifact(self.run_id, run_dir.config_file)
+        self.tracker.set_tags(self.run_id, run_tags(cfg, prep.manifest_sha256))
         if prep.data_report is not None:
             self.tracker.log_metrics(self.run_id, prep.data_report.skipped_metrics())
             self.tracker.log_dict(self.run_id, prep.data_report.to_dict(), "data_report.json")
@@ -108,6 +110,7 @@ class RunRecorder:
             tracker.log_artifact(run_id, final_state, "final_state")
         wall_s = time.perf_counter() - t_start
         tracker.log_metrics(run_id, {"wall_time_s": wall_s, **resource_hours(self.cfg, wall_s)})
+        tracker.set_tags(run_id, as_tags(ray_cluster()))  # Ray is up once the first phase was trained
         tracker.end_run(run_id)
         self.open_runs.remove(run_id)
 

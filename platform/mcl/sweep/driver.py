@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from mcl.run.provenance import sweep_provenance
 from mcl.run.rundir import RunDir
 from mcl.sweep.config import SweepConfig, check_resumable
 from mcl.sweep.progress import progress_callback
@@ -64,6 +65,8 @@ def run_sweep(sweep: SweepConfig, log: Log = print) -> SweepSummary:
         t.config["tracking"]["output_dir"] = str(trials_dir)
         # Tune runs each trial in its own working directory: relative data paths are resolved here.
         t.config["stream"]["root"] = str(Path(t.config["stream"]["root"]).resolve())
+        if t.config["stream"].get("manifest"):
+            t.config["stream"]["manifest"] = str(Path(t.config["stream"]["manifest"]).resolve())
     _build_streams(trials, log)
     tracker = Tracker(uri, sweep.tracking.experiment)  # creates the store and experiment once, here
     run_id = _open_sweep_run(sweep, sweep_dir, tracker, uri, log)
@@ -114,6 +117,7 @@ def _open_sweep_run(sweep: SweepConfig, sweep_dir: Path, tracker: Any, uri: str,
     run_id = tracker.start_run(sweep.name, tags={"mcl.kind": "sweep", "mcl.sweep": sweep.name})
     state_path.write_text(json.dumps({"run_id": run_id, "config": sweep.flat()}, indent=1))
     tracker.log_params(run_id, sweep.flat())
+    tracker.set_tags(run_id, sweep_provenance(sweep.flat()))
     tracker.log_dict(run_id, asdict(sweep), "sweep.json")
     tracker.client.log_text(run_id, yaml.safe_dump(asdict(sweep), sort_keys=False), "sweep.yaml")
     log(f"sweep {sweep.name!r}: MLflow run {run_id} in {uri} (experiment {sweep.tracking.experiment!r})")
