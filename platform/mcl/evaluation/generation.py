@@ -70,13 +70,16 @@ class GenerationEvaluator:
         records: list[Record] = []
         with torch.no_grad():
             for batch, dummy in _lockstep(iter(batches), rank, world, self.device):
-                answers = self._answer(batch, ctx)
+                answers = self.answer(batch, ctx)
                 if not dummy:
                     records.extend(answers)
         self.model.train(was_training)
         return _gather_on_rank0(records, rank, world)
 
-    def _answer(self, batch: dict[str, np.ndarray], ctx: TaskContext) -> list[Record]:
+    def answer(self, batch: dict[str, np.ndarray], ctx: TaskContext) -> list[Record]:
+        """Prediction records of one preprocessed evaluation batch (no collectives of its own: under ZeRO-3
+        every rank must call it in step). Both backends answer through it: the workers
+        (:meth:`predict`) and the Ray Data actors (:class:`mcl.evaluation.actor_pool.PhaseAnswerer`)."""
         from mcl.worker.engine import to_device
 
         tokenizer = self.processor.tokenizer
@@ -133,6 +136,15 @@ def _gather_on_rank0(records: list[Record], rank: int, world: int) -> list[Recor
     return [r for part in gathered for r in part] if rank == 0 else []
 
 
+def score_phase(
+    records: list[Record], task_names: list[str], method: Method, ctx: TaskContext
+) -> tuple[dict[str, float], dict[str, float]]:
+    """A phase's accuracy per task and the method's own metrics from its prediction records: the one scoring
+    path of both evaluation backends."""
+    accuracy = score_records(records, task_names)
+    return accuracy, method.eval_metrics(records, ctx)
+
+
 def score_records(records: list[Record], task_names: list[str]) -> dict[str, float]:
     """Accuracy in percent per task from prediction records (adds each record's ``score``)."""
     from mcl.evaluation.scoring import score
@@ -144,4 +156,4 @@ def score_records(records: list[Record], task_names: list[str]) -> dict[str, flo
     return {t: 100.0 * sum(v) / len(v) if v else float("nan") for t, v in totals.items()}
 
 
-__all__ = ["Evaluator", "GenerationEvaluator", "score_records"]
+__all__ = ["Evaluator", "GenerationEvaluator", "score_phase", "score_records"]

@@ -106,6 +106,7 @@ def _phase_job(
 ) -> tuple[TaskJob, Any]:
     cfg = phase_config(prep.config, phase)
     data = phase_training_data(prep, t, phase, driver_state)
+    in_workers = cfg.eval.backend == "workers"  # else the driver's actor pool evaluates the published phase
     job = TaskJob(
         cfg.to_dict(),
         prep.model_path,
@@ -113,9 +114,9 @@ def _phase_job(
         prep.stream.task_names,
         previous,
         steps=len(data.rows) // cfg.train.batch_size,
-        evaluate_before=(t == 0 and phase.evaluate),
+        evaluate_before=(t == 0 and phase.evaluate and in_workers),
         phase=phase.name,
-        evaluate=phase.evaluate,
+        evaluate=phase.evaluate and in_workers,
         optimize=phase.optimize,
         driver_state=data.driver_state if data.driver_state is not None else driver_state,
     )
@@ -145,3 +146,13 @@ def eval_rows(prep: PreparedRun) -> SampleRows:
     """Every task's test samples (the first ``eval.max_samples_per_task`` of each), as rows read lazily."""
     limit = prep.config.eval.max_samples_per_task
     return SampleRows(ChainedSamples([t.test[:limit] if limit else t.test for t in prep.stream.tasks]))
+
+
+def phase_eval_rows(prep: PreparedRun, task_index: int) -> SampleRows:
+    """The rows evaluated after task ``task_index``'s evaluating phase."""
+    return eval_rows(prep)
+
+
+def baseline_eval_rows(prep: PreparedRun) -> SampleRows:
+    """The rows the untrained model (the baseline row) is evaluated on."""
+    return eval_rows(prep)

@@ -21,7 +21,7 @@ import numpy as np
 from mcl.adapters import projector_module_names
 from mcl.config import config_from_dict
 from mcl.data import collate
-from mcl.evaluation.generation import GenerationEvaluator, score_records
+from mcl.evaluation.generation import GenerationEvaluator, score_phase, score_records
 from mcl.logs import quiet_known_warnings
 from mcl.methods_api import TaskContext, build_method
 from mcl.run.rundir import PhaseDir
@@ -276,8 +276,9 @@ class PhaseRecipe:
     def result(self, records: list[dict[str, Any]]) -> TaskResult:
         """The phase's result (rank 0), printed as it is built."""
         job = self.job
-        accuracy = score_records(records, job.task_names) if job.evaluate else {}
-        method_metrics = self.method.eval_metrics(records, self.ctx) if job.evaluate else {}
+        accuracy, method_metrics = (
+            score_phase(records, job.task_names, self.method, self.ctx) if job.evaluate else ({}, {})
+        )
         if accuracy:
             self.say(f"{self.tag} accuracy " + ", ".join(f"{t} {a:.1f}" for t, a in accuracy.items()))
         if method_metrics:

@@ -15,7 +15,7 @@ from typing import Any
 from mcl.data import Preprocessor, ray_dataset, shard
 from mcl.methods_api import Phase
 from mcl.run.cluster import data_tasks_per_rank, init_ray_for_run
-from mcl.run.plan import PlannedPhase, eval_rows, plan_phases
+from mcl.run.plan import PlannedPhase, baseline_eval_rows, eval_rows, phase_eval_rows, plan_phases
 from mcl.run.prepare import PreparedRun
 from mcl.run.rundir import PhaseDir, RunDir
 
@@ -36,7 +36,19 @@ class RayTrainExecutor:
         item = self.plan[key]
         if item.job.previous_state_dir != previous:
             raise RuntimeError(f"phase {key} was planned from {item.job.previous_state_dir}, not {previous}")
-        return self._wait(item)
+        folder = self._wait(item)
+        if phase.evaluate and self.prep.config.eval.backend == "ray_data":
+            self._evaluate(item, folder)
+        return folder
+
+    def _evaluate(self, item: PlannedPhase, folder: PhaseDir) -> None:
+        """``eval.backend: ray_data``: the actor pool evaluates the published phase here, in the driver, while
+        the Train job goes on with the next phase; the driver records the phase once this returns."""
+        from mcl.evaluation.actor_pool import evaluate_phase
+
+        t = item.job.task_index
+        baseline = baseline_eval_rows(self.prep) if t == 0 else None
+        evaluate_phase(self.prep, item.job, folder, phase_eval_rows(self.prep, t), baseline)
 
     def _launch(self, task_index: int, phase: Phase, previous: str | None) -> None:
         if self.thread is not None:

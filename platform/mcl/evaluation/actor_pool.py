@@ -1,0 +1,252 @@
+"""The ``ray_data`` evaluation backend: a Ray Data ``map_batches`` over a pool of evaluation actors.
+
+Each actor (:class:`PhaseAnswerer`) loads the base model plus one phase's saved state through the method's own
+hook (:meth:`mcl.methods_api.Method.load_for_evaluation`) and answers preprocessed batches with the workers'
+generation code (:meth:`mcl.evaluation.generation.GenerationEvaluator.answer`), so both backends give the same
+predictions. :func:`evaluate_phase` runs the pool for a published phase (and, after the first task, the
+untrained model's baseline row) and writes the records and scores into the phase's result: whole, or not at all.
+Actors have their own resources (``eval.num_actors`` x ``eval.resources_per_actor``), apart from the Train
+workers, so where the cluster has room they answer while the next phase trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from mcl.errors import MclError
+
+if TYPE_CHECKING:
+    from mcl.run.prepare import PreparedRun
+    from mcl.run.rundir import PhaseDir
+    from mcl.worker.job import TaskJob
+
+RECORD_COLUMN = "record"
+
+
+class EvaluationError(MclError, RuntimeError):
+    """The actor pool failed to evaluate a phase (nothing of that phase's evaluation was kept)."""
+
+
+@dataclass(frozen=True)
+class AnswererSpec:
+    """What an evaluation actor loads; plain data (it pickles to actors).
+
+    Attributes:
+        config: The resolved experiment config as a dict.
+        model_path: Resolved model folder or hub id.
+        task_index: The task whose phase is evaluated; task_names: every task of the stream.
+        phase: The evaluating phase's name.
+        state_dir: ``trained``: the phase's saved state. ``baseline``: the state the phase started from (None
+            at the start of the stream); the actor builds the model as that phase's workers did before
+            training (:meth:`Method.setup_model`) and answers as the untrained model.
+        stage: ``trained`` or ``baseline`` (see :class:`mcl.methods_api.TaskContext`).
+    """
+
+    config: dict[str, Any]
+    model_path: str
+    task_index: int
+    task_names: tuple[str, ...]
+    phase: str
+    state_dir: str | None
+    stage: str = "trained"
+
+
+class PhaseAnswerer:
+    """A Ray Data callable class: the model of one phase, answering preprocessed evaluation batches.
+
+    Returns one JSON ``record`` per sample (``id``, ``task``, ``prediction``, ``answer``, ``answer_type`` and
+    the method's extras), exactly what the workers' evaluator records. Runs in-process too (no Ray needed).
+    """
+
+    def __init__(self, spec: AnswererSpec, device: Any = None) -> None:
+        import torch
+
+        from mcl.config import config_from_dict
+        from mcl.evaluation.generation import GenerationEvaluator
+        from mcl.methods_api import TaskContext, build_method
+        from mcl.models import load_model_and_processor
+        from mcl.worker.engine import seed_everything
+
+        cfg = config_from_dict(spec.config)
+        self.method = build_method(cfg.method.name, cfg.method.params)
+        seed_everything(cfg.train.seed + spec.task_index)  # as the phase's workers: same fresh adapters
+        base, processor = load_model_and_processor(
+            spec.model_path,
+            trust_remote_code=cfg.model.trust_remote_code,
+            dtype=cfg.model.dtype,
+            attn_implementation=cfg.model.attn_implementation,
+        )
+        baseline = spec.stage == "baseline"
+        self.ctx = TaskContext(
+            task_index=spec.task_index,
+            task_names=tuple(spec.task_names),
+            lora=cfg.model.lora,
+            previous_state_dir=Path(spec.state_dir) if baseline and spec.state_dir else None,
+            seed=cfg.train.seed,
+            processor=processor,
+            phase=spec.phase,
+            stage="baseline" if baseline else "trained",
+        )
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if baseline:
+            model = self.method.setup_model(base, self.ctx)
+            self.method.before_task(model, self.ctx)
+        else:
+            assert spec.state_dir is not None
+            model = self.method.load_for_evaluation(base, Path(spec.state_dir), self.ctx)
+        model = model.to(self.device).eval()
+        self.evaluator = GenerationEvaluator(
+            model,
+            self.method,
+            processor,
+            cfg.eval.max_new_tokens,
+            self.device,
+            getattr(torch, cfg.model.dtype),
+        )
+
+    def answer(self, batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+        """Prediction records of one preprocessed batch."""
+        import torch
+
+        with torch.no_grad():
+            return self.evaluator.answer(batch, self.ctx)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        records = self.answer(batch)
+        return {RECORD_COLUMN: np.array([json.dumps(r, default=_plain) for r in records], dtype=object)}
+
+
+def _plain(value: Any) -> Any:
+    """numpy/torch scalars in a method's extras as plain JSON values."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {value!r}")
+
+
+def actor_remote_args(resources: dict[str, float]) -> dict[str, Any]:
+    """``eval.resources_per_actor`` as Ray's remote arguments (``CPU``/``GPU`` and custom resources)."""
+    rest = {k: float(v) for k, v in resources.items() if k not in ("CPU", "GPU")}
+    args: dict[str, Any] = {
+        "num_cpus": float(resources.get("CPU", 0)),
+        "num_gpus": float(resources.get("GPU", 0)),
+    }
+    if rest:
+        args["resources"] = rest
+    return args
+
+
+def pool_records(
+    prep: PreparedRun, spec: AnswererSpec, rows: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Every record of ``rows`` answered by the actor pool, in the rows' order."""
+    import ray.data
+
+    from mcl.data import Preprocessor, ray_dataset
+    from mcl.run.cluster import data_tasks_per_rank
+
+    cfg = prep.config
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    pre = Preprocessor(prep.model_path, train=False, trust_remote_code=cfg.model.trust_remote_code)
+    answered = ray_dataset(rows, pre, cfg.eval.batch_size, data_tasks_per_rank(cfg)).map_batches(
+        PhaseAnswerer,
+        fn_constructor_kwargs={"spec": spec},
+        batch_size=cfg.eval.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.eval.num_actors),
+        **actor_remote_args(cfg.eval.resources_per_actor),
+    )
+    return [json.loads(row[RECORD_COLUMN]) for row in answered.iter_rows()]
+
+
+def phase_specs(prep: PreparedRun, job: TaskJob, state_dir: str, baseline: bool) -> list[AnswererSpec]:
+    """The trained phase's spec, and (``baseline``) the untrained model's: the state the phase started from."""
+    trained = AnswererSpec(
+        job.config,
+        job.model_path,
+        job.task_index,
+        tuple(job.task_names),
+        job.phase,
+        state_dir,
+        "trained",
+    )
+    return [trained] + (
+        [dataclasses.replace(trained, state_dir=job.previous_state_dir, stage="baseline")] if baseline else []
+    )
+
+
+def evaluate_phase(
+    prep: PreparedRun,
+    job: TaskJob,
+    folder: PhaseDir,
+    rows: Sequence[dict[str, Any]],
+    baseline_rows: Sequence[dict[str, Any]] | None = None,
+    log: Callable[[str], None] = print,
+) -> None:
+    """Evaluate the published phase in ``folder`` on the actor pool (and the untrained model on
+    ``baseline_rows``, when given) and write records, accuracy and method metrics into its result, atomically.
+    Raises :class:`EvaluationError` naming the phase if an actor fails; the result is then left as the workers
+    wrote it (no records)."""
+    from mcl.worker.job import TaskResult
+
+    specs = phase_specs(prep, job, str(folder.state), baseline_rows is not None)
+    clock = [time.perf_counter()]
+    try:
+        records = pool_records(prep, specs[0], rows)
+        clock.append(time.perf_counter())
+        base_records = pool_records(prep, specs[1], baseline_rows) if baseline_rows is not None else None
+    except Exception as exc:
+        raise EvaluationError(
+            f"evaluating phase {job.key} ({folder.path.name}) on the Ray Data actor pool failed: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    result = TaskResult.load(folder.path)
+    result = with_scores(prep, job, result, records, base_records)
+    # eval_s: the trained phase's evaluation alone (actor start, model load, answers), as the workers time theirs.
+    result.timing.update({"eval_s": clock[1] - clock[0], "eval_samples": float(len(records))})
+    result.save(folder.path)
+    log(
+        f"[task {job.task_index + 1} {job.phase}] evaluated by {prep.config.eval.num_actors} actor(s) "
+        f"in {result.timing['eval_s']:.1f}s"
+    )
+
+
+def with_scores(
+    prep: PreparedRun,
+    job: TaskJob,
+    result: Any,
+    records: list[dict[str, Any]],
+    base_records: list[dict[str, Any]] | None,
+) -> Any:
+    """``result`` with the pool's records scored by the workers' scoring code (:func:`score_phase`)."""
+    from mcl.evaluation.generation import score_phase, score_records
+    from mcl.methods_api import TaskContext
+
+    ctx = TaskContext(job.task_index, tuple(job.task_names), prep.config.model.lora, phase=job.phase)
+    accuracy, method_metrics = score_phase(records, list(job.task_names), prep.method, ctx)
+    baseline = score_records(base_records, list(job.task_names)) if base_records is not None else None
+    return dataclasses.replace(
+        result,
+        accuracy=accuracy,
+        method_metrics=method_metrics,
+        predictions=records,
+        baseline_accuracy=baseline if baseline is not None else result.baseline_accuracy,
+    )
+
+
+__all__ = [
+    "AnswererSpec",
+    "EvaluationError",
+    "PhaseAnswerer",
+    "actor_remote_args",
+    "evaluate_phase",
+    "phase_specs",
+    "pool_records",
+]
