@@ -120,7 +120,10 @@ def test_a_failing_actor_fails_the_run_clearly_and_logs_no_half_task(
         "tracking.run_name=failing",
         "eval.backend=ray_data",
     )
-    with pytest.raises(EvaluationError, match=r"phase 0:train .*failing_generate: this method cannot answer"):
+    with pytest.raises(
+        EvaluationError,
+        match=r"phase 0:train .* failed: RuntimeError: failing_generate: this method cannot answer \(the",
+    ):
         run_experiment(cfg, log=lambda _m: None)
     run_dir = RunDir(Path(cfg.tracking.output_dir) / "failing")
     progress = run_dir.read_progress()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -131,6 +132,17 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {value!r}")
 
 
+def root_error(exc: BaseException) -> str:
+    """The actor's own error line (``RuntimeError: ...``) out of the Ray errors wrapping it; else the first line."""
+    text = f"{type(exc).__name__}: {exc}"
+    lines = [line.strip() for line in text.splitlines()]
+    own = [line for line in lines if _ERROR_LINE.match(line) and not line.startswith("ray.")]
+    return own[-1] if own else lines[0]
+
+
+_ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): ")
+
+
 def actor_remote_args(resources: dict[str, float]) -> dict[str, Any]:
     """``eval.resources_per_actor`` as Ray's remote arguments (``CPU``/``GPU`` and custom resources)."""
     rest = {k: float(v) for k, v in resources.items() if k not in ("CPU", "GPU")}
@@ -205,7 +217,7 @@ def evaluate_phase(
     except Exception as exc:
         raise EvaluationError(
             f"evaluating phase {job.key} ({folder.path.name}) on the Ray Data actor pool failed: "
-            f"{type(exc).__name__}: {exc}"
+            f"{root_error(exc)} (the full trace is chained below)"
         ) from exc
     result = TaskResult.load(folder.path)
     result = with_scores(prep, job, result, records, base_records)
