@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from mcl.adapters import ADAPTER_DIR, new_lora, save_lora
+from mcl.adapters import ADAPTER_DIR, load_lora, new_lora, save_lora
 from mcl.methods_api import Method, TaskContext, register_method
 
 
@@ -24,6 +24,12 @@ class JointTraining(Method):
 
     def setup_model(self, model: torch.nn.Module, ctx: TaskContext) -> torch.nn.Module:
         return new_lora(model, ctx.lora)
+
+    def load_for_evaluation(
+        self, model: torch.nn.Module, state_dir: Path, ctx: TaskContext
+    ) -> torch.nn.Module:
+        # setup_model starts a fresh adapter each task; evaluation serves the one saved.
+        return load_lora(model, state_dir / ADAPTER_DIR, trainable=False)
 
     def save_state(self, model: torch.nn.Module, out_dir: Path, ctx: TaskContext) -> None:
         save_lora(model, out_dir / ADAPTER_DIR)

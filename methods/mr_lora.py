@@ -511,6 +511,14 @@ class MRLoRA(Method):
             raise RuntimeError(f"MR-LoRA: parameters outside adapter {new!r} are trainable: {stray[:3]}")
         return peft_model
 
+    def load_for_evaluation(
+        self, model: torch.nn.Module, state_dir: Path, ctx: TaskContext
+    ) -> torch.nn.Module:
+        """Every expert and the saved router (the router phase's state), for routed answers."""
+        if ctx.phase != ROUTER_PHASE:
+            raise ValueError(f"MR-LoRA evaluates after its {ROUTER_PHASE!r} phase, not after {ctx.phase!r}")
+        return load_routed_model(model, state_dir)
+
     def router_tokens(self, processor: Any, num_experts: int) -> RouterTokens:
         if num_experts not in self._tokens:
             self._tokens[num_experts] = router_tokens(processor, num_experts)

@@ -43,6 +43,7 @@ has that rank.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -176,6 +177,21 @@ class OLoRA(Method):
         # All adapters take part in the forward pass (their updates add up); trainability is set in before_task.
         peft_model.base_model.set_adapter(self.adapters)
         self._register_hooks(peft_model, new)
+        return peft_model
+
+    def load_for_evaluation(
+        self, model: torch.nn.Module, state_dir: Path, ctx: TaskContext
+    ) -> torch.nn.Module:
+        """Every saved adapter, all active (their updates add up), as after the task's training."""
+        from peft import PeftModel
+
+        saved = self._previous_adapters(dataclasses.replace(ctx, previous_state_dir=Path(state_dir)))
+        folder = Path(state_dir) / ADAPTERS_DIR
+        peft_model = PeftModel.from_pretrained(model, str(folder / saved[0]), adapter_name=saved[0])
+        for name in saved[1:]:
+            peft_model.load_adapter(str(folder / name), adapter_name=name, is_trainable=False)
+        self.adapters = saved
+        peft_model.base_model.set_adapter(saved)
         return peft_model
 
     def before_task(self, model: torch.nn.Module, ctx: TaskContext) -> None:

@@ -81,6 +81,7 @@ from mcl.adapters import (
     continue_lora,
     full_numel,
     language_attention_modules,
+    load_lora,
     use_eager_language_attention,
     using_adapter,
 )
@@ -256,6 +257,16 @@ class QUAD(Method):
         attention = [m for _, m in language_attention_modules(peft_model)]
         self._hooks = [m.register_forward_hook(self._attention_hook(i)) for i, m in enumerate(attention)]
         return peft_model
+
+    def load_for_evaluation(
+        self, model: torch.nn.Module, state_dir: Path, ctx: TaskContext
+    ) -> torch.nn.Module:
+        """The saved student alone (no teacher, no distillation hooks). From the second task on, the workers
+        trained and evaluated with eager attention in the language model (attention maps for distillation):
+        so does this, for the same answers."""
+        if ctx.task_index > 0:
+            use_eager_language_attention(model)
+        return load_lora(model, Path(state_dir) / ADAPTER_DIR, trainable=False, adapter_name=STUDENT)
 
     def _attention_hook(self, index: int) -> Any:
         def hook(module: torch.nn.Module, args: Any, output: Any) -> None:

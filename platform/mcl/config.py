@@ -240,10 +240,17 @@ class TrainConfig:
         return self.warmup_steps or math.ceil(self.warmup_ratio * steps)
 
 
+EVAL_BACKENDS = ("workers", "ray_data")
+
+
 @dataclass
 class EvalConfig:
     """Greedy evaluation after every task on the test sets of the tasks ``tasks`` names: ``all`` (seen and
     unseen), or ``seen_and_next`` (what the CL metrics read, see :mod:`mcl.evaluation.policy`).
+
+    ``backend``: ``workers`` evaluates inside the Ray Train worker group; ``ray_data`` on a Ray Data actor pool
+    of ``num_actors`` actors with ``resources_per_actor`` each (Ray resource names: ``CPU``, ``GPU``, custom),
+    each loading the phase's saved state, while the next phase trains (:mod:`mcl.evaluation.actor_pool`).
 
     ``sort_by_length``: evaluate rows in batches of similar prompt length (image tokens included), longest
     first; predictions are returned in the test sets' order. ``max_new_tokens_by_type`` (answer type -> tokens)
@@ -256,11 +263,27 @@ class EvalConfig:
     max_new_tokens: int = 8
     max_samples_per_task: int = 0
     tasks: Literal["all", "seen_and_next"] = "all"
+    backend: Literal["workers", "ray_data"] = "workers"
+    num_actors: int = 1
+    resources_per_actor: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
     sort_by_length: bool = False
     max_new_tokens_by_type: dict[str, int] = field(default_factory=dict)
     stop_strings_by_type: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _check(
+            self.backend in EVAL_BACKENDS, "eval.backend", "must be one of workers, ray_data", self.backend
+        )
+        _check(self.num_actors >= 1, "eval.num_actors", "must be >= 1", self.num_actors)
+        _check(
+            isinstance(self.resources_per_actor, dict)
+            and all(
+                isinstance(k, str) and _is_number(v) and v >= 0 for k, v in self.resources_per_actor.items()
+            ),
+            "eval.resources_per_actor",
+            "must map resource names to amounts >= 0 (e.g. {CPU: 1})",
+            self.resources_per_actor,
+        )
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1", self.batch_size)
         _check(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1", self.max_new_tokens)
         for kind, tokens in self.max_new_tokens_by_type.items():
@@ -393,6 +416,10 @@ class ExperimentConfig:
     def flat(self) -> dict[str, Any]:
         """Dotted ``section.key`` view, for MLflow params."""
         return flatten_dotted(self.to_dict())
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _check(ok: bool, name: str, rule: str, value: Any) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import pkgutil
 import types
 import typing
@@ -206,6 +207,16 @@ class Method:
         """Wrap the freshly loaded base model for this task (add adapters, load previous state)."""
         raise NotImplementedError
 
+    def load_for_evaluation(
+        self, model: torch.nn.Module, state_dir: Path, ctx: TaskContext
+    ) -> torch.nn.Module:
+        """The freshly loaded base model with the state this method saved in ``state_dir`` (after the phase
+        ``ctx.phase`` of task ``ctx.task_index``), ready to answer through :meth:`generate`: what an evaluation
+        actor (``eval.backend: ray_data``) serves. Default: the path a phase takes when it continues from a
+        saved state, :meth:`setup_model` with ``previous_state_dir=state_dir``. Override where that path adds
+        something new for training (a fresh adapter, a router) instead of loading what was saved."""
+        return self.setup_model(model, dataclasses.replace(ctx, previous_state_dir=Path(state_dir)))
+
     def before_task(self, model: torch.nn.Module, ctx: TaskContext) -> None:
         """Called once after :meth:`setup_model` and before the optimiser (and DeepSpeed engine) is built,
         so parameters it freezes or unfreezes are what the optimiser sees."""
@@ -328,8 +339,15 @@ def register_method(cls: type[Method]) -> type[Method]:
     return cls
 
 
+METHOD_MODULES_ENV = "MCL_METHOD_MODULES"
+
+
 def _discover_methods() -> None:
-    """Import every module of the ``methods`` package (each registers itself)."""
+    """Import every module of the ``methods`` package (each registers itself), and the modules named in
+    ``$MCL_METHOD_MODULES`` (comma-separated: methods kept outside ``methods/``; ship them to Ray workers
+    with the runtime env's ``py_modules`` and set the variable in its ``env_vars``)."""
+    for name in filter(None, os.environ.get(METHOD_MODULES_ENV, "").split(",")):
+        importlib.import_module(name.strip())
     try:
         package = importlib.import_module("methods")
     except ImportError:

@@ -136,6 +136,10 @@ def test_int_accepted_for_float() -> None:
         (["model.lora.r=0"], r"^model\.lora\.r: must be >= 1"),
         (["eval.max_new_tokens=0"], r"^eval\.max_new_tokens: must be >= 1"),
         (["scaling.num_workers=0"], r"^scaling\.num_workers: must be >= 1"),
+        (["eval.backend=tune"], r"^eval\.backend: must be one of"),
+        (["eval.num_actors=0"], r"^eval\.num_actors: must be >= 1, got 0"),
+        (["eval.resources_per_actor={CPU: -1}"], r"^eval\.resources_per_actor: must map resource names"),
+        (["eval.resources_per_actor={CPU: many}"], r"^eval\.resources_per_actor: must"),
     ],
 )
 def test_impossible_values(overrides: list[str], message: str) -> None:
@@ -242,3 +246,25 @@ def test_flat_gives_dotted_keys() -> None:
     assert all(key.split(".")[0] in SECTIONS for key in flat)
     assert not any(isinstance(value, dict) and value for value in flat.values())
     assert "model.lora" not in flat and "train" not in flat
+
+
+def test_eval_backend_defaults_to_the_workers_and_the_local_executor_refuses_the_pool(
+    tiny_model_path, generated_root, tmp_path
+) -> None:
+    from mcl.run.executors.local import LocalExecutor
+    from mcl.run.prepare import prepare_run
+    from mcl.run.rundir import RunDir
+
+    cfg = load_config(None, [])
+    assert (cfg.eval.backend, cfg.eval.num_actors, cfg.eval.resources_per_actor) == (
+        "workers",
+        1,
+        {"CPU": 1.0},
+    )
+    pool = load_config(
+        "jobs/configs/default.yaml",
+        [f"stream.root={generated_root}", "eval.backend=ray_data", "eval.resources_per_actor={CPU: 2}"],
+    )
+    assert pool.eval.resources_per_actor == {"CPU": 2.0}
+    with pytest.raises(ConfigError, match=r"^eval\.backend: the local executor .* got 'ray_data'"):
+        LocalExecutor(prepare_run(pool, log=lambda _m: None), RunDir(tmp_path))

@@ -7,6 +7,11 @@ task 1's checkpoint. The second execution of task 2 must equal the first: the sa
 metrics (same seed, same metrics), the same predictions sample by sample (restarting from a checkpoint
 changes nothing), and the same saved state, tensor by tensor (experts, routers, buffers, Fisher, branches
 survive the round trip through the checkpoint). MLflow ends with one run per task, none left RUNNING.
+
+Both evaluation backends answer alike: an evaluation actor (``eval.backend: ray_data``'s
+:class:`~mcl.evaluation.actor_pool.PhaseAnswerer`, called in-process) that loads task 2's evaluating phase through
+the method's ``load_for_evaluation`` gives the workers' predictions sample by sample, and one that builds the
+untrained model gives the workers' baseline predictions' scores.
 """
 
 from __future__ import annotations
@@ -119,6 +124,7 @@ def test_method_contract(method, ray_session, small_root, tmp_path, monkeypatch)
     first = run_experiment(cfg, log=quiet)
     assert len(first.matrix) == 2 and all(len(row) == 2 for row in first.matrix)
     assert all(0.0 <= v <= 100.0 for row in first.matrix for v in row)
+    _assert_actor_answers_like_the_workers(cfg, first)
     kept_state = tmp_path / "task2-state"
     shutil.copytree(first.state_dirs[1], kept_state)
 
@@ -163,3 +169,39 @@ def test_method_contract(method, ray_session, small_root, tmp_path, monkeypatch)
     assert all(r.info.status == "FINISHED" for r in children)
     for child in children:
         assert any(k.startswith("mem_") for k in child.data.metrics), "no memory report logged"
+
+
+def _actor_records(cfg, prep, spec) -> list[dict]:
+    from mcl.data import Preprocessor, local_batches
+    from mcl.evaluation.actor_pool import PhaseAnswerer
+    from mcl.run.plan import eval_rows
+
+    answerer = PhaseAnswerer(spec)
+    pre = Preprocessor(prep.model_path, train=False)
+    return [r for b in local_batches(eval_rows(prep), pre, cfg.eval.batch_size) for r in answerer.answer(b)]
+
+
+def _assert_actor_answers_like_the_workers(cfg, summary) -> None:
+    """The in-process actor of task 2's evaluating phase answers every sample as the workers did; the
+    baseline actor scores the untrained model as the workers did."""
+    from mcl.evaluation.actor_pool import AnswererSpec
+    from mcl.evaluation.generation import score_records
+    from mcl.run import RunDir
+    from mcl.run.prepare import prepare_run
+
+    prep = prepare_run(cfg, log=lambda _m: None)
+    result = summary.task_results[1]
+    progress = RunDir(summary.output_dir).read_progress()
+    folder = Path(progress.phases[f"1:{result.phase}"])
+    names = tuple(summary.task_names)
+    spec = AnswererSpec(cfg.to_dict(), prep.model_path, 1, names, result.phase, str(folder / "state"))
+    records = _actor_records(cfg, prep, spec)
+    worker = sorted((dict(r, score=None) for r in result.predictions), key=lambda r: r["id"])
+    assert sorted((dict(r, score=None) for r in records), key=lambda r: r["id"]) == worker
+
+    first = summary.task_results[0]
+    phases = [p.name for p in prep.method.phases(0)]
+    before = phases[: phases.index(first.phase)]  # the evaluating phase starts from the one before it
+    start = str(Path(progress.phases[f"0:{before[-1]}"]) / "state") if before else None
+    base = AnswererSpec(cfg.to_dict(), prep.model_path, 0, names, first.phase, start, stage="baseline")
+    assert score_records(_actor_records(cfg, prep, base), list(names)) == first.baseline_accuracy

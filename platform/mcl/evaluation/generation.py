@@ -135,13 +135,16 @@ class GenerationEvaluator:
         records: list[Record] = []
         with torch.no_grad():
             for batch, dummy in _lockstep(iter(batches), rank, world, self.device):
-                answers = self._answer(batch, ctx)
+                answers = self.answer(batch, ctx)
                 if not dummy:
                     records.extend(answers)
         self.model.train(was_training)
         return in_original_order(_gather_on_rank0(records, rank, world))
 
-    def _answer(self, batch: dict[str, np.ndarray], ctx: TaskContext) -> list[Record]:
+    def answer(self, batch: dict[str, np.ndarray], ctx: TaskContext) -> list[Record]:
+        """Prediction records of one preprocessed evaluation batch (no collectives of its own: under ZeRO-3
+        every rank must call it in step). Both backends answer through it: the workers
+        (:meth:`predict`) and the Ray Data actors (:class:`mcl.evaluation.actor_pool.PhaseAnswerer`)."""
         from mcl.worker.engine import to_device
 
         tokenizer = self.processor.tokenizer
@@ -260,6 +263,24 @@ def phase_scores(records: list[Record], task_names: Sequence[str], probe_names: 
     )
 
 
+def score_phase(
+    records: list[Record],
+    task_names: Sequence[str],
+    probe_names: Sequence[str],
+    method: Method,
+    ctx: TaskContext,
+) -> tuple[PhaseScores, dict[str, float]]:
+    """A phase's scores (:func:`phase_scores`) and the method's own metrics (``Method.eval_metrics``, which
+    read the stream's tasks only: probe records are left out) from its prediction records: the one scoring
+    path of both evaluation backends (the workers' :class:`~mcl.worker.recipe.PhaseRecipe` and the Ray Data
+    actor pool, :mod:`mcl.evaluation.actor_pool`)."""
+    from mcl.streams.probes import PROBE_PREFIX
+
+    scores = phase_scores(records, task_names, probe_names)
+    task_records = [r for r in records if not str(r["task"]).startswith(PROBE_PREFIX)]
+    return scores, method.eval_metrics(task_records, ctx)
+
+
 __all__ = [
     "AnswerLimits",
     "Evaluator",
@@ -268,5 +289,6 @@ __all__ = [
     "RowStops",
     "cut_at_stop",
     "phase_scores",
+    "score_phase",
     "score_records",
 ]

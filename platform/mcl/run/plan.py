@@ -109,6 +109,7 @@ def _phase_job(
 ) -> tuple[TaskJob, Any]:
     cfg = phase_config(prep.config, phase)
     data = phase_training_data(prep, t, phase, driver_state)
+    in_workers = cfg.eval.backend == "workers"  # else the driver's actor pool evaluates the published phase
     job = TaskJob(
         cfg.to_dict(),
         prep.model_path,
@@ -116,9 +117,9 @@ def _phase_job(
         prep.stream.task_names,
         previous,
         steps=len(data.rows) // cfg.train.batch_size,
-        evaluate_before=(t == 0 and phase.evaluate),
+        evaluate_before=(t == 0 and phase.evaluate and in_workers),
         phase=phase.name,
-        evaluate=phase.evaluate,
+        evaluate=phase.evaluate and in_workers,
         optimize=phase.optimize,
         driver_state=data.driver_state if data.driver_state is not None else driver_state,
         eval_tasks=[prep.stream.task_names[i] for i in phase_eval_columns(prep, t)],

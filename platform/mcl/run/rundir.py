@@ -89,7 +89,7 @@ class PhaseDir:
 
     def write_result(self, data: dict[str, Any]) -> Path:
         self.path.mkdir(parents=True, exist_ok=True)
-        self.result_file.write_text(json.dumps(data))
+        write_json_atomic(self.result_file, data, indent=None)
         return self.result_file
 
     def read_result(self) -> dict[str, Any]:

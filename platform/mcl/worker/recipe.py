@@ -21,11 +21,10 @@ import numpy as np
 from mcl.adapters import projector_module_names
 from mcl.config import config_from_dict
 from mcl.data import collate
-from mcl.evaluation.generation import AnswerLimits, GenerationEvaluator, phase_scores
+from mcl.evaluation.generation import AnswerLimits, GenerationEvaluator, phase_scores, score_phase
 from mcl.logs import quiet_known_warnings
 from mcl.methods_api import TaskContext, build_method
 from mcl.run.rundir import PhaseDir
-from mcl.streams.probes import PROBE_PREFIX
 from mcl.worker.checkpoint import should_checkpoint, skip_batches
 from mcl.worker.engine import (
     StepEngine,
@@ -285,11 +284,12 @@ class PhaseRecipe:
         """The phase's result (rank 0), printed as it is built."""
         job = self.job
         tasks = job.task_names if job.eval_tasks is None else job.eval_tasks
-        scores = phase_scores(records, tasks, job.probe_names) if job.evaluate else None
+        scores, method_metrics = (
+            score_phase(records, tasks, job.probe_names, self.method, self.ctx)
+            if job.evaluate
+            else (None, {})
+        )
         accuracy = scores.accuracy if scores is not None else {}
-        # The method's own metrics read the stream's tasks only: probes are scored apart.
-        task_records = [r for r in records if not str(r["task"]).startswith(PROBE_PREFIX)]
-        method_metrics = self.method.eval_metrics(task_records, self.ctx) if job.evaluate else {}
         if accuracy:
             self.say(f"{self.tag} accuracy " + ", ".join(f"{t} {a:.1f}" for t, a in accuracy.items()))
         if scores is not None and scores.probes:

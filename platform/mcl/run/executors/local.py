@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from mcl.errors import ConfigError
 from mcl.methods_api import Phase
 from mcl.run.plan import answer_order, baseline_eval_rows, phase_eval_rows, phase_folder, phase_job
 from mcl.run.prepare import PreparedRun
@@ -15,6 +16,11 @@ class LocalExecutor:
     """Trains each phase in this process with :func:`mcl.worker.local.run_task_locally` (one worker)."""
 
     def __init__(self, prep: PreparedRun, run_dir: RunDir, log: Callable[[str], None] = print) -> None:
+        if prep.config.eval.backend != "workers":
+            raise ConfigError(
+                f"eval.backend: the local executor (one process, no Ray) evaluates in its worker only; "
+                f"use eval.backend=workers or run through Ray, got {prep.config.eval.backend!r}"
+            )
         self.prep, self.run_dir, self.log = prep, run_dir, log
 
     def run_phase(self, task_index: int, phase: Phase, previous: str | None) -> PhaseDir:

@@ -43,7 +43,20 @@ class RayTrainExecutor:
         item = self.plan[key]
         if item.job.previous_state_dir != previous:
             raise RuntimeError(f"phase {key} was planned from {item.job.previous_state_dir}, not {previous}")
-        return self._wait(item)
+        folder = self._wait(item)
+        if phase.evaluate and self.prep.config.eval.backend == "ray_data":
+            self._evaluate(item, folder)
+        return folder
+
+    def _evaluate(self, item: PlannedPhase, folder: PhaseDir) -> None:
+        """``eval.backend: ray_data``: the actor pool evaluates the published phase here, in the driver, while
+        the Train job goes on with the next phase; the driver records the phase once this returns."""
+        from mcl.evaluation.actor_pool import evaluate_phase
+
+        t = item.job.task_index
+        baseline = answer_order(self.prep, baseline_eval_rows(self.prep)) if t == 0 else None
+        rows = answer_order(self.prep, phase_eval_rows(self.prep, t))
+        evaluate_phase(self.prep, item.job, folder, rows, baseline)
 
     def _launch(self, task_index: int, phase: Phase, previous: str | None) -> None:
         if self.thread is not None:
