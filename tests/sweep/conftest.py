@@ -177,3 +177,14 @@ def mlflow_server(mlflow_process: MlflowServer) -> MlflowServer:
         assert mlflow_process.process.poll() is None, log.read_text()[-3000:]
         assert time.time() < deadline, "mlflow server did not start: " + log.read_text()[-3000:]
         time.sleep(0.5)
+
+
+@pytest.fixture
+def local_ray():
+    """A local Ray instance started by the code under test (none running before), shut down after."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    yield
+    ray.shutdown()

@@ -19,16 +19,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def local_ray():
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    yield
-    ray.shutdown()
-
-
 def _run_broken(tmp_path, failing_executor, generated_root, fail):
     """Run ``run_experiment`` with its training job replaced by ``fail(run_dir)``; returns the MLflow client
     and the run's progress record."""

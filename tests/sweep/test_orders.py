@@ -16,16 +16,6 @@ REPO = Path(__file__).resolve().parents[2]
 TASKS = ["aerial", "underwater"]
 
 
-@pytest.fixture
-def local_ray():
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    yield
-    ray.shutdown()
-
-
 def test_a_sweep_of_two_orders_by_two_seeds(local_ray, tmp_path):
     from mlflow import MlflowClient
 
