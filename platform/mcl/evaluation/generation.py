@@ -4,6 +4,11 @@ An :class:`Evaluator` turns a rank's evaluation batches into prediction records,
 backend, :class:`GenerationEvaluator`, generates inside the training workers (through the method's
 ``generate`` hook, so routed and branched methods answer as they would at inference). :func:`score_records`
 turns records into accuracy per task.
+
+Per answer type, :class:`AnswerLimits` caps the new tokens and names stop strings (``eval.max_new_tokens_by_type``,
+``eval.stop_strings_by_type``); :class:`RowStops` ends each row of a batch at its own limit, which ``transformers``'
+batch-wide ``stop_strings`` cannot do for a batch of mixed types. Records carry their row's position when the rows
+came from a :class:`mcl.data.AnswerOrder` (e.g. sorted by length); rank 0 puts them back in the original order.
 """
 
 from __future__ import annotations
