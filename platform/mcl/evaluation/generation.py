@@ -3,8 +3,14 @@
 An :class:`Evaluator` turns a rank's evaluation batches into prediction records, gathered on rank 0. Today's
 backend, :class:`GenerationEvaluator`, generates inside the training workers (through the method's
 ``generate`` hook, so routed and branched methods answer as they would at inference). :func:`score_records`
-turns records into accuracy per task; :func:`phase_scores` scores a phase's records (tasks and probes) for every
-evaluation backend.
+turns records into accuracy per task; :func:`phase_scores` scores a phase's records (tasks and probes) and
+:func:`score_phase` adds the method's own metrics, for every evaluation backend (the workers and the Ray Data
+actor pool, :mod:`mcl.evaluation.actor_pool`).
+
+Per answer type, :class:`AnswerLimits` caps the new tokens and names stop strings (``eval.max_new_tokens_by_type``,
+``eval.stop_strings_by_type``); :class:`RowStops` ends each row of a batch at its own limit, which ``transformers``'
+batch-wide ``stop_strings`` cannot do for a batch of mixed types. Records carry their row's position when the rows
+came from a :class:`mcl.data.AnswerOrder` (e.g. sorted by length); rank 0 puts them back in the original order.
 """
 
 from __future__ import annotations
