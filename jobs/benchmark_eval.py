@@ -51,6 +51,48 @@ def _rate(results: Sequence[Any]) -> dict[str, float]:
     return {"samples": samples, "seconds": seconds, "samples_per_s": samples / seconds if seconds else 0.0}
 
 
+def run_backends(
+    overrides: Sequence[str], *, config: str | Path, root: Path, log: Callable[[str], None] = print
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run ``config`` (+ ``overrides``) with each evaluation backend under ``root``: their figures and their
+    run summaries (``mcl.run.RunSummary``), by backend. Uses the Ray instance this process is connected to,
+    if any (else each run starts a local one)."""
+    from mcl.config import load_config
+    from mcl.run import run_experiment
+
+    figures: dict[str, Any] = {}
+    summaries: dict[str, Any] = {}
+    for backend in ("workers", "ray_data"):
+        cfg = load_config(
+            str(config),
+            [
+                *SETTINGS,
+                *overrides,
+                f"eval.backend={backend}",
+                f"tracking.uri=sqlite:///{root}/mlflow.db",
+                f"tracking.output_dir={root}/runs",
+                f"tracking.run_name=bench-eval-{backend}",
+            ],
+        )
+        t0 = time.perf_counter()
+        summary = run_experiment(cfg, log=lambda _m: None)
+        figures[backend] = {**_rate(summary.task_results), "run_wall_s": time.perf_counter() - t0}
+        summaries[backend] = summary
+        log(
+            f"{backend:>8}: {figures[backend]['samples']:.0f} samples in {figures[backend]['seconds']:.1f}s "
+            f"= {figures[backend]['samples_per_s']:.2f} samples/s (run {figures[backend]['run_wall_s']:.1f}s)"
+        )
+    workers, pool = figures["workers"], figures["ray_data"]
+    figures["ratio_pool_vs_workers"] = pool["samples_per_s"] / workers["samples_per_s"]
+    figures["matrix_equal"] = summaries["workers"].matrix == summaries["ray_data"].matrix
+    figures["matrix"] = summaries["workers"].matrix
+    figures["settings"] = {"overrides": [*SETTINGS, *overrides], "num_actors": cfg.eval.num_actors}
+    log(
+        f"ray_data / workers samples/s: {figures['ratio_pool_vs_workers']:.2f}; matrix equal: {figures['matrix_equal']}"
+    )
+    return figures, summaries
+
+
 def eval_benchmark(
     overrides: Sequence[str] = (),
     *,
@@ -62,42 +104,9 @@ def eval_benchmark(
     _ensure_paths()
     import ray
 
-    from mcl.config import load_config
-    from mcl.run import run_experiment
-
     with tempfile.TemporaryDirectory(prefix="mcl-bench-eval-") as tmp:
-        root = Path(out_dir or tmp)
-        figures: dict[str, Any] = {}
-        summaries = {}
-        for backend in ("workers", "ray_data"):
-            cfg = load_config(
-                str(config),
-                [
-                    *SETTINGS,
-                    *overrides,
-                    f"eval.backend={backend}",
-                    f"tracking.uri=sqlite:///{root}/mlflow.db",
-                    f"tracking.output_dir={root}/runs",
-                    f"tracking.run_name=bench-eval-{backend}",
-                ],
-            )
-            t0 = time.perf_counter()
-            summary = run_experiment(cfg, log=lambda _m: None)
-            figures[backend] = {**_rate(summary.task_results), "run_wall_s": time.perf_counter() - t0}
-            summaries[backend] = summary
-            log(
-                f"{backend:>8}: {figures[backend]['samples']:.0f} samples in {figures[backend]['seconds']:.1f}s "
-                f"= {figures[backend]['samples_per_s']:.2f} samples/s (run {figures[backend]['run_wall_s']:.1f}s)"
-            )
+        figures, _ = run_backends(overrides, config=config, root=Path(out_dir or tmp), log=log)
         ray.shutdown()
-    workers, pool = figures["workers"], figures["ray_data"]
-    figures["ratio_pool_vs_workers"] = pool["samples_per_s"] / workers["samples_per_s"]
-    figures["matrix_equal"] = summaries["workers"].matrix == summaries["ray_data"].matrix
-    figures["matrix"] = summaries["workers"].matrix
-    figures["settings"] = {"overrides": [*SETTINGS, *overrides], "num_actors": cfg.eval.num_actors}
-    log(
-        f"ray_data / workers samples/s: {figures['ratio_pool_vs_workers']:.2f}; matrix equal: {figures['matrix_equal']}"
-    )
     return figures
 
 
