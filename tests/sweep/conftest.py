@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,10 +35,20 @@ class Cluster:
     temp_dirs: list[str]
 
 
-def _start_node(args: list[str], env: dict[str, str], cwd: Path) -> None:
-    started = subprocess.run(
-        [str(BIN / "ray"), "start", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=240
-    )
+def _start_node(args: Callable[[], list[str]], env: dict[str, str], cwd: Path) -> None:
+    """``ray start`` with the arguments ``args()`` gives; again with fresh ones (up to 3 times) when a port picked
+    as free was taken meanwhile (Ray: "... is trying to use a port number ... used by other components")."""
+    for _ in range(3):
+        started = subprocess.run(
+            [str(BIN / "ray"), "start", *args()],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        if started.returncode == 0 or "used by other components" not in started.stdout + started.stderr:
+            break
     assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
 
 
@@ -68,7 +79,7 @@ def ray_cluster(tmp_path_factory) -> Cluster:
     cluster = Cluster(env, f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", temps)
     try:
         _start_node(
-            [
+            lambda: [
                 "--head",
                 f"--port={gcs}",
                 f"--dashboard-port={dashboard}",
@@ -81,7 +92,7 @@ def ray_cluster(tmp_path_factory) -> Cluster:
             cwd,
         )
         # A second node joins the head's session (its temp dir is the head's); own ports.
-        _start_node([f"--address={cluster.gcs_address}", *ports()], env, cwd)
+        _start_node(lambda: [f"--address={cluster.gcs_address}", *ports()], env, cwd)
         yield cluster
     finally:
         stop_cluster(temps, cluster.gcs_address)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,7 +100,8 @@ def reproduction_config(original: TrackedRun, tracking_uri: str, overrides: list
                 f"{key}: --from-run re-runs the tracked config as it was; only where it runs and is recorded may "
                 f"change ({', '.join(ALLOWED_OVERRIDES)})"
             )
-    name = f"{original.name}-repro-{time.strftime('%Y%m%d-%H%M%S')}"
+    # Seconds alone collide when two re-runs of one run start within a second (each run name holds one run).
+    name = f"{original.name}-repro-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     data = apply_overrides(original.config.to_dict(), [*overrides, f"tracking.run_name={name}"])
     data["tracking"]["uri"] = tracking_uri
     return config_from_dict(data)
