@@ -85,18 +85,10 @@ def make_rows(folder: Path, n: int, words: list[str], seed: int = 0) -> list[dic
     return rows
 
 
-def padding_fraction(lengths: list[int], batch: int) -> float:
-    """Padded / all prompt tokens of consecutive batches of ``batch`` rows with these lengths."""
-    padded = total = 0
-    for s in range(0, len(lengths), batch):
-        chunk = lengths[s : s + batch]
-        padded += max(chunk) * len(chunk) - sum(chunk)
-        total += max(chunk) * len(chunk)
-    return padded / total
-
-
 def sharded_padding(lengths: list[int], batch: int, world: int) -> float:
     """Padding fraction when each of ``world`` ranks batches its shard (positions ``rank::world``)."""
+    from mcl.lengths import padding_fraction
+
     padded = sum(
         padding_fraction(lengths[r::world], batch) * _tokens(lengths[r::world], batch) for r in range(world)
     )

@@ -166,3 +166,14 @@ def prompt_lengths(
     ``model_path``: what an evaluation batch pads (``eval.sort_by_length``)."""
     counter = LengthCounter(cached_processor(model_path, trust_remote_code))
     return row_lengths(counter, rows, "measuring prompt lengths (eval.sort_by_length)", answers=False)
+
+
+def padding_fraction(lengths: Sequence[int], batch: int) -> float:
+    """Padded / all tokens of consecutive batches of ``batch`` rows with these token lengths (each batch padded
+    to its longest row): what sorting rows by length saves."""
+    padded = total = 0
+    for s in range(0, len(lengths), batch):
+        chunk = lengths[s : s + batch]
+        padded += max(chunk) * len(chunk) - sum(chunk)
+        total += max(chunk) * len(chunk)
+    return padded / total

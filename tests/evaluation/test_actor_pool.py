@@ -14,6 +14,16 @@ pytestmark = pytest.mark.slow
 
 HERE = Path(__file__).parent
 HELPERS = "eval_pool_methods"
+# Both tests' runs: 2 tasks of the generated stream at 16 train / 8 test samples, 1 epoch, 2-token answers.
+SMALL_RUN = (
+    "stream.options.train_per_task=16",
+    "stream.options.test_per_task=8",
+    "stream.options.tasks=[aerial,underwater]",
+    "train.epochs=1",
+    "train.batch_size=8",
+    "eval.max_new_tokens=2",
+    "scaling.ray_num_cpus=4",
+)
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +64,7 @@ def _config(tmp_path: Path, root: Path, *overrides: str):
         "jobs/configs/default.yaml",
         [
             f"stream.root={root}",
-            "stream.options.train_per_task=16",
-            "stream.options.test_per_task=8",
-            "stream.options.tasks=[aerial,underwater]",
-            "train.epochs=1",
-            "train.batch_size=8",
-            "eval.max_new_tokens=2",
-            "scaling.ray_num_cpus=4",
+            *SMALL_RUN,
             f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
             f"tracking.output_dir={tmp_path}/runs",
             *overrides,
@@ -89,13 +93,7 @@ def test_actor_pool_gives_the_workers_matrix_for_mr_lora(ray_with_test_methods, 
     figures, runs = _benchmark_job().run_backends(
         [
             f"stream.root={small_root}",
-            "stream.options.train_per_task=16",
-            "stream.options.test_per_task=8",
-            "stream.options.tasks=[aerial,underwater]",
-            "train.epochs=1",
-            "train.batch_size=8",
-            "eval.max_new_tokens=2",
-            "scaling.ray_num_cpus=4",
+            *SMALL_RUN,
             "method.name=mr_lora",
             "method.params.router_samples_per_task=8",
             "method.params.router_epochs=2",

@@ -13,15 +13,7 @@ from mcl.config import load_config
 from mcl.data import POSITION, AnswerOrder, evaluation_order, in_original_order, shard
 from mcl.errors import ConfigError
 from mcl.evaluation.generation import cut_at_stop
-
-
-def _padding(lengths: list[int], batch: int) -> float:
-    padded = total = 0
-    for s in range(0, len(lengths), batch):
-        chunk = lengths[s : s + batch]
-        padded += max(chunk) * len(chunk) - sum(chunk)
-        total += max(chunk) * len(chunk)
-    return padded / total
+from mcl.lengths import padding_fraction
 
 
 def test_evaluation_order_sorts_longest_first_within_answer_types() -> None:
@@ -56,9 +48,10 @@ def test_sorted_shards_are_even_less_padded_and_gathered_back_in_the_original_or
         assert [r["id"] for r in restored] == [r["id"] for r in rows]
         assert all(POSITION not in r for r in restored)
         before = sum(
-            _padding([int(lengths[r[POSITION]]) for r in shard(plain, k, world)], batch) for k in range(world)
+            padding_fraction([int(lengths[r[POSITION]]) for r in shard(plain, k, world)], batch)
+            for k in range(world)
         )
-        after = sum(_padding([int(lengths[r[POSITION]]) for r in s], batch) for s in shards)
+        after = sum(padding_fraction([int(lengths[r[POSITION]]) for r in s], batch) for s in shards)
         assert after < 0.25 * before
 
 
