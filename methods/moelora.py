@@ -154,12 +154,19 @@ class MoELoRALinear(nn.Module):
 
 
 def wrap_linear_layers(
-    model: nn.Module, lora: LoraConfig, num_experts: int, expert_rank: int, top_k: int, seed: int = 0
+    model: nn.Module,
+    lora: LoraConfig,
+    num_experts: int,
+    expert_rank: int,
+    top_k: int,
+    seed: int = 0,
+    layer_class: type[MoELoRALinear] = MoELoRALinear,
 ) -> list[str]:
     """Replace every ``nn.Linear`` whose full name matches the LoRA targets
-    (:func:`mcl.adapters.lora_target_modules`) by a :class:`MoELoRALinear` initialised from a generator
-    seeded by ``seed`` (the same init however the model was loaded: ZeRO-3's partitioned loading draws from
-    the global generator differently); returns the wrapped names."""
+    (:func:`mcl.adapters.lora_target_modules`) by a ``layer_class`` (:class:`MoELoRALinear` or a subclass
+    with its constructor) initialised from a generator seeded by ``seed`` (the same init however the model
+    was loaded: ZeRO-3's partitioned loading draws from the global generator differently); returns the
+    wrapped names."""
     targets = lora_target_modules(model, lora)
     pattern = re.compile(targets)
     names = [
@@ -175,7 +182,7 @@ def wrap_linear_layers(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, child)
-        wrapped = MoELoRALinear(base, num_experts, expert_rank, scaling, lora.dropout, top_k, generator)
+        wrapped = layer_class(base, num_experts, expert_rank, scaling, lora.dropout, top_k, generator)
         setattr(parent, child, wrapped)
     return names
 
@@ -217,6 +224,7 @@ def _copy_into(param: nn.Parameter, value: torch.Tensor) -> None:
 class MoELoRA(Method):
     name = "moelora"
     Params = MoELoRAParams
+    layer_class: type[MoELoRALinear] = MoELoRALinear  # what wraps each targeted linear layer
 
     def __init__(self, params: MoELoRAParams) -> None:
         super().__init__(params)
@@ -243,6 +251,7 @@ class MoELoRA(Method):
             rank,
             self.params.top_k,
             seed=ctx.seed * 1000 + ctx.task_index,
+            layer_class=self.layer_class,
         )
         if ctx.previous_state_dir is not None:
             self._load_state(model, ctx.previous_state_dir, rank)
