@@ -51,7 +51,7 @@ def small_root(tmp_path_factory):
     return root
 
 
-def _config(tmp_path: Path, root: Path, method: str, run_name: str):
+def _config(tmp_path: Path, root: Path, method: str, run_name: str, *extra: str):
     from mcl.config import load_config
 
     return load_config(
@@ -72,6 +72,7 @@ def _config(tmp_path: Path, root: Path, method: str, run_name: str):
             f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
             f"tracking.output_dir={tmp_path}/runs",
             f"tracking.run_name={run_name}",
+            *extra,
         ],
     )
 
@@ -205,3 +206,49 @@ def _assert_actor_answers_like_the_workers(cfg, summary) -> None:
     start = str(Path(progress.phases[f"0:{before[-1]}"]) / "state") if before else None
     base = AnswererSpec(cfg.to_dict(), prep.model_path, 0, names, first.phase, start, stage="baseline")
     assert score_records(_actor_records(cfg, prep, base), list(names)) == first.baseline_accuracy
+
+
+ZERO3_LOCAL = (
+    "scaling.num_workers=1",
+    "scaling.zero_stage=3",
+    "scaling.zero3_param_persistence_threshold=0",
+)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_contract_under_zero3(method, small_root, tmp_path):
+    """The method under DeepSpeed ZeRO-3 with every parameter partitioned (threshold 0), in one process through
+    the local executor (the same phase recipe the Ray Train workers run): both tasks train; task 2 continued
+    from task 1's saved state equals the first pass (predictions, method metrics, saved state tensor by tensor);
+    an evaluation actor loading task 2's state answers every sample as the ZeRO-3 model did."""
+    from mcl.run import prepare_run, run_stream_locally
+
+    quiet = lambda _m: None  # noqa: E731
+    cfg = _config(tmp_path, small_root, method, "zero3", *ZERO3_LOCAL)
+    prep = prepare_run(cfg, log=quiet)
+    first = run_stream_locally(prep, tmp_path / "first", tasks=2, log=quiet)
+    assert len(first.matrix) == 2 and all(0.0 <= v <= 100.0 for row in first.matrix for v in row)
+    again = run_stream_locally(
+        prep, tmp_path / "again", tasks=2, log=quiet, start_state=first.state_dirs[0], start_task=1
+    )
+    (ra,), rb = again.results, first.results[1]
+    assert [(p["id"], p["prediction"]) for p in ra.predictions] == [
+        (p["id"], p["prediction"]) for p in rb.predictions
+    ]
+    assert ra.method_metrics == rb.method_metrics and ra.accuracy == rb.accuracy
+    _assert_same_state(_state_files(str(first.state_dirs[1])), _state_files(str(again.state_dirs[0])))
+
+    from mcl.evaluation.actor_pool import AnswererSpec
+
+    folder = first.phase_dirs[f"1:{rb.phase}"]
+    spec = AnswererSpec(
+        cfg.to_dict(),
+        prep.model_path,
+        1,
+        tuple(t.name for t in prep.stream.tasks),
+        rb.phase,
+        str(folder / "state"),
+    )
+    records = _actor_records(cfg, prep, spec)
+    worker = sorted((dict(r, score=None) for r in rb.predictions), key=lambda r: r["id"])
+    assert sorted((dict(r, score=None) for r in records), key=lambda r: r["id"]) == worker
