@@ -316,8 +316,10 @@ class PhaseRecipe:
     # -- cleanup
     def cleanup(self) -> None:
         """Let go of ZeRO-3's loading context (it stayed visible to transformers through loading and synced
-        generation)."""
+        generation) and of the step engine (after :meth:`result`, which reads the model's memory report)."""
         self._zero3_loading = None
+        if getattr(self, "engine", None) is not None:
+            self.engine.close()
 
 
 _TIMING_KEYS = (
@@ -415,17 +417,19 @@ def train_and_evaluate_task(
     """
     quiet_known_warnings()  # library deprecation warnings raised while the model is wrapped and trained
     recipe = PhaseRecipe(job, device, log)
-    recipe.setup()
-    resumed = checkpoints is not None and checkpoints.every > 0 and recipe.resume_from(checkpoints)
-    if job.evaluate_before and not resumed:
-        recipe.evaluate_baseline((baseline_batches or eval_batches)())
-    recipe.train(train_batches, checkpoints)
-    records = recipe.evaluate(eval_batches() if job.evaluate else [])
-    out = PhaseDir(out_dir)
-    recipe.save(out)
-    recipe.cleanup()
-    if recipe.rank != 0:
-        return None
-    result = recipe.result(records)
+    try:
+        recipe.setup()
+        resumed = checkpoints is not None and checkpoints.every > 0 and recipe.resume_from(checkpoints)
+        if job.evaluate_before and not resumed:
+            recipe.evaluate_baseline((baseline_batches or eval_batches)())
+        recipe.train(train_batches, checkpoints)
+        records = recipe.evaluate(eval_batches() if job.evaluate else [])
+        out = PhaseDir(out_dir)
+        recipe.save(out)
+        if recipe.rank != 0:
+            return None
+        result = recipe.result(records)
+    finally:
+        recipe.cleanup()
     result.save(out.path)
     return result
