@@ -32,7 +32,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def deepspeed_config(cfg: ExperimentConfig, micro_batch: int, hidden_size: int | None = None) -> dict[str, Any]:
+def deepspeed_config(
+    cfg: ExperimentConfig, micro_batch: int, hidden_size: int | None = None
+) -> dict[str, Any]:
     """DeepSpeed's config for ``cfg``: ZeRO stage and offload, micro-batch and gradient accumulation,
     clipping, precision.
 
@@ -84,11 +86,15 @@ def _clear_zero3_release_cache() -> None:
     model a process ever wrapped. Clearing it is safe for live engines, which rebuild their entries."""
     from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
 
-    fn: Any = PartitionedParameterCoordinator.__dict__.get("_PartitionedParameterCoordinator__params_to_release")
+    fn: Any = PartitionedParameterCoordinator.__dict__.get(
+        "_PartitionedParameterCoordinator__params_to_release"
+    )
     for _ in range(4):  # under DeepSpeed's own decorators (instrument_w_nvtx)
         if fn is None or hasattr(fn, "cache_clear"):
             break
-        inner = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ()) if callable(c.cell_contents)]
+        inner = [
+            c.cell_contents for c in (getattr(fn, "__closure__", None) or ()) if callable(c.cell_contents)
+        ]
         fn = getattr(fn, "__wrapped__", None) or (inner[0] if inner else None)
     if fn is not None and hasattr(fn, "cache_clear"):
         fn.cache_clear()
