@@ -282,11 +282,25 @@ def _close_stopped_trial(run_dir: RunDir, uri: str, log: Log) -> None:
         # RUNNING when Tune ended the process before the trial closed it; FAILED if an error raced the stop.
         status = client.get_run(run_id).info.status
         if status in ("RUNNING", "FAILED", "KILLED"):
-            client.set_tag(run_id, EARLY_STOPPED_TAG, "true")
+            _set_tag_beside_the_trial(client, run_id, EARLY_STOPPED_TAG, "true")
         if status in ("RUNNING", "FAILED"):
             client.set_terminated(run_id, "KILLED")
     run_dir.write_trial_stopped({"tasks_done": progress.tasks_done})
     log(f"[sweep] trial {run_dir.path.name} stopped early after {len(progress.tasks_done)} tasks")
+
+
+def _set_tag_beside_the_trial(client: Any, run_id: str, key: str, value: str) -> None:
+    """``client.set_tag`` while the stopped trial may write the same tag: MLflow's SQL store upserts a tag
+    with a read then an insert, so when both processes read "absent" the second insert fails on the unique
+    key (seen on sqlite: ``UNIQUE constraint failed: tags.key, tags.run_uuid``). The tag is then there: fine
+    if it holds ``value``, an error otherwise."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.set_tag(run_id, key, value)
+    except MlflowException:
+        if client.get_run(run_id).data.tags.get(key) != value:
+            raise
 
 
 def _task_names(trial: TrialSpec) -> list[str]:
