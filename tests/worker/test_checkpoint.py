@@ -296,3 +296,39 @@ def test_two_ranks_zero2_partitions_round_trip(tmp_path):
         assert r["first"] + r["rest"] == r["full"]
         assert r["resumed_weights"] == r["full_weights"]
     assert results[0]["full_weights"] == results[1]["full_weights"]  # the ranks agree (data parallel)
+
+
+@pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
+def test_a_closed_engine_lets_go_of_the_model(stage, tiny_model_path, batches):
+    """After :meth:`StepEngine.close` nothing keeps the DeepSpeed engine or the model alive (ZeRO-3's module
+    stack and release cache held every model a process wrapped), and the buckets are sized from the model's
+    hidden size (the tiny LLaVA's language model: 64)."""
+    import gc
+    import weakref
+
+    from deepspeed.runtime.zero import parameter_offload
+
+    run = _build(_config(stage), tiny_model_path)
+    zero = run.trainer.engine.config["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 64 * 64
+    assert stage == 2 or zero["stage3_prefetch_bucket_size"] == int(0.9 * 64 * 64)
+    _train(run, batches)
+    engine, module = weakref.ref(run.trainer.engine), weakref.ref(run.trainer.module)
+    run.trainer.close()
+    del run
+    gc.collect()
+    assert engine() is None and module() is None, "the closed engine or its model is still alive"
+    assert not any(type(m).__name__ == "PeftModel" for m in parameter_offload.FWD_MODULE_STACK)
+
+
+def test_deepspeed_buckets_follow_the_hidden_size():
+    from mcl.worker.engine import deepspeed_config, model_hidden_size
+
+    cfg = _config(3)
+    assert "reduce_bucket_size" not in deepspeed_config(cfg, 4)["zero_optimization"]  # DeepSpeed's defaults
+    zero = deepspeed_config(cfg, 4, hidden_size=4096)["zero_optimization"]  # a 7B LLaMA/Vicuna
+    assert zero["reduce_bucket_size"] == 4096**2 and zero["stage3_prefetch_bucket_size"] == int(0.9 * 4096**2)
+    text = SimpleNamespace(hidden_size=3584)
+    assert model_hidden_size(SimpleNamespace(config=SimpleNamespace(text_config=text))) == 3584
+    assert model_hidden_size(SimpleNamespace(config=SimpleNamespace(hidden_size=2048, text_config=text))) == 2048
+    assert model_hidden_size(SimpleNamespace(config=SimpleNamespace())) is None
