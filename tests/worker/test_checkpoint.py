@@ -330,5 +330,7 @@ def test_deepspeed_buckets_follow_the_hidden_size():
     assert zero["reduce_bucket_size"] == 4096**2 and zero["stage3_prefetch_bucket_size"] == int(0.9 * 4096**2)
     text = SimpleNamespace(hidden_size=3584)
     assert model_hidden_size(SimpleNamespace(config=SimpleNamespace(text_config=text))) == 3584
-    assert model_hidden_size(SimpleNamespace(config=SimpleNamespace(hidden_size=2048, text_config=text))) == 2048
+    assert (
+        model_hidden_size(SimpleNamespace(config=SimpleNamespace(hidden_size=2048, text_config=text))) == 2048
+    )
     assert model_hidden_size(SimpleNamespace(config=SimpleNamespace())) is None
