@@ -88,7 +88,14 @@ from typing import Any
 
 import torch
 
-from mcl.adapters import full_numel, full_shape, lora_target_modules, peft_lora_config, projector_modules
+from mcl.adapters import (
+    adapters_in_lockstep,
+    full_numel,
+    full_shape,
+    lora_target_modules,
+    peft_lora_config,
+    projector_modules,
+)
 from mcl.data import build_prompt, training_order
 from mcl.methods_api import (
     Method,
@@ -531,14 +538,21 @@ class MRLoRA(Method):
         generate_kwargs: dict[str, Any],
         ctx: TaskContext,
     ) -> tuple[torch.Tensor, dict[str, list[Any]]]:
-        """Route every sample (one router forward), then answer each with its expert (one generate)."""
+        """Route every sample (one router forward), then answer each with its expert (one generate).
+
+        When the ranks generate in sync (ZeRO-3 on several workers), every rank runs every adapter in the
+        same order (:func:`~mcl.adapters.adapters_in_lockstep`): their batches route to different experts."""
         n = batch["input_ids"].shape[0]
-        if ctx.stage == "baseline" or ctx.phase != ROUTER_PHASE:
-            # The baseline evaluation (the untrained model), or no router yet: the untouched model answers.
-            tokens = routed_generate(model, batch, generate_kwargs, [-1] * n)
-            return tokens, {"expert": [-1] * n, "router_fallback": [False] * n}
-        experts, fell_back = route(model, batch, self.router_tokens(ctx.processor, ctx.task_index + 1))
-        tokens = routed_generate(model, batch, generate_kwargs, experts)
+        lockstep = (
+            adapters_in_lockstep(model) if generate_kwargs.get("synced_gpus") else contextlib.nullcontext()
+        )
+        with lockstep:
+            if ctx.stage == "baseline" or ctx.phase != ROUTER_PHASE:
+                # The baseline evaluation (the untrained model), or no router yet: the untouched model answers.
+                tokens = routed_generate(model, batch, generate_kwargs, [-1] * n)
+                return tokens, {"expert": [-1] * n, "router_fallback": [False] * n}
+            experts, fell_back = route(model, batch, self.router_tokens(ctx.processor, ctx.task_index + 1))
+            tokens = routed_generate(model, batch, generate_kwargs, experts)
         return tokens, {"expert": experts, "router_fallback": fell_back}
 
     def eval_metrics(self, records: list[dict[str, Any]], ctx: TaskContext) -> dict[str, float]:

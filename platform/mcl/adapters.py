@@ -239,3 +239,77 @@ def using_adapter(model: torch.nn.Module, name: str) -> Iterator[None]:
             m._active_adapter = current
         for m, training in modes:
             m.training = training
+
+
+@contextmanager
+def adapters_in_lockstep(model: torch.nn.Module) -> Iterator[None]:
+    """Mixed-adapter forwards (peft's ``adapter_names``) that run every adapter of every layer, in sorted
+    order, on each call: an adapter no sample of the batch uses runs on an empty sub-batch.
+
+    peft runs only the adapters present in the batch, in the order of a Python ``set`` (which follows each
+    process's hash seed). Under ZeRO-3 every module's forward gathers its partitioned parameters, a collective:
+    ranks whose batches route to different adapters would gather different modules in different orders. In
+    lockstep every rank runs the same modules in the same order. The answers are peft's: the base layer runs
+    on the whole batch and each adapter adds to its own rows (disjoint), as in peft's
+    ``LoraLayer._mixed_batch_forward`` for plain LoRA (no DoRA or other variant) and
+    ``ModulesToSaveWrapper._mixed_batch_forward`` (checked for peft :data:`PEFT_VERSION_CHECKED`).
+    """
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import Linear as LoraLinear
+    from peft.utils.other import ModulesToSaveWrapper
+
+    patched: list[torch.nn.Module] = []
+    try:
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                if not isinstance(module, LoraLinear) or module.lora_variant:
+                    raise RuntimeError(
+                        f"{type(module).__name__}: adapters in lockstep support plain LoRA on linear layers only"
+                    )
+                module._mixed_batch_forward = _lockstep_lora_forward.__get__(module)
+            elif isinstance(module, ModulesToSaveWrapper):
+                module._mixed_batch_forward = _lockstep_saved_forward.__get__(module)
+            else:
+                continue
+            patched.append(module)
+        yield
+    finally:
+        for module in patched:
+            del module._mixed_batch_forward  # the class's method again
+
+
+def _rows(adapter_names: list[str], name: str) -> list[int]:
+    return [i for i, item in enumerate(adapter_names) if item == name]
+
+
+def _lockstep_lora_forward(
+    self: Any, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
+) -> torch.Tensor:
+    kwargs.pop("alora_offsets", None)  # a variant's argument (peft's VARIANT_KWARG_KEYS); plain LoRA has none
+    result = self.base_layer(x, *args, **kwargs)
+    for name in sorted(self.lora_A.keys()):
+        rows = _rows(adapter_names, name)
+        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        sub_batch = x[rows].to(lora_a.weight.dtype)
+        out = lora_b(lora_a(self.lora_dropout[name](sub_batch))) * self.scaling[name]
+        if rows:
+            result[rows] += out.to(result.dtype)
+    return result
+
+
+def _lockstep_saved_forward(
+    self: Any, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
+) -> torch.Tensor:
+    import torch
+
+    results: list[Any] = [None] * len(x)
+    for name in ["__base__", *sorted(self.modules_to_save.keys())]:
+        rows = _rows(adapter_names, name)
+        sub_batch = x[rows]
+        if name == "__base__":
+            out = self.original_module(sub_batch, *args, **kwargs)
+        else:
+            out = self._forward_wrapped_mixed_batch(sub_batch, name, *args, **kwargs)
+        for k, j in enumerate(rows):
+            results[j] = out[k]
+    return torch.stack(results)

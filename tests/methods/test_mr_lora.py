@@ -447,3 +447,116 @@ def test_average_adapters_refuses_mismatched_shapes(saved_experts, tiny_model_pa
         average_adapters(model, "router", ["expert_0", "nope"])
     with pytest.raises(ValueError, match="no adapter 'ghost'"):
         average_adapters(model, "ghost", ["expert_0"])
+
+
+# -- 2 ranks under ZeRO-3: every rank runs every adapter in the same order -------------------------------------
+
+
+def _router_model(model_path: str, state: str, names: list[str]):
+    """The merged router beside the three saved experts (as :func:`_router` builds it), and the processor."""
+    from mcl.models import load_model_and_processor
+
+    base, processor = load_model_and_processor(model_path)
+    ctx = TaskContext(
+        2, tuple(names), LoraConfig(r=4, alpha=8), Path(state), processor=processor, phase="router"
+    )
+    return build_method("mr_lora", {"router_init": "merged"}).setup_model(base, ctx), processor
+
+
+def _routed_answers(model, processor, model_path: str, rows: list, experts: list[int], **gen) -> tuple:
+    """(the router's choices, the decoded answers of ``experts``) for one batch of ``rows``."""
+    from methods.mr_lora import route, routed_generate, router_tokens
+
+    tok = processor.tokenizer
+    batch = collate(
+        Preprocessor(model_path, train=False)(rows_to_batch(rows)), tok.pad_token_id, left_pad=True
+    )
+    gen = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": tok.pad_token_id, **gen}
+    chosen, _ = route(model, batch, router_tokens(processor, 3))
+    out = routed_generate(model, batch, gen, experts)
+    return chosen, [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
+
+
+def _zero3_rank(rank: int, port: int, args_file: str) -> None:
+    import datetime
+    import json
+    import os
+
+    import torch.distributed as td
+
+    from mcl.adapters import adapters_in_lockstep
+    from mcl.worker.engine import StepEngine
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", DS_ACCELERATOR="cpu")
+    td.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=90),
+    )
+    args = json.loads(Path(args_file).read_text())
+    model, processor = _router_model(args["model_path"], args["state"], args["names"])
+    cfg = load_config(
+        DEFAULT,
+        [
+            "scaling.num_workers=2",
+            "scaling.deepspeed=true",
+            "scaling.zero_stage=3",
+            "scaling.zero3_param_persistence_threshold=0",
+        ],
+    )
+    engine = StepEngine(model, cfg, 2, torch.device("cpu"), optimize=False)
+    module = engine.module.eval()
+    assert all(p.numel() == 0 for n, p in module.named_parameters() if "lora_" in n)  # partitioned
+    with adapters_in_lockstep(module):
+        chosen, answers = _routed_answers(
+            module, processor, args["model_path"], args["rows"][rank], args["experts"][rank], synced_gpus=True
+        )
+    Path(args_file).with_name(f"rank{rank}.json").write_text(
+        json.dumps({"route": chosen, "answers": answers})
+    )
+    engine.close()
+    td.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_zero3_ranks_routing_to_different_experts_answer_as_one_process(
+    saved_experts, tiny_model_path, small_root, tmp_path
+):
+    """2 ranks under ZeRO-3 (every parameter partitioned) whose batches use different experts ({0, 1} and
+    {1, 2}) answer, sample by sample, as one process without DeepSpeed (peft's own mixed-adapter forward), and
+    route alike: :func:`~mcl.adapters.adapters_in_lockstep` runs every adapter on every rank in one order, so
+    the ranks' parameter gathers match (peft alone runs the adapters of each rank's batch, in set order)."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    names, _lora, state = saved_experts
+    tasks = build_stream("generated", small_root, SMALL).tasks
+    picks = (((0, 0), (1, 0), (2, 0)), ((2, 1), (3, 1), (1, 1)))  # (task, sample) per rank
+    rows = [[sample_row(tasks[t].test[i]) for t, i in pick] for pick in picks]
+    experts = [[0, 1, 0], [2, 2, 1]]
+    model, processor = _router_model(tiny_model_path, str(state), list(names))
+    model.eval()
+    expected = [_routed_answers(model, processor, tiny_model_path, rows[r], experts[r]) for r in range(2)]
+    args = tmp_path / "args.json"
+    args.write_text(
+        json.dumps(
+            {
+                "model_path": tiny_model_path,
+                "state": str(state),
+                "names": list(names),
+                "rows": rows,
+                "experts": experts,
+            }
+        )
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_zero3_rank, args=(port, str(args)), nprocs=2, start_method="spawn")
+    for r in range(2):
+        got = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert (got["route"], got["answers"]) == (list(expected[r][0]), expected[r][1]), r
