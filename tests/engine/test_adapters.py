@@ -10,6 +10,7 @@ from torch import nn
 
 from mcl.adapters import (
     PEFT_VERSION_CHECKED,
+    adapters_in_lockstep,
     full_numel,
     full_shape,
     language_attention_modules,
@@ -99,6 +100,38 @@ def test_using_adapter_computes_with_it_and_restores_adapters_modes_and_grads():
     assert all(m.training for m in model.modules())
     assert {name: getattr(m, "active_adapters", None) for name, m in model.named_modules()} == active
     assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+
+
+def test_adapters_in_lockstep_answer_as_peft_and_run_every_adapter_in_one_order():
+    """A mixed batch in lockstep gives peft's own outputs bit for bit (LoRA layer and saved-module copy), runs
+    every adapter and the base module (an unused one on an empty sub-batch) in sorted order whatever the
+    batch holds, and leaves peft's methods in place afterwards."""
+    model = _two_adapter_model().eval()
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    calls: list[str] = []
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, _a, name=name: calls.append(name))
+        for name, m in model.named_modules()
+        if name.endswith(("lin.lora_A.default", "lin.lora_A.teacher", "head.original_module"))
+        or name.endswith(("head.modules_to_save.default", "head.modules_to_save.teacher"))
+    ]
+    for names in (["teacher", "default", "teacher", "__base__", "default"], ["teacher"] * 5):
+        with torch.no_grad():
+            expected = model(x, adapter_names=names)
+            calls.clear()
+            with adapters_in_lockstep(model):
+                got = model(x, adapter_names=names)
+        assert torch.equal(got, expected), names
+        assert [c.rsplit(".", 1)[-1] for c in calls] == [
+            "default",
+            "teacher",
+            "original_module",
+            "default",
+            "teacher",
+        ]
+    for hook in hooks:
+        hook.remove()
+    assert all("_mixed_batch_forward" not in vars(m) for m in model.modules())
 
 
 def test_using_an_adapter_no_layer_holds_is_an_error():
