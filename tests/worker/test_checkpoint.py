@@ -306,8 +306,6 @@ def test_a_closed_engine_lets_go_of_the_model(stage, tiny_model_path, batches):
     import gc
     import weakref
 
-    from deepspeed.runtime.zero import parameter_offload
-
     run = _build(_config(stage), tiny_model_path)
     zero = run.trainer.engine.config["zero_optimization"]
     assert zero["reduce_bucket_size"] == 64 * 64
@@ -317,8 +315,8 @@ def test_a_closed_engine_lets_go_of_the_model(stage, tiny_model_path, batches):
     run.trainer.close()
     del run
     gc.collect()
+    # Gone, so off ZeRO-3's module stack too (other tests' engines, never closed, may still be on it).
     assert engine() is None and module() is None, "the closed engine or its model is still alive"
-    assert not any(type(m).__name__ == "PeftModel" for m in parameter_offload.FWD_MODULE_STACK)
 
 
 def test_deepspeed_buckets_follow_the_hidden_size():
