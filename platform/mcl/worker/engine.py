@@ -83,21 +83,15 @@ def model_hidden_size(model: Any) -> int | None:
 def _clear_zero3_release_cache() -> None:
     """Empty ZeRO-3's class-wide, unbounded ``lru_cache`` of which parameters to release after each module
     (``PartitionedParameterCoordinator.__params_to_release``, keyed by coordinator and module): it holds every
-    model a process ever wrapped. Clearing it is safe for live engines, which rebuild their entries."""
+    model a process ever wrapped. Clearing it is safe for live engines, which rebuild their entries. The cache
+    sits inside DeepSpeed's ``instrument_w_nvtx`` wrapper, which keeps it in its closure (no ``__wrapped__``)."""
     from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
 
-    fn: Any = PartitionedParameterCoordinator.__dict__.get(
-        "_PartitionedParameterCoordinator__params_to_release"
-    )
-    for _ in range(4):  # under DeepSpeed's own decorators (instrument_w_nvtx)
-        if fn is None or hasattr(fn, "cache_clear"):
-            break
-        inner = [
-            c.cell_contents for c in (getattr(fn, "__closure__", None) or ()) if callable(c.cell_contents)
-        ]
-        fn = getattr(fn, "__wrapped__", None) or (inner[0] if inner else None)
-    if fn is not None and hasattr(fn, "cache_clear"):
-        fn.cache_clear()
+    fn = PartitionedParameterCoordinator.__dict__.get("_PartitionedParameterCoordinator__params_to_release")
+    cells = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ())]
+    for candidate in (fn, *cells):
+        if hasattr(candidate, "cache_clear"):
+            candidate.cache_clear()
 
 
 def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
@@ -346,16 +340,16 @@ class StepEngine:
         self.optimizer.zero_grad(set_to_none=True)
 
     def close(self) -> None:
-        """Release DeepSpeed's engine: its hooks on the model's parameters (autograd hooks, which Python's
-        garbage collector cannot see through) otherwise keep the engine, its buffers and the model alive after
-        the phase, one more per phase in a worker that trains several (measured: every engine of a 4-phase
-        run in one process was still alive). A no-op without DeepSpeed."""
+        """Release DeepSpeed's engine, its buffers and the model at the end of a phase: without this, every
+        engine of a 4-phase run in one process was still alive after it (measured), one more per phase in a
+        worker that trains several. ``destroy()`` removes the engine's hooks (both ZeRO-2 and ZeRO-3 need it);
+        ZeRO-3 also holds the model in two module-level places, emptied here. A no-op without DeepSpeed."""
         if not self.deepspeed:
             return
         self.engine.destroy()
         if self.zero3:
             # ZeRO-3 pushes the model onto a module-level stack when it wraps it and never pops it (DeepSpeed
-            # 0.18, runtime/zero/parameter_offload.py: FWD_MODULE_STACK), which keeps the model, its engine and
+            # 0.19, runtime/zero/parameter_offload.py: FWD_MODULE_STACK), which keeps the model, its engine and
             # its buffers alive for as long as the process lives.
             from deepspeed.runtime.zero import parameter_offload
 
