@@ -7,6 +7,7 @@ finds the same tiny model that :func:`tiny_model_path` built.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,22 @@ import pytest
 # the contract config's run took 42.4 s, 39.4-39.8 s at 0.1-0.25 s). The suite starts some 50 Train jobs;
 # Ray Train hands the variable on to its controller. Tests and the subprocesses they start inherit it.
 TRAIN_POLL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def interpreter_ninja_first() -> Iterator[None]:
+    """The test process finds this interpreter's ninja first, as Ray's workers do (``.venv/bin/python -m pytest``
+    without an activated environment found the system's ninja, whose build log the pip ninja of the workers
+    does not read: DeepSpeed's CPU ops were rebuilt, 20-60 s, whenever in-process and Ray tests took turns).
+    The engine does the same before it builds an op (``mcl.worker.engine.use_interpreter_ninja``); this also
+    covers the tests that build DeepSpeed engines themselves."""
+    from mcl.worker.engine import use_interpreter_ninja
+
+    saved = os.environ.get("PATH")
+    use_interpreter_ninja()
+    yield
+    if saved is not None:
+        os.environ["PATH"] = saved
 
 
 @pytest.fixture(scope="session", autouse=True)

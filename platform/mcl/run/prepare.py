@@ -256,8 +256,11 @@ def cpu_adam_op(use_gpu: bool) -> Any:
     """Build (or load the cached build of) DeepSpeed's CPU Adam op for this machine's accelerator."""
     import os
 
+    from mcl.worker.engine import use_interpreter_ninja
+
     if not use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
+    use_interpreter_ninja()  # the workers' ninja: one build for driver and workers
     from deepspeed.accelerator import get_accelerator
 
     builder = get_accelerator().create_op_builder("CPUAdamBuilder")

@@ -161,6 +161,25 @@ def build_optimizer(
     return optimizer, scheduler
 
 
+def use_interpreter_ninja() -> None:
+    """Put this interpreter's ``bin`` folder first on ``PATH`` when it holds a ``ninja``, as activating the
+    environment would: DeepSpeed JIT-builds its CPU ops (the shared-memory all-reduce, CPU Adam) with the first
+    ``ninja`` on ``PATH``, into one cache folder per op (``~/.cache/torch_extensions``). Ray starts its workers
+    with the interpreter's folder first; a driver or test process started as ``.venv/bin/python`` without
+    activation finds the system's ``ninja`` first. Two ninja releases keep incompatible build logs (1.11 writes
+    format v5, the pip wheel's 1.13 format v7), so each took the other's build for stale and rebuilt the op:
+    20-60 s every time a run's in-process DeepSpeed and its Ray workers took turns (measured 2026-12-06)."""
+    import os
+    import sys
+
+    folder = os.path.dirname(sys.executable)
+    if not os.path.isfile(os.path.join(folder, "ninja")):
+        return
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    if path[:1] != [folder]:
+        os.environ["PATH"] = os.pathsep.join([folder, *(p for p in path if p != folder)])
+
+
 def cpu_adam(groups: list[dict[str, Any]], weight_decay: float) -> Any:
     """DeepSpeed's CPU Adam in AdamW mode (what ZeRO-Offload steps in host memory); its C++ op is built on
     first use. A clear error naming ``scaling.offload`` where it cannot be built."""
@@ -262,6 +281,8 @@ class StepEngine:
         total_steps: int = 0,
         lr_rules: Sequence[tuple[str, float]] = (),
     ) -> None:
+        if cfg.scaling.deepspeed:
+            use_interpreter_ninja()  # before the first op build (CPU Adam in build_optimizer, shm comm)
         optimizer, scheduler = build_optimizer(model, cfg, optimize, total_steps, lr_rules)
         self.cfg = cfg
         self.deepspeed = cfg.scaling.deepspeed
