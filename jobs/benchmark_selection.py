@@ -1,7 +1,8 @@
-"""Throughput of per-sample task selection (HiDe-LLaVA, DISCO) against answering with one task's LoRA slice.
+"""Throughput of per-sample task selection (HiDe-LLaVA, DISCO, ModalPrompt) against answering with one task's
+LoRA slice or prompt, and as tasks are added.
 
 Usage:
-    python jobs/benchmark_selection.py                         # hide_llava and disco, default config (4 tasks)
+    python jobs/benchmark_selection.py                         # hide_llava, disco, modalprompt (4 tasks)
     python jobs/benchmark_selection.py --methods disco --out selection.json eval.batch_size=16
 
 For each method: train it through the stream in this process (``mcl.run.run_stream_locally``, one worker,
@@ -12,7 +13,11 @@ each), in the same batches, two ways:
   selected  what the method's evaluation does: the forward hooks read each prompt's instruction and image
             features, the task weights come from the anchors, and the mixed layers weight every seen slice
             per sample (HiDe: the top layer, the rest fused; DISCO: every layer). One ``generate`` per batch.
-  single    one LoRA slice in every layer (the hooks detached): the cost of a single-LoRA method's answer.
+  single    one LoRA slice in every layer (the hooks detached), or the last task's prompt inserted without
+            features or selection: the cost of a single-adapter method's answer.
+
+Also the ``selected`` evaluation with the state after the second task (``selected_at_2_tasks``), over the same
+samples: whether the cost grows with the number of tasks.
 
 Each mode first runs one untimed warm-up batch; then every batch runs in both modes back to back (the order
 rotating), ``repeats`` times, and a mode's time is the sum over batches of each batch's best time. On CPU,
@@ -34,7 +39,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "jobs" / "configs" / "default.yaml"
-METHODS = ("hide_llava", "disco")
+METHODS = ("hide_llava", "disco", "modalprompt")
 LOCAL_SETTINGS = ("scaling.num_workers=1", "scaling.deepspeed=false")
 
 
@@ -60,14 +65,12 @@ def selection_benchmark(
     _ensure_paths()
     import torch
 
-    from mcl.adapters import vision_tower
     from mcl.config import load_config
     from mcl.data import Preprocessor, collate, local_batches, sample_row
     from mcl.methods_api import TaskContext, build_method
     from mcl.models import load_model_and_processor
     from mcl.run import prepare_run, run_stream_locally
     from mcl.worker.engine import to_device
-    from methods.hide_llava import slice_layers
 
     if method not in METHODS:
         raise ValueError(f"selection_benchmark measures {', '.join(METHODS)}, not {method!r}")
@@ -84,16 +87,8 @@ def selection_benchmark(
         if device.type == "cpu":
             torch.set_num_threads(cfg.scaling.cpus_per_worker)
         dtype = getattr(torch, cfg.model.dtype)
-        base, processor = load_model_and_processor(prep.model_path, dtype=cfg.model.dtype)
         names = tuple(t.name for t in prep.stream.tasks)
-        last = len(names) - 1
-        ctx = TaskContext(last, names, cfg.model.lora, seed=cfg.train.seed, processor=processor)
-        impl = build_method(method, cfg.method.params)
-        model = impl.load_for_evaluation(base, Path(result.state_dirs[-1]), ctx).to(device).eval()
-        selector = impl.selector
-        layers = list(slice_layers(model).values())
-        modes_of_layers = [(layer.mixing, layer.seen) for layer in layers]
-        tokenizer = processor.tokenizer
+        tokenizer = load_model_and_processor(prep.model_path)[1].tokenizer
         limit = cfg.eval.max_samples_per_task
         tasks = prep.stream.tasks
         rows = [sample_row(s) for t in tasks for s in (t.test[:limit] if limit else t.test)]
@@ -109,30 +104,25 @@ def selection_benchmark(
             "pad_token_id": tokenizer.pad_token_id,
             "eos_token_id": tokenizer.eos_token_id,
         }
-        embeddings = model.get_input_embeddings()
-        _, tower = vision_tower(model)
 
-        def selected(batch: dict[str, Any]) -> list[int]:
-            selector.attach(embeddings, tower)
-            for layer, (mixing, seen) in zip(layers, modes_of_layers, strict=True):
-                layer.mixing, layer.seen = mixing, seen
-            with torch.no_grad():
-                _, extras = impl.generate(model, batch, gen, ctx)
-            return extras["selected_task"]
+        def answerers(task: int) -> dict[str, Callable[[dict[str, Any]], Any]]:
+            base, processor = load_model_and_processor(prep.model_path, dtype=cfg.model.dtype)
+            ctx = TaskContext(task, names, cfg.model.lora, seed=cfg.train.seed, processor=processor)
+            impl = build_method(method, cfg.method.params)
+            model = impl.load_for_evaluation(base, Path(result.state_dirs[task]), ctx).to(device).eval()
+            return _modes(method, impl, model, ctx, gen)
 
-        def single(batch: dict[str, Any]) -> None:
-            selector.detach()
-            for layer in layers:
-                layer.mixing, layer.seen = "fused", 1
-            with torch.no_grad():
-                model.generate(**batch, **gen)
-
-        modes: dict[str, Callable[[dict[str, Any]], Any]] = {"selected": selected, "single": single}
+        last = len(names) - 1
+        modes = answerers(last)
         for fn in modes.values():
             fn(batches[0])
         best, outputs = _time_interleaved(modes, batches, repeats, device)
         chosen = outputs["selected"]
-        names_of_modes = list(modes)
+        if last > 1:  # the same evaluation with the state after task 2: does the cost grow with the tasks?
+            early = {"selected_at_2_tasks": answerers(1)["selected"]}
+            early["selected_at_2_tasks"](batches[0])
+            best.update(_time_interleaved(early, batches, repeats, device)[0])
+        names_of_modes = list(best)
         n = len(rows)
         figures: dict[str, Any] = {}
         for mode in names_of_modes:
@@ -159,10 +149,55 @@ def selection_benchmark(
                 "selection_acc": 100.0 * sum(p == o for p, o in zip(picks, own, strict=True)) / n,
             }
         )
+        if "selected_at_2_tasks" in figures:
+            figures["ratio_last_vs_2_tasks"] = (
+                figures["selected"]["samples_per_s"] / figures["selected_at_2_tasks"]["samples_per_s"]
+            )
         return figures
     finally:
         torch.set_num_threads(threads)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _modes(method: str, impl: Any, model: Any, ctx: Any, gen: dict[str, Any]) -> dict[str, Callable[[Any], Any]]:
+    """The method's own evaluation (``selected``: per-sample selection) and one task's adapter or prompt without
+    selection (``single``: what a single-adapter method's answer costs)."""
+    import torch
+
+    from mcl.adapters import vision_tower
+
+    def selected(batch: dict[str, Any]) -> list[int]:
+        if method != "modalprompt":
+            impl.selector.attach(model.get_input_embeddings(), vision_tower(model)[1])
+            for layer, (mixing, seen) in zip(layers, saved, strict=True):
+                layer.mixing, layer.seen = mixing, seen
+        with torch.no_grad():
+            return impl.generate(model, batch, gen, ctx)[1]["selected_task"]
+
+    if method == "modalprompt":
+        from methods.modalprompt import insert_prompts
+
+        def single(batch: dict[str, Any]) -> None:  # the last task's prompt, no features, no selection
+            ids = impl.embedding.prompt_ids(ctx.task_index, batch["input_ids"].device)
+            prompted, _ = insert_prompts(batch, ids.expand(batch["input_ids"].shape[0], -1), impl.bos)
+            with torch.no_grad():
+                model.generate(**prompted, **gen)
+
+        return {"selected": selected, "single": single}
+
+    from methods.hide_llava import slice_layers
+
+    layers = list(slice_layers(model).values())
+    saved = [(layer.mixing, layer.seen) for layer in layers]
+
+    def single(batch: dict[str, Any]) -> None:  # one slice in every layer, the selection hooks detached
+        impl.selector.detach()
+        for layer in layers:
+            layer.mixing, layer.seen = "fused", 1
+        with torch.no_grad():
+            model.generate(**batch, **gen)
+
+    return {"selected": selected, "single": single}
 
 
 def _time_interleaved(
@@ -200,13 +235,21 @@ def format_selection_report(figures: dict[str, Any]) -> str:
             f"  selected / single  {figures['ratio_selected_vs_single']:.3f}; "
             f"selection accuracy {figures['selection_acc']:.1f}%",
         ]
+        + (
+            [
+                f"  selected with 2 tasks trained {figures['selected_at_2_tasks']['samples_per_s']:9.1f} "
+                f"samples/s; {s['tasks']} tasks / 2 tasks {figures['ratio_last_vs_2_tasks']:.3f}"
+            ]
+            if "selected_at_2_tasks" in figures
+            else []
+        )
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiment YAML")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated: hide_llava, disco")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated: {', '.join(METHODS)}")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes; each batch's best time counts")
     parser.add_argument("--out", default=None, help="also write the figures as JSON here")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")

@@ -392,7 +392,7 @@ def slice_layers(model: nn.Module) -> dict[str, TaskSliceLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, TaskSliceLinear)}
 
 
-def _image_token_id(model: nn.Module) -> int:
+def image_token_id(model: nn.Module) -> int:
     config = model.config
     for key in ("image_token_id", "image_token_index"):
         value = getattr(config, key, None)
@@ -401,7 +401,7 @@ def _image_token_id(model: nn.Module) -> int:
     raise ValueError(f"model type {config.model_type!r} names no image token (image_token_id) in its config")
 
 
-def _copy_into(param: nn.Parameter, value: torch.Tensor) -> None:
+def copy_into(param: nn.Parameter, value: torch.Tensor) -> None:
     """Write a saved tensor into a parameter, gathered first if ZeRO-3 has partitioned it."""
     if hasattr(param, "ds_id"):
         import deepspeed
@@ -413,6 +413,21 @@ def _copy_into(param: nn.Parameter, value: torch.Tensor) -> None:
         raise RuntimeError(f"task-slice state: shape {tuple(value.shape)} does not fit {tuple(param.shape)}")
     with torch.no_grad():
         param.copy_(value.to(param.dtype))
+
+
+def selection_metrics(records: list[dict[str, Any]], ctx: TaskContext) -> dict[str, float]:
+    """``selection_acc_<task>``: percent of a seen task's test samples whose selected task (``selected_task``,
+    the largest weight) is their own; ``selection_acc``: their mean (from the second task: a choice)."""
+    if ctx.task_index == 0:
+        return {}
+    metrics: dict[str, float] = {}
+    for i, task in enumerate(ctx.task_names[: ctx.task_index + 1]):
+        own = [r for r in records if r["task"] == task and r.get("selected_task", -1) >= 0]
+        if own:
+            metrics[f"selection_acc_{task}"] = 100.0 * sum(r["selected_task"] == i for r in own) / len(own)
+    if metrics:
+        metrics["selection_acc"] = sum(metrics.values()) / len(metrics)
+    return metrics
 
 
 # -- the method ------------------------------------------------------------------------------------------
@@ -448,7 +463,7 @@ class HiDeLLaVA(Method):
         embeddings = model.get_input_embeddings()
         _, tower = vision_tower(model)
         image_dim = int(model.config.vision_config.hidden_size)
-        layout = prompt_layout(ctx.processor, _image_token_id(model))
+        layout = prompt_layout(ctx.processor, image_token_id(model))
         self.selector = TaskSelector(slots, embeddings.embedding_dim, image_dim, layout, self.params)
         self.selector.attach(embeddings, tower)
         if ctx.previous_state_dir is not None:
@@ -481,7 +496,7 @@ class HiDeLLaVA(Method):
         if missing:
             raise RuntimeError(f"{state_dir}: task-slice state lacks {missing[:5]}")
         for name, param in targets.items():
-            _copy_into(param, tensors[name])
+            copy_into(param, tensors[name])
         assert self.selector is not None
         self.selector.load(tensors)
 
@@ -549,18 +564,7 @@ class HiDeLLaVA(Method):
         return out[:, batch["input_ids"].shape[1] :], {"selected_task": chosen}
 
     def eval_metrics(self, records: list[dict[str, Any]], ctx: TaskContext) -> dict[str, float]:
-        """``selection_acc_<task>``: percent of a seen task's test samples whose largest task weight is their
-        own task; ``selection_acc``: their mean (from the second task, when there is a choice)."""
-        if ctx.task_index == 0:
-            return {}
-        metrics: dict[str, float] = {}
-        for i, task in enumerate(ctx.task_names[: ctx.task_index + 1]):
-            own = [r for r in records if r["task"] == task and r.get("selected_task", -1) >= 0]
-            if own:
-                metrics[f"selection_acc_{task}"] = 100.0 * sum(r["selected_task"] == i for r in own) / len(own)
-        if metrics:
-            metrics["selection_acc"] = sum(metrics.values()) / len(metrics)
-        return metrics
+        return selection_metrics(records, ctx)
 
     def state_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return list(self._state_params(model).values())

@@ -61,10 +61,10 @@ from typing import Any
 
 import torch
 
-from mcl.methods_api import TaskContext, TrainingData, TrainingRequest, register_method
-from mcl.streams.registry import TaskData
-from mcl.streams.samples import Sample
+from mcl.methods_api import TaskContext, TaskData, TrainingData, TrainingRequest, register_method
 from methods.olora import OLoRA
+
+Sample = Any  # mcl.streams.samples.Sample (methods import only the engine's public API)
 
 KEYS_FILE = "sefe_keys.safetensors"
 STYLES = ("yes_no", "multiple_choice", "short_answer", "brief_explanation", "detailed_explanation")

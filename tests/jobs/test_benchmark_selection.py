@@ -1,5 +1,5 @@
-"""The task-selection benchmark (HiDe-LLaVA, DISCO) runs end to end in a tiny setting (2 tasks, a few
-samples) and selects every sample's own task."""
+"""The task-selection benchmark (HiDe-LLaVA, DISCO, ModalPrompt) runs end to end in a tiny setting (3 tasks, a
+few samples, the default 5 epochs) and selects every sample's own task."""
 
 from __future__ import annotations
 
@@ -28,9 +28,8 @@ def test_selection_benchmark_gives_positive_rates_and_picks_each_samples_task(
     job = _load_job()
     overrides = [
         f"stream.root={tmp_path / 'stream'}",
-        "stream.options={seed: 0, train_per_task: 16, test_per_task: 4, tasks: [aerial, underwater]}",
+        "stream.options={seed: 0, train_per_task: 16, test_per_task: 4, tasks: [aerial, underwater, street]}",
         "train.batch_size=8",
-        "train.epochs=2",
         "eval.batch_size=4",
         "eval.max_new_tokens=2",
     ]
@@ -38,13 +37,13 @@ def test_selection_benchmark_gives_positive_rates_and_picks_each_samples_task(
     assert job.main([*overrides, "--repeats", "1", "--out", str(out)]) == 0
     assert "selected / single" in capsys.readouterr().out
     figures = json.loads(out.read_text())
-    assert sorted(figures) == ["disco", "hide_llava"]
+    assert sorted(figures) == ["disco", "hide_llava", "modalprompt"]
     for method, f in figures.items():
-        assert f["settings"]["samples"] == 8 and f["settings"]["batches"] == 2, method
-        for mode in ("selected", "single"):
+        assert f["settings"]["samples"] == 12 and f["settings"]["batches"] == 3, method
+        for mode in ("selected", "single", "selected_at_2_tasks"):
             assert f[mode]["samples_per_s"] > 0 and f[mode]["seconds"] > 0
-        ratio = f["ratio_selected_vs_single"]
-        assert isinstance(ratio, float) and math.isfinite(ratio) and ratio > 0
+        for key in ("ratio_selected_vs_single", "ratio_last_vs_2_tasks"):
+            assert isinstance(f[key], float) and math.isfinite(f[key]) and f[key] > 0
         assert f["selection_acc"] == 100.0, method
     with pytest.raises(ValueError, match="mr_lora"):
         job.selection_benchmark("mr_lora")
