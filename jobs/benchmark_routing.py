@@ -13,6 +13,8 @@ Over the same test samples (every task's, ``eval.max_samples_per_task`` each), t
   single  one adapter, as any single-LoRA method evaluates: the last task's expert active, one ``generate``.
   naive   the approach routing avoids: the same router forward, then one ``generate`` per expert over the
           whole batch, keeping each sample's answer from its routed expert (experts x the generation work).
+  dispatch  the mixed-adapter ``generate`` alone, with each batch's routes computed before timing: what
+          routed inference would cost if the router were free (the bound on routed / single).
 
 Each mode first runs one untimed warm-up batch. Then every batch runs in the three modes back to back (the
 order rotating), ``repeats`` times; a mode's time is the sum over batches of each batch's best time, so all
@@ -147,15 +149,18 @@ def routing_benchmark(
                 answers.append(tokenizer.batch_decode(out, skip_special_tokens=True))
             return [answers[e][i] for i, e in enumerate(chosen)], chosen
 
+        dispatch = _dispatch_mode(model, batches, tokens, gen, tokenizer)
         modes: dict[str, Callable[[dict[str, Any]], Any]] = {
             "routed": routed,
             "single": single,
             "naive": naive,
+            "dispatch": dispatch,
         }
         calls = {
             "routed": {"forward_calls": 1, "generate_calls": 1},
             "single": {"forward_calls": 0, "generate_calls": 1},
             "naive": {"forward_calls": 1, "generate_calls": len(experts)},
+            "dispatch": {"forward_calls": 0, "generate_calls": 1},
         }
         figures: dict[str, Any] = {}
         n = sum(int(b["input_ids"].shape[0]) for b in batches)
@@ -213,6 +218,9 @@ def routing_benchmark(
                 / figures["single"]["samples_per_s"],
                 "ratio_routed_vs_naive": figures["routed"]["samples_per_s"]
                 / figures["naive"]["samples_per_s"],
+                # The bound on routed / single with a free router: the mixed-adapter generate alone.
+                "ratio_dispatch_vs_single": figures["dispatch"]["samples_per_s"]
+                / figures["single"]["samples_per_s"],
                 "predictions_equal": mismatches == 0 and routed_experts == naive_experts,
                 "mismatches": mismatches,
                 "router_fallback_rate": sum(fallbacks) / len(fallbacks) if fallbacks else 0.0,
@@ -224,6 +232,22 @@ def routing_benchmark(
         torch.set_num_threads(threads)
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _dispatch_mode(
+    model: Any, batches: list[dict[str, Any]], tokens: Any, gen: dict[str, Any], tokenizer: Any
+) -> Callable[[dict[str, Any]], list[str]]:
+    """The mixed-adapter ``generate`` alone, each batch's routes computed once here, before timing: what routed
+    inference would cost with a free router."""
+    from methods.mr_lora import route, routed_generate
+
+    routes = {id(b): route(model, b, tokens)[0] for b in batches}
+
+    def dispatch(batch: dict[str, Any]) -> list[str]:
+        out = routed_generate(model, batch, gen, routes[id(batch)])
+        return tokenizer.batch_decode(out, skip_special_tokens=True)
+
+    return dispatch
 
 
 def _sync(device: Any) -> None:
@@ -240,7 +264,7 @@ def format_routing_report(figures: dict[str, Any]) -> str:
         f"{s['samples']} test samples, batch {s['batch_size']}, {s['experts']} experts, "
         f"max_new_tokens {s['max_new_tokens']}, {s['device']} ({s['dtype']})"
     ]
-    for mode in ("routed", "single", "naive"):
+    for mode in ("routed", "single", "naive", "dispatch"):
         f = figures[mode]
         lines.append(
             f"  {mode:>6}  {f['samples_per_s']:9.1f} samples/s  "
@@ -249,6 +273,8 @@ def format_routing_report(figures: dict[str, Any]) -> str:
     lines += [
         f"  routed / single  {figures['ratio_routed_vs_single']:.3f}",
         f"  routed / naive   {figures['ratio_routed_vs_naive']:.3f}",
+        f"  dispatch / single {figures['ratio_dispatch_vs_single']:.3f} (the mixed-adapter generate alone, routes given:"
+        " routed / single with a free router)",
         f"  routed answers equal naive answers for the same routes: {figures['predictions_equal']} "
         f"({figures['mismatches']} mismatches); router fallback rate {figures['router_fallback_rate']:.3f}",
     ]

@@ -42,12 +42,12 @@ def test_routing_benchmark_gives_positive_rates_and_naive_equals_routed(
     figures = json.loads(out.read_text())
     assert figures["settings"]["samples"] == 8 and figures["settings"]["batches"] == 2
     assert figures["settings"]["experts"] == 2
-    for mode in ("routed", "single", "naive"):
+    for mode in ("routed", "single", "naive", "dispatch"):
         assert figures[mode]["samples_per_s"] > 0 and figures[mode]["seconds"] > 0
     # One router forward + one generate per batch; the naive way generates once per expert.
     assert (figures["routed"]["forward_calls"], figures["routed"]["generate_calls"]) == (2, 2)
     assert figures["naive"]["generate_calls"] == 4
-    for key in ("ratio_routed_vs_single", "ratio_routed_vs_naive"):
+    for key in ("ratio_routed_vs_single", "ratio_routed_vs_naive", "ratio_dispatch_vs_single"):
         assert isinstance(figures[key], float) and math.isfinite(figures[key]) and figures[key] > 0
     assert figures["predictions_equal"] is True and figures["mismatches"] == 0
     assert sum(figures["experts_used"].values()) == 8
