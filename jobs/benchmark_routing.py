@@ -77,10 +77,8 @@ def routing_benchmark(
     import torch
 
     from mcl.config import load_config
-    from mcl.data import Preprocessor, collate, local_batches, sample_row
     from mcl.models import load_model_and_processor
     from mcl.run import prepare_run, run_stream_locally
-    from mcl.worker.engine import to_device
     from methods.mr_lora import (
         expert_name,
         load_routed_model,
@@ -112,19 +110,7 @@ def routing_benchmark(
         )
         model = load_routed_model(base, state_dir).to(device)
         tokenizer = processor.tokenizer
-        limit = cfg.eval.max_samples_per_task
-        rows = [sample_row(s) for t in prep.stream.tasks for s in (t.test[:limit] if limit else t.test)]
-        pre = Preprocessor(prep.model_path, train=False, trust_remote_code=cfg.model.trust_remote_code)
-        batches = [
-            to_device(collate(b, tokenizer.pad_token_id, left_pad=True), device, dtype)
-            for b in local_batches(rows, pre, cfg.eval.batch_size)
-        ]
-        gen = {
-            "max_new_tokens": cfg.eval.max_new_tokens,
-            "do_sample": False,
-            "pad_token_id": tokenizer.pad_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-        }
+        _, batches, gen = test_batches(prep, tokenizer, device, dtype)
         tokens = router_tokens(processor, len(experts))
         single_expert = experts[-1]
 
@@ -232,6 +218,29 @@ def routing_benchmark(
         torch.set_num_threads(threads)
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def test_batches(prep: Any, tokenizer: Any, device: Any, dtype: Any) -> tuple[list[int], list[Any], dict[str, Any]]:
+    """Every task's test samples (``eval.max_samples_per_task`` each) as left-padded evaluation batches on
+    ``device``, each sample's task index, and the run's greedy generation settings."""
+    from mcl.data import Preprocessor, collate, local_batches, sample_row
+    from mcl.worker.engine import to_device
+
+    cfg = prep.config
+    limit = cfg.eval.max_samples_per_task
+    samples = [(i, s) for i, t in enumerate(prep.stream.tasks) for s in (t.test[:limit] if limit else t.test)]
+    pre = Preprocessor(prep.model_path, train=False, trust_remote_code=cfg.model.trust_remote_code)
+    batches = [
+        to_device(collate(b, tokenizer.pad_token_id, left_pad=True), device, dtype)
+        for b in local_batches([sample_row(s) for _, s in samples], pre, cfg.eval.batch_size)
+    ]
+    gen = {
+        "max_new_tokens": cfg.eval.max_new_tokens,
+        "do_sample": False,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    return [i for i, _ in samples], batches, gen
 
 
 def _dispatch_mode(

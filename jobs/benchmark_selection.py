@@ -44,7 +44,7 @@ LOCAL_SETTINGS = ("scaling.num_workers=1", "scaling.deepspeed=false")
 
 
 def _ensure_paths() -> None:
-    for path in (REPO / "platform", REPO):
+    for path in (REPO / "platform", REPO, REPO / "jobs"):
         if str(path) not in sys.path:
             sys.path.insert(0, str(path))
 
@@ -60,17 +60,17 @@ def selection_benchmark(
     """Train ``method`` in-process and measure its selected evaluation against one slice.
 
     Returns ``{"settings": {...}, "selected"|"single": {"samples_per_s", "seconds"}, "ratio_selected_vs_single",
-    "selection_acc"}``.
+    "selection_acc"}``, with more than 2 tasks also ``"selected_at_2_tasks"`` and ``"ratio_last_vs_2_tasks"``.
     """
     _ensure_paths()
     import torch
+    from benchmark_routing import test_batches
 
     from mcl.config import load_config
-    from mcl.data import Preprocessor, collate, local_batches, sample_row
+    from mcl.data import cached_processor
     from mcl.methods_api import TaskContext, build_method
     from mcl.models import load_model_and_processor
     from mcl.run import prepare_run, run_stream_locally
-    from mcl.worker.engine import to_device
 
     if method not in METHODS:
         raise ValueError(f"selection_benchmark measures {', '.join(METHODS)}, not {method!r}")
@@ -88,22 +88,9 @@ def selection_benchmark(
             torch.set_num_threads(cfg.scaling.cpus_per_worker)
         dtype = getattr(torch, cfg.model.dtype)
         names = tuple(t.name for t in prep.stream.tasks)
-        tokenizer = load_model_and_processor(prep.model_path)[1].tokenizer
-        limit = cfg.eval.max_samples_per_task
+        tokenizer = cached_processor(prep.model_path).tokenizer
+        own, batches, gen = test_batches(prep, tokenizer, device, dtype)
         tasks = prep.stream.tasks
-        rows = [sample_row(s) for t in tasks for s in (t.test[:limit] if limit else t.test)]
-        own = [i for i, t in enumerate(tasks) for _ in (t.test[:limit] if limit else t.test)]
-        pre = Preprocessor(prep.model_path, train=False)
-        batches = [
-            to_device(collate(b, tokenizer.pad_token_id, left_pad=True), device, dtype)
-            for b in local_batches(rows, pre, cfg.eval.batch_size)
-        ]
-        gen = {
-            "max_new_tokens": cfg.eval.max_new_tokens,
-            "do_sample": False,
-            "pad_token_id": tokenizer.pad_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-        }
 
         def answerers(task: int) -> dict[str, Callable[[dict[str, Any]], Any]]:
             base, processor = load_model_and_processor(prep.model_path, dtype=cfg.model.dtype)
@@ -123,7 +110,7 @@ def selection_benchmark(
             early["selected_at_2_tasks"](batches[0])
             best.update(_time_interleaved(early, batches, repeats, device)[0])
         names_of_modes = list(best)
-        n = len(rows)
+        n = len(own)
         figures: dict[str, Any] = {}
         for mode in names_of_modes:
             seconds = sum(best[mode])

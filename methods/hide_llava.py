@@ -65,6 +65,7 @@ from torch import nn
 from mcl.adapters import full_numel, lora_target_modules, projector_modules, vision_tower
 from mcl.data import build_prompt
 from mcl.methods_api import LoraConfig, Method, TaskContext, register_method
+from methods.moelora import copy_into
 
 STATE_WEIGHTS = "task_slices.safetensors"
 STATE_FILE = "task_slices.json"
@@ -399,20 +400,6 @@ def image_token_id(model: nn.Module) -> int:
         if value is not None:
             return int(value)
     raise ValueError(f"model type {config.model_type!r} names no image token (image_token_id) in its config")
-
-
-def copy_into(param: nn.Parameter, value: torch.Tensor) -> None:
-    """Write a saved tensor into a parameter, gathered first if ZeRO-3 has partitioned it."""
-    if hasattr(param, "ds_id"):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=0), torch.no_grad():
-            param.data.copy_(value.to(param.dtype))
-        return
-    if tuple(param.shape) != tuple(value.shape):
-        raise RuntimeError(f"task-slice state: shape {tuple(value.shape)} does not fit {tuple(param.shape)}")
-    with torch.no_grad():
-        param.copy_(value.to(param.dtype))
 
 
 def selection_metrics(records: list[dict[str, Any]], ctx: TaskContext) -> dict[str, float]:

@@ -61,13 +61,13 @@ from mcl.data import IGNORE_INDEX
 from mcl.methods_api import Method, TaskContext, register_method
 from methods.hide_llava import (
     PromptLayout,
-    copy_into,
     image_features,
     image_token_id,
     prompt_layout,
     selection_metrics,
     text_features,
 )
+from methods.moelora import copy_into
 
 STATE_WEIGHTS = "modalprompt.safetensors"
 STATE_FILE = "modalprompt.json"

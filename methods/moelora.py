@@ -206,7 +206,7 @@ def _expert_params(model: nn.Module) -> dict[str, nn.Parameter]:
     return params
 
 
-def _copy_into(param: nn.Parameter, value: torch.Tensor) -> None:
+def copy_into(param: nn.Parameter, value: torch.Tensor) -> None:
     """Write a saved tensor into a parameter, gathering it first if ZeRO-3 has partitioned it."""
     if hasattr(param, "ds_id"):
         import deepspeed
@@ -215,7 +215,7 @@ def _copy_into(param: nn.Parameter, value: torch.Tensor) -> None:
             param.data.copy_(value.to(param.dtype))
         return
     if tuple(param.shape) != tuple(value.shape):
-        raise RuntimeError(f"MoELoRA state: shape {tuple(value.shape)} does not fit {tuple(param.shape)}")
+        raise RuntimeError(f"saved state: shape {tuple(value.shape)} does not fit {tuple(param.shape)}")
     with torch.no_grad():
         param.copy_(value.to(param.dtype))
 
@@ -275,7 +275,7 @@ class MoELoRA(Method):
                 f"MoELoRA state {state_dir}: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
         for name, param in targets.items():
-            _copy_into(param, tensors[name])
+            copy_into(param, tensors[name])
 
     def _state_params(self, model: nn.Module) -> dict[str, nn.Parameter]:
         params = _expert_params(model)

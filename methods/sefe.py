@@ -253,12 +253,16 @@ class SEFE(OLoRA):
             self.keys = load_file(str(Path(ctx.previous_state_dir) / KEYS_FILE))
         return super().setup_model(model, ctx)
 
+    @staticmethod
+    def _load_old_A(folder: Path, old: list[str]) -> dict[str, torch.Tensor]:
+        """None: O-LoRA's orthogonality term, which reads the earlier adapters' A matrices, is not SEFE's."""
+        return {}
+
     def _register_hooks(self, model: torch.nn.Module, new: str) -> None:
         """A forward hook on each new ``lora_B`` adds its layer's penalty term; under ZeRO-3 the new ``lora_A``
         is registered as an external parameter of that module, so both are gathered when the hook runs."""
         from peft.tuners.lora import LoraLayer
 
-        self.old_A = {}  # O-LoRA's orthogonality term is not SEFE's
         zero3 = any(hasattr(p, "ds_id") for p in model.parameters())
         for name, module in model.named_modules():
             if not isinstance(module, LoraLayer) or new not in module.lora_A or name not in self.keys:
@@ -312,6 +316,6 @@ class SEFE(OLoRA):
 
     def memory_report(self, model: torch.nn.Module) -> dict[str, float]:
         report = super().memory_report(model)
-        report.pop("old_A_numel", None)
+        report.pop("old_A_numel", None)  # always 0: SEFE reads no earlier A matrices
         report["key_positions"] = float(sum(v.shape[0] for v in self.keys.values()))
         return report

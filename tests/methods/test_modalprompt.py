@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from mcl.config import load_config
-from mcl.data import IGNORE_INDEX
+from mcl.data import IGNORE_INDEX, Preprocessor, cached_processor, collate, rows_to_batch, sample_row
 from mcl.errors import ConfigError
 from mcl.methods_api import TaskContext, build_method
 from mcl.models import load_model_and_processor
@@ -43,7 +43,7 @@ def test_prompts_go_after_the_beginning_and_their_logits_are_dropped(bos):
     out, start = insert_prompts(batch, prompt, bos)
     offset = 1 if bos is not None else 0
     assert start.tolist() == [2 + offset, 0 + offset]
-    assert out["input_ids"][0].tolist() == [0, 0, 1, 90, 91, 5, 6] if bos else [0, 0, 90, 91, 1, 5, 6]
+    assert out["input_ids"][0].tolist() == ([0, 0, 1, 90, 91, 5, 6] if bos else [0, 0, 90, 91, 1, 5, 6])
     assert out["input_ids"][1].tolist() == ([1, 92, 93, 7, 8, 9, 5] if bos else [92, 93, 1, 7, 8, 9, 5])
     assert out["attention_mask"].sum().item() == mask.sum().item() + 4
     assert (out["labels"] == 5).sum().item() == 2 and torch.equal(out["pixel_values"], batch["pixel_values"])
@@ -101,9 +101,11 @@ def test_earlier_prompts_stay_frozen_and_the_scores_pick_the_task(three_tasks):
     assert metrics["selection_acc"] == 100.0, metrics
 
 
-def test_inference_inserts_at_most_transfer_num_prompts_whatever_the_tasks(three_tasks, tiny_model_path):
+def test_inference_inserts_at_most_transfer_num_prompts_whatever_the_tasks(three_tasks):
     cfg, prep, result = three_tasks
-    base, processor = load_model_and_processor(prep.model_path)
+    processor = cached_processor(prep.model_path)
+    rows = [sample_row(s) for s in prep.stream.tasks[0].test[:3]]
+    batch = collate(Preprocessor(prep.model_path, train=False)(rows_to_batch(rows)), 0, left_pad=True)
     lengths = []
     for task in (1, 2):  # 2 and 3 tasks seen, transfer_num 2: the same prompt tokens
         method = build_method("modalprompt", cfg.method.params)
@@ -117,12 +119,7 @@ def test_inference_inserts_at_most_transfer_num_prompts_whatever_the_tasks(three
             return kwargs["input_ids"]
 
         model.generate = fake_generate
-        from mcl.data import Preprocessor, collate, rows_to_batch, sample_row
-
-        rows = [sample_row(s) for s in prep.stream.tasks[0].test[:3]]
-        batch = collate(Preprocessor(prep.model_path, train=False)(rows_to_batch(rows)), 0, left_pad=True)
         tokens, extras = method.generate(model, batch, {}, ctx)
         lengths.append(seen["length"] - batch["input_ids"].shape[1])
         assert tokens.shape[1] == 0 and extras["selected_task"] == [0, 0, 0]
     assert lengths == [2 * 4, 2 * 4]
-    del base

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from mcl.config import load_config
-from mcl.data import Preprocessor, build_prompt, collate, rows_to_batch, sample_row
+from mcl.data import Preprocessor, build_prompt, cached_processor, collate, rows_to_batch, sample_row
 from mcl.errors import ConfigError
 from mcl.methods_api import TaskContext, build_method
 from mcl.models import load_model_and_processor
@@ -62,7 +62,7 @@ def _config(root: Path, out: Path, method: str, *overrides: str):
 
 
 def _batch(model_path: str, root: Path, task: int, train: bool, count: int = 3) -> dict[str, torch.Tensor]:
-    _, processor = load_model_and_processor(model_path)
+    processor = cached_processor(model_path)
     stream = build_stream("generated", root, SMALL_STREAM)
     samples = stream.tasks[task].train if train else stream.tasks[task].test
     batch = Preprocessor(model_path, train=train)(rows_to_batch([sample_row(s) for s in samples[:count]]))
@@ -153,8 +153,7 @@ def test_mixed_layers_weight_each_samples_slices():
 
 
 def test_the_instruction_tokens_are_found_left_and_right_padded(tiny_model_path, small_root):
-    _, processor = load_model_and_processor(tiny_model_path)
-    model, _ = load_model_and_processor(tiny_model_path)
+    model, processor = load_model_and_processor(tiny_model_path)
     layout = prompt_layout(processor, model.config.image_token_id)
     tokenizer = processor.tokenizer
     for train in (True, False):
