@@ -85,10 +85,10 @@ def _benchmark_job():
 
 def test_actor_pool_gives_the_workers_matrix_for_mr_lora(ray_with_test_methods, small_root, tmp_path):
     """MR-LoRA (experts, router, routed answers) through 2 tasks, run by the evaluation benchmark's own
-    comparison (``jobs/benchmark_eval.py``, each backend in turn, 2 Train workers; here under ZeRO-2: under
-    ZeRO-3, MR-LoRA's in-worker routed answers after the router phase differ from the pool's, an open defect
-    noted in BENCHMARKS.md): the actor pool's matrix, baseline row, predictions and router metrics equal the
-    in-worker evaluation's, and the benchmark's figures come out."""
+    comparison (``jobs/benchmark_eval.py``, each backend in turn, 2 Train workers under ZeRO-3 with every
+    parameter partitioned, where the workers answer in lockstep with ``synced_gpus``; the contract suite
+    compares the actor with the workers under ZeRO-2): the actor pool's matrix, baseline row, predictions and
+    router metrics equal the in-worker evaluation's, and the benchmark's figures come out."""
     lines: list[str] = []
     figures, runs = _benchmark_job().run_backends(
         [
@@ -99,7 +99,8 @@ def test_actor_pool_gives_the_workers_matrix_for_mr_lora(ray_with_test_methods, 
             "method.params.router_epochs=2",
             "eval.num_actors=1",
             "eval.resources_per_actor={CPU: 1}",
-            "scaling.zero_stage=2",
+            "scaling.zero_stage=3",
+            "scaling.zero3_param_persistence_threshold=0",
         ],
         config="jobs/configs/default.yaml",
         root=tmp_path,
