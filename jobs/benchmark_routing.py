@@ -80,6 +80,7 @@ def routing_benchmark(
     from mcl.models import load_model_and_processor
     from mcl.run import prepare_run, run_stream_locally
     from methods.mr_lora import (
+        ROUTER,
         expert_name,
         load_routed_model,
         read_state,
@@ -120,19 +121,21 @@ def routing_benchmark(
             return tokenizer.batch_decode(out, skip_special_tokens=True), chosen, fell_back
 
         def single(batch: dict[str, Any]) -> list[str]:
-            model.set_adapter(single_expert)
+            model.set_adapter(single_expert, inference_mode=True)
             with torch.no_grad():
                 out = model.generate(**batch, **gen)[:, batch["input_ids"].shape[1] :]
+            model.set_adapter(ROUTER, inference_mode=True)  # as load_routed_model leaves it, for route()
             return tokenizer.batch_decode(out, skip_special_tokens=True)
 
         def naive(batch: dict[str, Any]) -> tuple[list[str], list[int]]:
             chosen, _ = route(model, batch, tokens)
             answers: list[list[str]] = []
             for name in experts:
-                model.set_adapter(name)
+                model.set_adapter(name, inference_mode=True)
                 with torch.no_grad():
                     out = model.generate(**batch, **gen)[:, batch["input_ids"].shape[1] :]
                 answers.append(tokenizer.batch_decode(out, skip_special_tokens=True))
+            model.set_adapter(ROUTER, inference_mode=True)
             return [answers[e][i] for i, e in enumerate(chosen)], chosen
 
         dispatch = _dispatch_mode(model, batches, tokens, gen, tokenizer)

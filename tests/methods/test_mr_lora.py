@@ -342,6 +342,32 @@ def test_routed_generation_equals_each_sample_alone_with_its_expert(trained):
 
 
 @pytest.mark.slow
+def test_the_active_router_gives_the_logits_of_the_per_sample_router(trained):
+    """The router as the active adapter (as :func:`load_routed_model` leaves it) gives bit for bit the logits
+    of the ``adapter_names`` path (every sample sent to the router), which a model with another active
+    adapter takes."""
+    from mcl.models import load_model_and_processor
+    from methods.mr_lora import ROUTER, load_routed_model, router_inputs, router_logits, router_tokens
+
+    prep, result = trained
+    base, processor = load_model_and_processor(prep.model_path)
+    model = load_routed_model(base, result.state_dirs[-1])
+    assert model.active_adapter == ROUTER
+    assert not [n for n, p in model.named_parameters() if p.requires_grad]
+    rows = [sample_row(t.test[i]) for i in range(3) for t in prep.stream.tasks]
+    pre = Preprocessor(prep.model_path, train=False)
+    batch = collate(pre(rows_to_batch(rows)), processor.tokenizer.pad_token_id, left_pad=True)
+    tokens = router_tokens(processor, 4)
+    active = router_logits(model, batch, tokens)
+    model.set_adapter("expert_0", inference_mode=True)
+    dispatched = router_logits(model, batch, tokens)
+    assert torch.equal(active, dispatched)
+    with torch.no_grad():  # the expert's own forward differs: the dispatched path did run the router
+        expert = model(**router_inputs(batch, tokens)).logits[:, -1, :]
+    assert not torch.equal(expert, dispatched)
+
+
+@pytest.mark.slow
 def test_zero3_single_process_saves_complete_experts_and_routes(small_root, tiny_model_path, tmp_path):
     """Under ZeRO-3 with every parameter partitioned (threshold 0): frozen experts are gathered and saved
     complete and unchanged, and the routed evaluation (one router forward + one generate) runs."""
