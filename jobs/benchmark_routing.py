@@ -223,7 +223,9 @@ def routing_benchmark(
             shutil.rmtree(work, ignore_errors=True)
 
 
-def test_batches(prep: Any, tokenizer: Any, device: Any, dtype: Any) -> tuple[list[int], list[Any], dict[str, Any]]:
+def test_batches(
+    prep: Any, tokenizer: Any, device: Any, dtype: Any
+) -> tuple[list[int], list[Any], dict[str, Any]]:
     """Every task's test samples (``eval.max_samples_per_task`` each) as left-padded evaluation batches on
     ``device``, each sample's task index, and the run's greedy generation settings."""
     from mcl.data import Preprocessor, collate, local_batches, sample_row
