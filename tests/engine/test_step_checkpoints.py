@@ -162,19 +162,39 @@ def _resumed_at(run_dir: Path, folder: str) -> int:
     return RunDir(run_dir).phase(folder).read_result()["resumed_at_step"]
 
 
+STAGES = (2, 3)  # the ZeRO stages of the fault tests below, in their order
+
+
 @pytest.fixture(scope="module")
 def reference(stream_root, tmp_path_factory):
-    """Uninterrupted runs with the same settings, by ZeRO stage (built when first asked for)."""
-    cache: dict[int, dict] = {}
+    """Uninterrupted runs with the same settings, by ZeRO stage: ``reference(stage)`` waits for that stage's.
+
+    They run one after the other in the background from the module's start, beside the fault runs: each run
+    is its own process tree with its own local Ray, and much of a run's time on 2 cores is spent waiting for
+    processes to start, so the two overlap (the fault runs' strikes wait for registered checkpoints, not for
+    time). Measured 2026-12-07 on the 2-core VM: the module in 176 s instead of 206 s."""
+    outs = {stage: tmp_path_factory.mktemp(f"reference{stage}") for stage in STAGES}
+    runs: dict[int, tuple[int, str]] = {}
+    ready = {stage: threading.Event() for stage in STAGES}
+
+    def run_all() -> None:
+        for stage in STAGES:
+            try:
+                code, log, _ = _run(_command(stream_root, outs[stage], "reference", stage), outs[stage])
+                runs[stage] = (code, log)
+            except BaseException as exc:  # reported by get()
+                runs[stage] = (-1, f"{type(exc).__name__}: {exc}")
+            finally:
+                ready[stage].set()
+
+    threading.Thread(target=run_all, name="reference-runs", daemon=True).start()
 
     def get(zero_stage: int) -> dict:
-        if zero_stage not in cache:
-            out = tmp_path_factory.mktemp(f"reference{zero_stage}")
-            code, log, _ = _run(_command(stream_root, out, "reference", zero_stage), out)
-            assert code == 0, log[-5000:]
-            assert "resuming at step" not in log
-            cache[zero_stage] = _outcome(out / "reference")
-        return cache[zero_stage]
+        assert ready[zero_stage].wait(timeout=1800), f"the ZeRO-{zero_stage} reference run did not end"
+        code, log = runs[zero_stage]
+        assert code == 0, log[-5000:]
+        assert "resuming at step" not in log
+        return _outcome(outs[zero_stage] / "reference")
 
     return get
 
