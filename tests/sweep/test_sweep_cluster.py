@@ -114,11 +114,37 @@ def resumed_sweep(mlflow_process, ray_cluster, mlflow_server, tmp_path_factory) 
         proc.kill()
     proc.wait(timeout=60)
     assert killed, "".join(first)[-5000:]
-    time.sleep(5)  # Ray reaps the dead driver's actors
+    _wait_for_dead_sweep_workers()
     second = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=1200)
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-6000:]
     return ResumedSweep(mlflow_server.uri, config, tmp / "storage", "".join(first), out)
+
+
+# The killed sweep's trial actors and Train job processes (Tune's function trainable, Ray Train's controller
+# and workers): the resumed sweep starts once Ray has reaped them all.
+DEAD_SWEEP_PROCESSES = ("ray::ImplicitFunc", "ray::TrainController", "ray::RayTrainWorker")
+
+
+def _wait_for_dead_sweep_workers(timeout: float = 120.0) -> None:
+    """Wait until Ray has killed the dead driver's trials and Train workers (a fixed 5 s was not always enough
+    on the CI machine: a trial that outlived its driver went on recording its run while the resumed sweep
+    started on the same run folders; see issue 15's note: the engine has no fencing between two attempts of a
+    run yet)."""
+    import psutil
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        alive = []
+        for proc in psutil.process_iter(["cmdline"]):
+            with contextlib.suppress(psutil.Error):
+                name = (proc.info["cmdline"] or [""])[0]
+                if name.startswith(DEAD_SWEEP_PROCESSES):
+                    alive.append(name)
+        if not alive:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the killed sweep's processes outlived it by {timeout:.0f} s: {alive}")
 
 
 def _api(uri: str, endpoint: str, body: dict | None = None, **query) -> dict:
@@ -156,9 +182,10 @@ def _artifacts(uri: str, run_id: str, path: str = "") -> set[str]:
 
 def test_killed_sweep_resumes_with_one_run_per_trial_and_task(resumed_sweep):
     uri = resumed_sweep.uri
-    assert "resuming sweep" in resumed_sweep.second
-    # The trial that had finished task 1 continued from it instead of training it again.
-    assert "1/2 tasks already done" in resumed_sweep.second
+    assert "resuming sweep" in resumed_sweep.second, resumed_sweep.second[-8000:]
+    # The trial that had finished task 1 continued from what it had recorded instead of training it again (its
+    # run may have recorded task 2 as well before Ray reaped it: the Train job runs ahead of the driver).
+    assert re.search(r"[12]/2 tasks already done", resumed_sweep.second), resumed_sweep.second[-8000:]
     runs = _runs(uri)
     active = [r for r in runs if r["info"]["lifecycle_stage"] == "active"]
     assert not [r for r in active if r["info"]["status"] == "RUNNING"]
