@@ -34,6 +34,10 @@ class Cluster:
     dashboard: str  # for `ray job submit --address`
     temp_dirs: list[str]
 
+    def processes(self) -> list:
+        """This cluster's processes (psutil), workers included: see :func:`cluster_processes`."""
+        return cluster_processes(self.temp_dirs, self.gcs_address)
+
 
 def _start_node(args: Callable[[], list[str]], env: dict[str, str], cwd: Path) -> None:
     """``ray start`` with the arguments ``args()`` gives; again with fresh ones (up to 3 times) when a port picked
@@ -100,8 +104,9 @@ def ray_cluster(tmp_path_factory) -> Cluster:
             shutil.rmtree(t, ignore_errors=True)
 
 
-def stop_cluster(temp_dirs: list[str], gcs_address: str) -> None:
-    """Stop only this cluster's processes (`ray stop` would kill every Ray instance on the machine)."""
+def cluster_processes(temp_dirs: list[str], gcs_address: str) -> list:
+    """This cluster's processes (psutil): those naming its temp dirs or GCS address, and their descendants
+    (the workers its raylets start)."""
     import psutil
 
     roots = []
@@ -110,12 +115,20 @@ def stop_cluster(temp_dirs: list[str], gcs_address: str) -> None:
             args = " ".join(proc.info["cmdline"] or [])
             if any(t in args for t in temp_dirs) or gcs_address in args:
                 roots.append(proc)
-    victims = {}
+    found = {}
     for root in roots:
-        victims[root.pid] = root
+        found[root.pid] = root
         with contextlib.suppress(psutil.Error):
             for child in root.children(recursive=True):
-                victims[child.pid] = child
+                found[child.pid] = child
+    return list(found.values())
+
+
+def stop_cluster(temp_dirs: list[str], gcs_address: str) -> None:
+    """Stop only this cluster's processes (`ray stop` would kill every Ray instance on the machine)."""
+    import psutil
+
+    victims = {proc.pid: proc for proc in cluster_processes(temp_dirs, gcs_address)}
     for proc in victims.values():
         with contextlib.suppress(psutil.Error):
             proc.terminate()

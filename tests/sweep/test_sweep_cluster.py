@@ -114,7 +114,7 @@ def resumed_sweep(mlflow_process, ray_cluster, mlflow_server, tmp_path_factory) 
         proc.kill()
     proc.wait(timeout=60)
     assert killed, "".join(first)[-5000:]
-    _wait_for_dead_sweep_workers()
+    _wait_for_dead_sweep_workers(ray_cluster)
     second = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=1200)
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-6000:]
@@ -126,19 +126,19 @@ def resumed_sweep(mlflow_process, ray_cluster, mlflow_server, tmp_path_factory) 
 DEAD_SWEEP_PROCESSES = ("ray::ImplicitFunc", "ray::TrainController", "ray::RayTrainWorker")
 
 
-def _wait_for_dead_sweep_workers(timeout: float = 120.0) -> None:
-    """Wait until Ray has killed the dead driver's trials and Train workers (a fixed 5 s was not always enough
-    on the CI machine: a trial that outlived its driver went on recording its run while the resumed sweep
-    started on the same run folders; see issue 15's note: the engine has no fencing between two attempts of a
-    run yet)."""
+def _wait_for_dead_sweep_workers(cluster, timeout: float = 120.0) -> None:
+    """Wait until Ray has killed the dead driver's trials and Train workers on ``cluster`` (a fixed 5 s was not
+    always enough on the CI machine: a trial that outlived its driver went on recording its run while the
+    resumed sweep started on the same run folders; see issue 15's note: the engine has no fencing between two
+    attempts of a run yet)."""
     import psutil
 
     deadline = time.time() + timeout
     while time.time() < deadline:
         alive = []
-        for proc in psutil.process_iter(["cmdline"]):
+        for proc in cluster.processes():
             with contextlib.suppress(psutil.Error):
-                name = (proc.info["cmdline"] or [""])[0]
+                name = (proc.cmdline() or [""])[0]
                 if name.startswith(DEAD_SWEEP_PROCESSES):
                     alive.append(name)
         if not alive:
